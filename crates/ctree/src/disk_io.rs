@@ -1,0 +1,317 @@
+//! Superblock and tree-block reads (the read side of the kernel's disk_io.c).
+//!
+//! Every tree block is verified before use (`btrfs_validate_extent_buffer` +
+//! `btrfs_verify_level_key` + the tree-checker): checksum, bytenr, fsid, level, generation
+//! against the parent pointer, first key against the parent pointer, structural layout.
+//! When a copy fails verification the next mirror is read and the failure is logged, as the
+//! kernel's read-repair path does (without rewriting the bad copy on a read-only mount).
+//!
+//! The block cache holds verified blocks only, bounded by bytes; eviction is second-chance FIFO.
+
+use crate::error::{Error, Result};
+use crate::tree_checker;
+use crate::volumes::{ChunkMap, Device};
+use parking_lot::{Mutex, RwLock};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use ubtrfs_format::csum::CsumType;
+use ubtrfs_format::key::Key;
+use ubtrfs_format::super_block::{sb_offset, SuperBlock, SUPER_INFO_SIZE};
+use ubtrfs_format::tree_block::TreeBlock;
+
+/// What the parent (or the superblock / root item) says about a block we are about to read.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlockExpect {
+    pub generation: Option<u64>,
+    pub level: Option<u8>,
+    pub first_key: Option<Key>,
+    /// Owner tree; checked only for trees whose blocks are never shared (not fs trees).
+    pub owner: Option<u64>,
+}
+
+/// Counters of the tree-block cache.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CacheStats {
+    pub bytes: u64,
+    pub blocks: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub csum_errors: u64,
+    pub bad_copies: u64,
+}
+
+struct CacheEntry {
+    block: Arc<TreeBlock>,
+    referenced: AtomicBool,
+}
+
+#[derive(Default)]
+struct BlockCache {
+    map: HashMap<u64, CacheEntry>,
+    order: VecDeque<u64>,
+    bytes: u64,
+}
+
+/// Read superblock copy `mirror` of a device and check magic, checksum and validity.
+pub fn read_super_mirror(dev: &Device, mirror: usize) -> Result<SuperBlock> {
+    let off = sb_offset(mirror);
+    if off + SUPER_INFO_SIZE as u64 > dev.size {
+        return Err(Error::NotFound(format!("superblock mirror {mirror} lies beyond the device end")));
+    }
+    let mut buf = vec![0u8; SUPER_INFO_SIZE];
+    dev.read_exact_at(&mut buf, off)?;
+    let sb = SuperBlock::parse(&buf).map_err(|e| Error::format(format!("superblock copy {mirror}"), e))?;
+    sb.verify_csum().map_err(|e| Error::format(format!("superblock copy {mirror}"), e))?;
+    if sb.bytenr != off {
+        return Err(Error::corrupt(format!("superblock copy {mirror}: bytenr {} should be {off}", sb.bytenr)));
+    }
+    sb.validate().map_err(|e| Error::format(format!("superblock copy {mirror}"), e))?;
+    Ok(sb)
+}
+
+/// Read the superblock the way ubtrfs mounts: the primary copy; a mirror only when the primary is
+/// unreadable, with a warning (an older mirror can roll back acknowledged data).
+pub fn read_super(dev: &Device) -> Result<SuperBlock> {
+    let primary_err = match read_super_mirror(dev, 0) {
+        Ok(sb) => return Ok(sb),
+        Err(e) => e,
+    };
+    let mut best: Option<SuperBlock> = None;
+    for m in 1..ubtrfs_format::super_block::SUPER_MIRROR_MAX {
+        if let Ok(sb) = read_super_mirror(dev, m) {
+            if best.as_ref().is_none_or(|b| sb.generation > b.generation) {
+                best = Some(sb);
+            }
+        }
+    }
+    match best {
+        Some(sb) => {
+            tracing::warn!(
+                "primary superblock unusable ({primary_err}); using mirror with generation {}: \
+                 committed data newer than that generation may be missing",
+                sb.generation
+            );
+            Ok(sb)
+        }
+        None => Err(primary_err),
+    }
+}
+
+/// Verified tree-block reads through the chunk map, with a bounded cache.
+pub struct BlockReader {
+    devices: HashMap<u64, Arc<Device>>,
+    chunks: RwLock<ChunkMap>,
+    pub nodesize: u32,
+    pub sectorsize: u32,
+    pub csum_type: CsumType,
+    pub metadata_fsid: [u8; 16],
+    /// Highest generation any block may carry (super generation + 1, for log trees).
+    pub max_generation: u64,
+    cache: Mutex<BlockCache>,
+    cache_budget: u64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    csum_errors: AtomicU64,
+    bad_copies: AtomicU64,
+}
+
+impl BlockReader {
+    pub fn new(devices: Vec<Arc<Device>>, sb: &SuperBlock, cache_budget: u64) -> Result<Self> {
+        Ok(BlockReader {
+            devices: devices.into_iter().map(|d| (d.devid, d)).collect(),
+            chunks: RwLock::new(ChunkMap::new()),
+            nodesize: sb.nodesize,
+            sectorsize: sb.sectorsize,
+            csum_type: sb.csum_type().map_err(|e| Error::format("superblock", e))?,
+            metadata_fsid: sb.metadata_fsid(),
+            max_generation: sb.generation.saturating_add(1),
+            cache: Mutex::new(BlockCache::default()),
+            cache_budget,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            csum_errors: AtomicU64::new(0),
+            bad_copies: AtomicU64::new(0),
+        })
+    }
+
+    pub fn chunks(&self) -> parking_lot::RwLockReadGuard<'_, ChunkMap> {
+        self.chunks.read()
+    }
+    pub fn chunks_mut(&self) -> parking_lot::RwLockWriteGuard<'_, ChunkMap> {
+        self.chunks.write()
+    }
+
+    pub fn device(&self, devid: u64) -> Option<&Arc<Device>> {
+        self.devices.get(&devid)
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        let c = self.cache.lock();
+        CacheStats {
+            bytes: c.bytes,
+            blocks: c.map.len() as u64,
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            csum_errors: self.csum_errors.load(Ordering::Relaxed),
+            bad_copies: self.bad_copies.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn note_csum_error(&self) {
+        self.csum_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Number of copies of the data at `logical` (`btrfs_num_copies`).
+    pub fn num_copies(&self, logical: u64) -> usize {
+        self.chunks.read().map(logical, 1).map(|p| p[0].mirrors.len()).unwrap_or(0)
+    }
+
+    /// Read `buf.len()` bytes at `logical` from copy `mirror` (0-based), splitting at stripes.
+    pub fn read_logical(&self, logical: u64, buf: &mut [u8], mirror: usize) -> Result<()> {
+        let pieces = self.chunks.read().map(logical, buf.len() as u64)?;
+        let mut done = 0usize;
+        for p in pieces {
+            let (devid, phys) = *p.mirrors.get(mirror).or(p.mirrors.first()).ok_or_else(|| {
+                Error::corrupt(format!("logical {} has no stripes", p.logical))
+            })?;
+            let dev = self.devices.get(&devid).ok_or_else(|| {
+                Error::Unsupported(format!("device {devid} holding logical {} is missing", p.logical))
+            })?;
+            let n = p.len as usize;
+            dev.read_exact_at(&mut buf[done..done + n], phys)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Read and verify one tree block. Each mirror is tried in turn; the first that passes every
+    /// check is cached and returned.
+    pub fn read_tree_block(&self, bytenr: u64, expect: BlockExpect) -> Result<Arc<TreeBlock>> {
+        if let Some(b) = self.cache_get(bytenr) {
+            // A cached block was verified on read; re-check what the new parent expects.
+            self.check_expect(&b, bytenr, &expect)?;
+            return Ok(b);
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        if bytenr == 0 || bytenr % u64::from(self.sectorsize) != 0 {
+            return Err(Error::corrupt(format!("tree block bytenr {bytenr} is not sector aligned")));
+        }
+        let copies = self.num_copies(bytenr).max(1);
+        let mut last_err = None;
+        for mirror in 0..copies {
+            match self.read_one_copy(bytenr, mirror, &expect) {
+                Ok(b) => {
+                    if mirror > 0 {
+                        tracing::warn!("tree block {bytenr}: read from mirror {} after bad copies", mirror + 1);
+                    }
+                    let b = Arc::new(b);
+                    self.cache_put(bytenr, b.clone());
+                    return Ok(b);
+                }
+                Err(e) => {
+                    self.bad_copies.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("tree block {bytenr} mirror {}: {e}", mirror + 1);
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| Error::corrupt(format!("tree block {bytenr}: no copy"))))
+    }
+
+    fn read_one_copy(&self, bytenr: u64, mirror: usize, expect: &BlockExpect) -> Result<TreeBlock> {
+        let mut data = vec![0u8; self.nodesize as usize];
+        self.read_logical(bytenr, &mut data, mirror)?;
+        let block = TreeBlock::new(data).map_err(|e| Error::format(format!("tree block {bytenr}"), e))?;
+        if !block.verify_csum(self.csum_type) {
+            self.csum_errors.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::Checksum(format!(
+                "tree block {bytenr} ({} csum)",
+                self.csum_type.name()
+            )));
+        }
+        let h = &block.header;
+        if h.bytenr != bytenr {
+            return Err(Error::corrupt(format!("tree block {bytenr}: header bytenr is {}", h.bytenr)));
+        }
+        if h.fsid != self.metadata_fsid {
+            return Err(Error::corrupt(format!("tree block {bytenr}: fsid does not match the filesystem")));
+        }
+        self.check_expect(&block, bytenr, expect)?;
+        tree_checker::check_block(&block, self.sectorsize, self.max_generation)
+            .map_err(|e| Error::corrupt(format!("tree block {bytenr} (owner {}): {e}", h.owner)))?;
+        Ok(block)
+    }
+
+    fn check_expect(&self, b: &TreeBlock, bytenr: u64, expect: &BlockExpect) -> Result<()> {
+        let h = &b.header;
+        if let Some(g) = expect.generation {
+            if h.generation != g {
+                return Err(Error::corrupt(format!(
+                    "parent transid verify failed on {bytenr}: wanted {g} found {}",
+                    h.generation
+                )));
+            }
+        }
+        if let Some(l) = expect.level {
+            if h.level != l {
+                return Err(Error::corrupt(format!("tree block {bytenr}: level {} expected {l}", h.level)));
+            }
+        }
+        if let Some(o) = expect.owner {
+            if h.owner != o {
+                return Err(Error::corrupt(format!("tree block {bytenr}: owner {} expected {o}", h.owner)));
+            }
+        }
+        if let Some(k) = expect.first_key {
+            let first = b.first_key().map_err(|e| Error::format(format!("tree block {bytenr}"), e))?;
+            if first != Some(k) {
+                return Err(Error::corrupt(format!(
+                    "tree block {bytenr}: first key {first:?} does not match parent key {k:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn cache_get(&self, bytenr: u64) -> Option<Arc<TreeBlock>> {
+        let c = self.cache.lock();
+        let e = c.map.get(&bytenr)?;
+        e.referenced.store(true, Ordering::Relaxed);
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(e.block.clone())
+    }
+
+    fn cache_put(&self, bytenr: u64, block: Arc<TreeBlock>) {
+        let size = block.data.len() as u64;
+        let mut c = self.cache.lock();
+        if c.map.contains_key(&bytenr) {
+            return;
+        }
+        c.map.insert(bytenr, CacheEntry { block, referenced: AtomicBool::new(false) });
+        c.order.push_back(bytenr);
+        c.bytes += size;
+        // Second-chance eviction; bounded by two passes over the queue.
+        let mut budget = c.order.len() * 2;
+        while c.bytes > self.cache_budget && budget > 0 {
+            budget -= 1;
+            let Some(victim) = c.order.pop_front() else { break };
+            let Some(e) = c.map.get(&victim) else { continue };
+            if e.referenced.swap(false, Ordering::Relaxed) {
+                c.order.push_back(victim);
+                continue;
+            }
+            if let Some(e) = c.map.remove(&victim) {
+                c.bytes -= e.block.data.len() as u64;
+            }
+        }
+    }
+
+    /// Drop a block from the cache (its address was freed or rewritten).
+    pub fn cache_forget(&self, bytenr: u64) {
+        let mut c = self.cache.lock();
+        if let Some(e) = c.map.remove(&bytenr) {
+            c.bytes -= e.block.data.len() as u64;
+        }
+    }
+}

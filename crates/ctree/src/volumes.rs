@@ -1,0 +1,246 @@
+//! Devices and the logical-to-physical chunk map (the read side of the kernel's volumes.c).
+//!
+//! Invariants of [`ChunkMap`]: chunks never overlap in logical space; every chunk has at least
+//! one stripe, a power-of-two stripe length, and a stripe count that fits its profile.
+//! Violations are refused when the chunk is added, so mapping never meets them.
+
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use ubtrfs_format::items::{bg_flags, ChunkItem};
+
+/// One opened device (image file or block device).
+#[derive(Debug)]
+pub struct Device {
+    pub devid: u64,
+    pub file: File,
+    /// Size in bytes (file length, or block device size).
+    pub size: u64,
+    pub path: std::path::PathBuf,
+}
+
+impl Device {
+    /// Read exactly `buf.len()` bytes at `offset`. A short read (past the end) is an I/O error.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            Error::io(format!("reading {} bytes at {} of {}", buf.len(), offset, self.path.display()), e)
+        })
+    }
+
+    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.file.write_all_at(buf, offset).map_err(|e| {
+            Error::io(format!("writing {} bytes at {} of {}", buf.len(), offset, self.path.display()), e)
+        })
+    }
+}
+
+/// A chunk: a logical range mapped onto device stripes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub logical: u64,
+    pub item: ChunkItem,
+}
+
+/// One contiguous piece of a logical range, with every physical copy of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MappedPiece {
+    pub logical: u64,
+    pub len: u64,
+    /// (devid, physical offset) for each mirror, in stripe order.
+    pub mirrors: Vec<(u64, u64)>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ChunkMap {
+    chunks: BTreeMap<u64, Chunk>,
+}
+
+impl ChunkMap {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.chunks.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Chunk> {
+        self.chunks.values()
+    }
+
+    /// Add a chunk after validating it (`btrfs_check_chunk_valid`). Re-adding the same chunk is
+    /// a no-op (the sys_chunk_array chunks appear again in the chunk tree).
+    pub fn insert(&mut self, logical: u64, item: ChunkItem, sectorsize: u32) -> Result<()> {
+        let bad = |why: String| Err(Error::corrupt(format!("chunk at logical {logical}: {why}")));
+        if item.length == 0 || item.length % u64::from(sectorsize) != 0 {
+            return bad(format!("invalid length {}", item.length));
+        }
+        if logical % u64::from(sectorsize) != 0 {
+            return bad("unaligned logical start".into());
+        }
+        if !item.stripe_len.is_power_of_two() || item.stripe_len < 4096 || item.stripe_len > (1 << 30) {
+            return bad(format!("invalid stripe_len {}", item.stripe_len));
+        }
+        if item.chunk_type & bg_flags::TYPE_MASK == 0 {
+            return bad(format!("no type bits in type {:#x}", item.chunk_type));
+        }
+        let profile = item.chunk_type & bg_flags::PROFILE_MASK;
+        if profile.count_ones() > 1 {
+            return bad(format!("several profiles in type {:#x}", item.chunk_type));
+        }
+        let n = u64::from(item.num_stripes);
+        if item.stripes.len() as u64 != n || n == 0 {
+            return bad("stripe count mismatch".into());
+        }
+        let ok = match profile {
+            0 => n == 1,
+            bg_flags::DUP => n == 2,
+            bg_flags::RAID1 => n >= 2,
+            bg_flags::RAID1C3 => n >= 3,
+            bg_flags::RAID1C4 => n >= 4,
+            bg_flags::RAID0 => n >= 1,
+            bg_flags::RAID10 => item.sub_stripes >= 2 && n >= 2 && n % u64::from(item.sub_stripes) == 0,
+            bg_flags::RAID5 => n >= 2,
+            bg_flags::RAID6 => n >= 3,
+            _ => false,
+        };
+        if !ok {
+            return bad(format!("{n} stripes do not fit profile {profile:#x}"));
+        }
+        let end = logical.checked_add(item.length).ok_or_else(|| Error::corrupt("chunk end overflows"))?;
+        if let Some(existing) = self.chunks.get(&logical) {
+            if existing.item == item {
+                return Ok(());
+            }
+        }
+        if let Some((_, prev)) = self.chunks.range(..end).next_back() {
+            if prev.logical + prev.item.length > logical {
+                return bad(format!("overlaps chunk at {}", prev.logical));
+            }
+        }
+        self.chunks.insert(logical, Chunk { logical, item });
+        Ok(())
+    }
+
+    /// The chunk containing `logical`.
+    pub fn find(&self, logical: u64) -> Option<&Chunk> {
+        let (_, c) = self.chunks.range(..=logical).next_back()?;
+        (logical < c.logical + c.item.length).then_some(c)
+    }
+
+    /// Map `[logical, logical+len)` to physical pieces, split at chunk and stripe boundaries
+    /// (`btrfs_map_block` for reads: every mirror of each piece is returned).
+    pub fn map(&self, logical: u64, len: u64) -> Result<Vec<MappedPiece>> {
+        let mut out = Vec::new();
+        let mut pos = logical;
+        let end = logical.checked_add(len).ok_or_else(|| Error::corrupt("mapped range overflows"))?;
+        while pos < end {
+            let c = self.find(pos).ok_or_else(|| {
+                Error::corrupt(format!("logical address {pos} is not mapped by any chunk"))
+            })?;
+            let item = &c.item;
+            let off = pos - c.logical;
+            let chunk_left = item.length - off;
+            let profile = item.chunk_type & bg_flags::PROFILE_MASK;
+            let sl = item.stripe_len;
+            let stripe_nr = off / sl;
+            let stripe_off = off % sl;
+            let (mirrors, piece_len): (Vec<(u64, u64)>, u64) = match profile {
+                0 | bg_flags::DUP | bg_flags::RAID1 | bg_flags::RAID1C3 | bg_flags::RAID1C4 => {
+                    let m = item.stripes.iter().map(|s| (s.devid, s.offset + off)).collect();
+                    (m, chunk_left)
+                }
+                bg_flags::RAID0 => {
+                    let n = u64::from(item.num_stripes);
+                    let idx = (stripe_nr % n) as usize;
+                    let s = &item.stripes[idx];
+                    (vec![(s.devid, s.offset + (stripe_nr / n) * sl + stripe_off)], sl - stripe_off)
+                }
+                bg_flags::RAID10 => {
+                    let sub = u64::from(item.sub_stripes);
+                    let factor = u64::from(item.num_stripes) / sub;
+                    let first = ((stripe_nr % factor) * sub) as usize;
+                    let row = stripe_nr / factor;
+                    let m = item.stripes[first..first + sub as usize]
+                        .iter()
+                        .map(|s| (s.devid, s.offset + row * sl + stripe_off))
+                        .collect();
+                    (m, sl - stripe_off)
+                }
+                _ => {
+                    return Err(Error::Unsupported(format!(
+                        "reading RAID5/6 chunk at logical {}",
+                        c.logical
+                    )))
+                }
+            };
+            let n = piece_len.min(end - pos);
+            out.push(MappedPiece { logical: pos, len: n, mirrors });
+            pos += n;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ubtrfs_format::items::Stripe;
+
+    fn chunk(ty: u64, stripes: &[(u64, u64)], sub: u16) -> ChunkItem {
+        ChunkItem {
+            length: 1 << 30,
+            owner: 2,
+            stripe_len: 65536,
+            chunk_type: ty,
+            io_align: 65536,
+            io_width: 65536,
+            sector_size: 4096,
+            num_stripes: stripes.len() as u16,
+            sub_stripes: sub,
+            stripes: stripes.iter().map(|&(d, o)| Stripe { devid: d, offset: o, dev_uuid: [0; 16] }).collect(),
+        }
+    }
+
+    // Test scenario: SINGLE and DUP map linearly; DUP returns both copies.
+    #[test]
+    fn single_and_dup() {
+        let mut m = ChunkMap::new();
+        m.insert(1 << 30, chunk(bg_flags::DATA, &[(1, 100 << 20)], 0), 4096).unwrap();
+        m.insert(2 << 30, chunk(bg_flags::METADATA | bg_flags::DUP, &[(1, 5 << 30), (1, 6 << 30)], 0), 4096)
+            .unwrap();
+        let p = m.map((1 << 30) + 8192, 4096).unwrap();
+        assert_eq!(p, vec![MappedPiece { logical: (1 << 30) + 8192, len: 4096, mirrors: vec![(1, (100 << 20) + 8192)] }]);
+        let p = m.map((2 << 30) + 16384, 16384).unwrap();
+        assert_eq!(p[0].mirrors, vec![(1, (5u64 << 30) + 16384), (1, (6u64 << 30) + 16384)]);
+        assert!(m.map(0, 4096).is_err());
+        // A range crossing two chunks is split.
+        let p = m.map((2 << 30) - 4096, 8192).unwrap();
+        assert_eq!(p.len(), 2);
+    }
+
+    // Test scenario: RAID0 rotates stripes every stripe_len bytes.
+    #[test]
+    fn raid0_rotation() {
+        let mut m = ChunkMap::new();
+        m.insert(0, chunk(bg_flags::DATA | bg_flags::RAID0, &[(1, 0), (2, 1000 << 20)], 0), 4096).unwrap();
+        let p = m.map(65536 + 4096, 4096).unwrap();
+        assert_eq!(p[0].mirrors, vec![(2, (1000 << 20) + 4096)]);
+        let p = m.map(2 * 65536, 4096).unwrap();
+        assert_eq!(p[0].mirrors, vec![(1, 65536)]);
+    }
+
+    // Test scenario: overlapping or malformed chunks are refused.
+    #[test]
+    fn invalid_chunks() {
+        let mut m = ChunkMap::new();
+        m.insert(0, chunk(bg_flags::DATA, &[(1, 0)], 0), 4096).unwrap();
+        assert!(m.insert(4096, chunk(bg_flags::DATA, &[(1, 0)], 0), 4096).is_err());
+        assert!(m.insert(2 << 30, chunk(bg_flags::DATA | bg_flags::DUP, &[(1, 0)], 0), 4096).is_err());
+        assert!(m.insert(4 << 30, chunk(0, &[(1, 0)], 0), 4096).is_err());
+    }
+}
