@@ -1,1 +1,111 @@
-//! (in progress)
+//! ubtrfs-extent-map: the kernel's per-inode extent-map trees (fs/btrfs/extent_map.c), the
+//! extent-map side of fast fsync (tree-log.c `btrfs_log_changed_extents`) and the extent-map
+//! shrinker, with epoch-based reclamation instead of the kernel's lock interlock.
+//! KERNEL-SEMANTICS.md sections 1, 2, 3 and 5 are the specification; names follow the kernel.
+//!
+//! # Definitions
+//! - [`ExtentMap`]: the value of a map (start, len, disk_bytenr, disk_num_bytes, offset,
+//!   ram_bytes, generation, flags). 64 bytes, `Copy`. Lookups return copies.
+//! - A *map*: a value plus an identity (`EmNode`: kernel refcount, in-tree bit, list link).
+//! - [`BtrfsInode`]: per-inode state: the tree, its modified list, the inode lock (`i_rwsem`),
+//!   the mmap lock (`i_mmap_lock`), runtime flags (NEEDS_FULL_SYNC, ...).
+//! - [`FsExtentMaps`]: per-filesystem state: inode registry keyed by (root, ino), evictable
+//!   count, fs generation, policy, shrinker, counters and invariant counters ([`Stats`]).
+//! - [`Policy`]: `kernel` (faithful, default), `fixed-split`, `fixed-shrinker`, `fixed-both`
+//!   (KERNEL-SEMANTICS.md section 5).
+//!
+//! # Reclamation design (why a persistent treap behind `crossbeam_epoch::Atomic`)
+//! Each tree is a persistent (copy-on-write) treap whose current version is published through
+//! a `crossbeam_epoch::Atomic<Version>`. Readers (`btrfs_lookup_extent_mapping`,
+//! `btrfs_search_extent_mapping`) pin an epoch, load the version and search it: no lock, no
+//! reference count, no writes to shared memory, so a reader never waits for a writer or for a
+//! shrinker scan, and it sees exactly the state at the end of some write-locked critical
+//! section (as a kernel reader holding the read lock would). Writers serialise on the tree
+//! lock (a mutex: the write side of the kernel's rwlock), change a private working version with
+//! `Arc::make_mut` (path copying only where a published version still shares a node, in place
+//! otherwise), and publish once when they unlock; the replaced version is handed to
+//! `Guard::defer_destroy` and freed when every thread pinned at that time has unpinned.
+//! Maps are owned (`Arc`) by the versions and list entries that contain them, so a map that
+//! leaves its tree or a list is freed only once no version a reader may hold and no list
+//! contains it: there is no way to reach a freed map. The alternatives were an epoch-protected
+//! concurrent skip list (readers could observe the intermediate states of compound operations
+//! such as a merge or a split, which the kernel's read lock hides) and an RwLock (readers would
+//! wait for the shrinker). The kernel's reference count is kept as a ledger on each map: its
+//! final drop checks the kernel's WARN_ONs and marks the map "freed in the kernel", so the
+//! kernel's use-after-free (a map freed while still linked on the modified list) is detected
+//! and counted ([`Invariant::FreedWhileInUse`], [`Invariant::UseAfterFree`]) while the memory
+//! stays valid.
+//!
+//! # Invariants (checked always, counted in [`Stats`], reported once through `tracing`)
+//! See [`Invariant`]: the shrinker meets a LOGGING map; a LOGGING map exists outside any fsync
+//! logging; a removed map stays on the modified list; a map in two trees or on two lists; the
+//! final release of a map still in a tree or on a list; a walk meeting a map the kernel freed;
+//! a map stolen from fsync's private list; a PINNED map removed. Structural invariants (no
+//! overlap, one tree reference per map in a tree, listed maps never merge) are upheld by
+//! construction and tested.
+//!
+//! # Operations
+//! [`BtrfsInode`]: `btrfs_lookup_extent_mapping`, `btrfs_search_extent_mapping`,
+//! `btrfs_add_extent_mapping`, `btrfs_drop_extent_map_range`, `drop_all_extent_maps_fast`,
+//! `btrfs_replace_extent_map_range`, `btrfs_split_extent_map`, `btrfs_unpin_extent_cache`,
+//! `btrfs_log_changed_extents` / `btrfs_log_changed_extents_begin` ([`LoggingPass`]),
+//! `btrfs_log_inode_clear_modified_extents`, `try_release_extent_mapping`.
+//! [`FsExtentMaps`]: `inode`, `evict_inode`, `set_generation`, `btrfs_free_extent_maps`
+//! (shrinker), `btrfs_nr_cached_objects`, `btrfs_free_cached_objects`, `memory_pressure`,
+//! `set_budget`, `stats`.
+//!
+//! # Lock order (the one place it is written down)
+//! 1. `BtrfsInode::inode_lock` (i_rwsem)
+//! 2. `BtrfsInode::mmap_lock` (i_mmap_lock; fsync takes it exclusive)
+//! 3. (io_tree range locks of the caller, not in this crate)
+//! 4. the extent-map tree lock (internal; taken and released inside each operation, never held
+//!    when an operation returns, never held across a [`SchedPoint`] or the caller's
+//!    `log_one_extent`)
+//! 5. the inode registry lock (internal; `xa_lock` / `fs_roots_radix_lock`), never held while
+//!    taking any other lock except by try-lock
+//! 6. the shrinker cursor lock (internal; leaf)
+//!
+//! The shrinker is the only code going against this order, and only with try-locks, as the
+//! kernel: it try-locks the tree lock while walking the registry and then try-locks the mmap
+//! lock shared while holding the tree lock. A budget-triggered scan runs after the tree lock
+//! was released. Readers take no lock at all. Atomics: counters are `Relaxed`; the published
+//! version pointer is `Acquire`/`AcqRel`.
+//!
+//! # Race explorer hooks
+//! Cargo feature `sched-points`: [`SchedPoint`]s are reported to a per-filesystem hook
+//! (`FsExtentMaps::set_sched_hook`) at every point where the kernel can be preempted or drops a
+//! lock; without the feature they compile to nothing.
+
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod em;
+mod extent_map;
+mod fs;
+pub mod sched;
+mod stats;
+mod treap;
+mod tree_log;
+
+pub use em::{
+    flags, EmError, ExtentMap, Policy, UnknownPolicy, EXTENT_MAP_HOLE, EXTENT_MAP_INLINE,
+    EXTENT_MAP_LAST_BYTE,
+};
+pub use extent_map::{runtime_flags, BtrfsInode, MapInfo};
+pub use fs::{FsExtentMaps, MAP_FOOTPRINT_BYTES, SHRINK_BATCH};
+pub use sched::SchedPoint;
+pub use stats::{Invariant, Stats};
+pub use tree_log::{LogError, LoggingPass, MAX_LOGGED_UNITS};
+
+/// Sizes of the types behind one cached map, for the benchmarks' report: (value, treap node,
+/// identity node). The kernel's `struct extent_map` is 104 bytes.
+pub fn type_sizes() -> (usize, usize, usize) {
+    (
+        std::mem::size_of::<ExtentMap>(),
+        std::mem::size_of::<treap::TNode>(),
+        std::mem::size_of::<extent_map::EmNode>(),
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1417 @@
+//! Per-inode extent-map trees and their operations (extent_map.c).
+//!
+//! # Definitions
+//! - A *map* is one `struct extent_map`: a value ([`ExtentMap`]) plus an identity ([`EmNode`])
+//!   carrying what the kernel keeps in the struct besides the value: the reference count
+//!   (`refs`), whether it is in a tree (`rb_node` not cleared), which list its `list` head is
+//!   linked on (the tree's modified list or an fsync's private logging list) and whether the
+//!   kernel would have freed it (refs reached zero).
+//! - A *version* is an immutable snapshot of one inode's tree: a persistent treap of
+//!   [`Slot`]s (value + identity) keyed by `start`. The tree publishes one version at the end of
+//!   every write-locked critical section that changed it.
+//! - The *writer state* ([`TreeW`]) is what the kernel protects with the tree's write lock: the
+//!   working version, the modified list and the private logging lists.
+//!
+//! # Invariants
+//! 1. Maps of one version never overlap; keys are their starts.
+//! 2. A map is in at most one tree and on at most one list; listed maps never merge, so a
+//!    listed map's start and length never change while listed.
+//! 3. The tree owns one kernel reference of every map in it; lookups in this crate return copies
+//!    and take no reference (so they never block a merge, unlike the kernel's `refs > 2` rule
+//!    for concurrent users; fsync's logging does take one, as in the kernel).
+//! 4. A list entry's value snapshot is authoritative only while its map is not in the tree;
+//!    while in the tree, the tree's slot is.
+//! 5. Memory: versions are retired through crossbeam-epoch; maps (`EmNode`) are owned by
+//!    versions and list entries through `Arc` and freed when the last owner is gone, i.e. never
+//!    while any reader, list or version can reach them. The kernel reference count is a ledger
+//!    only: reaching zero marks the map FREED and checks the kernel's WARN_ONs.
+//!
+//! # Operations
+//! Named after the kernel functions they mirror: `btrfs_lookup_extent_mapping`,
+//! `btrfs_search_extent_mapping`, `btrfs_add_extent_mapping`, `btrfs_drop_extent_map_range`,
+//! `btrfs_replace_extent_map_range`, `btrfs_split_extent_map`, `btrfs_unpin_extent_cache`,
+//! plus the internal `add_extent_mapping`, `try_merge_map`, `remove_extent_mapping`,
+//! `replace_extent_mapping`, `merge_extent_mapping`, `drop_all_extent_maps_fast`,
+//! `btrfs_clear_em_logging` and `btrfs_free_extent_map`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crossbeam_epoch::{self as epoch, Atomic, Owned};
+use parking_lot::{Mutex, MutexGuard, RwLock};
+
+use crate::em::{flags, EmError, ExtentMap, EXTENT_MAP_INLINE, EXTENT_MAP_LAST_BYTE};
+use crate::fs::FsCore;
+#[cfg(feature = "sched-points")]
+use crate::sched::SchedPoint;
+use crate::stats::{Counters, Invariant};
+use crate::treap::{self, Link};
+
+const IN_TREE: u32 = 1 << 0;
+const ON_MODIFIED: u32 = 1 << 1;
+const ON_LOGGING: u32 = 1 << 2;
+const FREED: u32 = 1 << 3;
+const LISTED: u32 = ON_MODIFIED | ON_LOGGING;
+
+/// Maps dropped by `drop_all_extent_maps_fast` between two lock breaks.
+const DROP_ALL_BATCH: usize = 1024;
+
+/// Identity and kernel bookkeeping of one map (the non-value part of `struct extent_map`).
+///
+/// All fields except `prio` change only under the owning tree's write lock; they are atomics
+/// only because the node is shared (`Arc`) with readers, which never read them.
+#[derive(Debug)]
+pub struct EmNode {
+    /// Treap priority (fixed at allocation).
+    pub(crate) prio: u32,
+    refs: AtomicU32,
+    state: AtomicU32,
+    list_seq: AtomicU64,
+}
+
+impl EmNode {
+    fn new(prio: u32) -> Arc<Self> {
+        Arc::new(EmNode {
+            prio,
+            refs: AtomicU32::new(1),
+            state: AtomicU32::new(0),
+            list_seq: AtomicU64::new(0),
+        })
+    }
+    fn st(&self) -> u32 {
+        self.state.load(Ordering::Relaxed)
+    }
+    fn set(&self, bits: u32) {
+        self.state.fetch_or(bits, Ordering::Relaxed);
+    }
+    fn clear(&self, bits: u32) {
+        self.state.fetch_and(!bits, Ordering::Relaxed);
+    }
+    fn refs(&self) -> u32 {
+        self.refs.load(Ordering::Relaxed)
+    }
+    fn seq(&self) -> u64 {
+        self.list_seq.load(Ordering::Relaxed)
+    }
+    /// The logging pass's own unlink from its private list.
+    pub(crate) fn clear_logging_bit(&self) {
+        self.clear(ON_LOGGING);
+    }
+}
+
+/// One entry of a tree version: the map's value and its identity.
+#[derive(Clone, Debug)]
+pub(crate) struct Slot {
+    pub(crate) em: ExtentMap,
+    pub(crate) node: Arc<EmNode>,
+}
+
+/// An entry of the modified list or of a private logging list.
+#[derive(Clone, Debug)]
+pub(crate) struct ListEntry {
+    pub(crate) node: Arc<EmNode>,
+    /// Value snapshot, authoritative only while the map is not in the tree.
+    pub(crate) em: ExtentMap,
+    /// Logging pass owning the entry (0 for the modified list).
+    pub(crate) pass: u64,
+}
+
+/// A published, immutable tree version.
+pub(crate) struct Version {
+    root: Link,
+}
+
+/// Writer-side state, protected by the tree lock.
+pub(crate) struct TreeW {
+    root: Link,
+    nr: u64,
+    dirty: bool,
+    /// `modified_extents`: keyed by link sequence; the head (newest) is the last key.
+    modified: BTreeMap<u64, ListEntry>,
+    /// All private logging lists of running logging passes, keyed by link sequence.
+    pub(crate) logging: BTreeMap<u64, ListEntry>,
+    next_seq: u64,
+    next_pass: u64,
+}
+
+/// `struct extent_map_tree`: published version for readers, writer state behind the lock.
+pub(crate) struct ExtentMapTree {
+    published: Atomic<Version>,
+    writer: Mutex<TreeW>,
+    waiters: AtomicU32,
+}
+
+impl ExtentMapTree {
+    fn new() -> Self {
+        ExtentMapTree {
+            published: Atomic::new(Version { root: None }),
+            writer: Mutex::new(TreeW {
+                root: None,
+                nr: 0,
+                dirty: false,
+                modified: BTreeMap::new(),
+                logging: BTreeMap::new(),
+                next_seq: 1,
+                next_pass: 1,
+            }),
+            waiters: AtomicU32::new(0),
+        }
+    }
+
+    /// Runs `f` on the current version under an epoch guard (the read side: no lock).
+    fn read<R>(&self, f: impl FnOnce(&Link) -> R) -> R {
+        let guard = epoch::pin();
+        let shared = self.published.load(Ordering::Acquire, &guard);
+        // SAFETY: `published` is never null (set at construction, only ever swapped for a
+        // non-null `Owned`). A version is destroyed only through `defer_destroy` after it was
+        // swapped out, and `guard` pins the current epoch, so the version loaded here stays
+        // alive until `guard` is dropped at the end of this function; `f` cannot leak the
+        // borrow because it is tied to `shared`'s guard lifetime through `&Link`.
+        match unsafe { shared.as_ref() } {
+            Some(v) => f(&v.root),
+            None => f(&None),
+        }
+    }
+
+    fn publish(&self, w: &mut TreeW) {
+        let new = Owned::new(Version {
+            root: w.root.clone(),
+        });
+        let guard = epoch::pin();
+        let old = self.published.swap(new, Ordering::AcqRel, &guard);
+        w.dirty = false;
+        if !old.is_null() {
+            // SAFETY: `old` was just unlinked from `published`, the only place a version is
+            // reachable from, by a swap done under the tree lock (held by our caller: `w` is
+            // the guarded writer state), so no other thread can retire it a second time.
+            // Readers that loaded it are pinned; crossbeam-epoch runs the destructor only after
+            // every thread pinned at this point has unpinned.
+            unsafe { guard.defer_destroy(old) };
+        }
+    }
+}
+
+impl Drop for ExtentMapTree {
+    fn drop(&mut self) {
+        // SAFETY: `&mut self` proves no reader or writer can access `published` any more (readers
+        // borrow the tree for the duration of their guard), and the pointer is owned by this
+        // Atomic (older versions were handed to the collector by `publish`).
+        let old = std::mem::replace(&mut self.published, Atomic::null());
+        let guard = unsafe { epoch::unprotected() };
+        let shared = old.load(Ordering::Relaxed, guard);
+        if !shared.is_null() {
+            // SAFETY: see above: exclusive access, non-null, owned by this tree.
+            drop(unsafe { shared.into_owned() });
+        }
+    }
+}
+
+/// Per-inode runtime flags (`BTRFS_INODE_*` bits of `runtime_flags`).
+pub mod runtime_flags {
+    /// The next fsync must copy everything from the subvolume tree (`NEEDS_FULL_SYNC`).
+    pub const NEEDS_FULL_SYNC: u32 = 1 << 0;
+    /// Log the inode's items in full (`COPY_EVERYTHING`).
+    pub const COPY_EVERYTHING: u32 = 1 << 1;
+    /// The inode has no xattrs (`NO_XATTRS`).
+    pub const NO_XATTRS: u32 = 1 << 2;
+    /// A COW write failed (`COW_WRITE_ERROR`).
+    pub const COW_WRITE_ERROR: u32 = 1 << 3;
+}
+
+/// Per-inode state: the extent-map tree, the modified list, the inode lock (i_rwsem), the mmap
+/// lock (i_mmap_lock) and the runtime flags. See the lock order in the crate documentation.
+pub struct BtrfsInode {
+    root: u64,
+    ino: u64,
+    pub(crate) core: Arc<FsCore>,
+    inode_lock: RwLock<()>,
+    mmap_lock: RwLock<()>,
+    runtime_flags: AtomicU32,
+    pub(crate) tree: ExtentMapTree,
+}
+
+impl std::fmt::Debug for BtrfsInode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BtrfsInode")
+            .field("root", &self.root)
+            .field("ino", &self.ino)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Debug view of one map: value and kernel bookkeeping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapInfo {
+    /// The map's value.
+    pub em: ExtentMap,
+    /// Kernel reference count (the tree's reference included).
+    pub refs: u32,
+    /// Linked on the inode's modified list.
+    pub on_modified_list: bool,
+    /// Linked on a private fsync logging list.
+    pub on_logging_list: bool,
+}
+
+/// `[start, start+len)` search in one version (`__lookup_extent_mapping`).
+fn search_link(root: &Link, start: u64, len: u64, strict: bool) -> Option<&Slot> {
+    let cand = match treap::floor(root, start) {
+        Some(s) if s.em.end() > start => s,
+        prev => match treap::next_after(root, start) {
+            Some(next) => next,
+            None => prev?,
+        },
+    };
+    if strict && !cand.em.intersects(start, len) {
+        return None;
+    }
+    Some(cand)
+}
+
+/// `can_merge_extent_map`.
+fn can_merge(s: &Slot) -> bool {
+    !s.em.has(flags::PINNED)
+        && !s.em.is_compressed()
+        && !s.em.has(flags::LOGGING)
+        && s.node.st() & LISTED == 0
+}
+
+/// `mergeable_maps`.
+fn mergeable_maps(prev: &ExtentMap, next: &ExtentMap) -> bool {
+    if prev.end() != next.start {
+        return false;
+    }
+    if (prev.flags & !flags::MERGED) != (next.flags & !flags::MERGED) {
+        return false;
+    }
+    if next.disk_bytenr < EXTENT_MAP_LAST_BYTE - 1 {
+        return next.block_start() == prev.block_end();
+    }
+    next.disk_bytenr == prev.disk_bytenr
+}
+
+/// `merge_ondisk_extents`: on-disk fields of the merge of `prev` and `next`, written to `out`.
+fn merge_ondisk_extents(prev: &ExtentMap, next: &ExtentMap, out: &mut ExtentMap) {
+    let disk_bytenr = prev.disk_bytenr.min(next.disk_bytenr);
+    let disk_num_bytes = prev
+        .disk_bytenr
+        .wrapping_add(prev.disk_num_bytes)
+        .max(next.disk_bytenr.wrapping_add(next.disk_num_bytes))
+        .wrapping_sub(disk_bytenr);
+    let offset = prev
+        .disk_bytenr
+        .wrapping_add(prev.offset)
+        .wrapping_sub(disk_bytenr);
+    out.disk_bytenr = disk_bytenr;
+    out.disk_num_bytes = disk_num_bytes;
+    out.ram_bytes = disk_num_bytes;
+    out.offset = offset;
+}
+
+/// `is_fstree`: maps of these roots are counted as evictable.
+pub(crate) fn is_fstree(root: u64) -> bool {
+    root == 5 || ((root as i64) >= 256 && (root >> 48) == 0)
+}
+
+/// The tree write lock held on one inode: all modifications go through this. Publishes the
+/// working version when dropped (the end of the kernel's write-locked critical section).
+pub(crate) struct Locked<'a> {
+    pub(crate) inode: &'a BtrfsInode,
+    pub(crate) w: MutexGuard<'a, TreeW>,
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        if self.w.dirty {
+            self.inode.tree.publish(&mut self.w);
+        }
+    }
+}
+
+impl<'a> Locked<'a> {
+    fn counters(&self) -> &Counters {
+        &self.inode.core.counters
+    }
+
+    pub(crate) fn violation(&self, inv: Invariant, em: &ExtentMap) {
+        self.counters()
+            .violation(inv, self.inode.root, self.inode.ino, em.start, em.len);
+    }
+
+    pub(crate) fn slot(&self, key: u64) -> Option<&Slot> {
+        treap::get(&self.w.root, key)
+    }
+
+    pub(crate) fn first_key(&self) -> Option<u64> {
+        treap::first(&self.w.root).map(|s| s.em.start)
+    }
+
+    pub(crate) fn next_key(&self, key: u64) -> Option<u64> {
+        treap::next_after(&self.w.root, key).map(|s| s.em.start)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.w.root.is_none()
+    }
+
+    /// Changes the value of the map at `key` in place (start must stay `key`).
+    pub(crate) fn update(&mut self, key: u64, f: impl FnOnce(&mut ExtentMap)) {
+        if let Some(s) = treap::get_mut(&mut self.w.root, key) {
+            f(&mut s.em);
+            debug_assert_eq!(s.em.start, key);
+            self.w.dirty = true;
+        }
+    }
+
+    fn new_node(&self) -> Arc<EmNode> {
+        EmNode::new(self.inode.core.next_prio())
+    }
+
+    /// Takes a kernel reference (`refcount_inc`).
+    pub(crate) fn get_ref(&self, node: &EmNode) {
+        node.refs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `btrfs_free_extent_map`: drops one kernel reference; the final one checks the WARN_ONs
+    /// and marks the map FREED (the memory itself is reclaimed by `Arc` and the epoch).
+    pub(crate) fn put(&self, node: &EmNode, em: &ExtentMap) {
+        let prev = node.refs.load(Ordering::Relaxed);
+        if prev == 0 {
+            // A put of a map the kernel already freed: counted as a use after free.
+            self.violation(Invariant::UseAfterFree, em);
+            return;
+        }
+        node.refs.store(prev - 1, Ordering::Relaxed);
+        if prev == 1 {
+            let st = node.st();
+            if st & (IN_TREE | LISTED) != 0 {
+                self.violation(Invariant::FreedWhileInUse, em);
+            }
+            node.set(FREED);
+        }
+    }
+
+    fn evictable_add(&self, delta: i64) {
+        if is_fstree(self.inode.root) {
+            self.inode
+                .core
+                .evictable
+                .fetch_add(delta, Ordering::Relaxed);
+        }
+    }
+
+    /// `list_add(&em->list, &modified_extents)`.
+    fn list_add_modified(&mut self, node: &Arc<EmNode>, em: ExtentMap) {
+        if node.st() & LISTED != 0 {
+            self.violation(Invariant::DoubleMembership, &em);
+            return;
+        }
+        let seq = self.w.next_seq;
+        self.w.next_seq += 1;
+        node.list_seq.store(seq, Ordering::Relaxed);
+        node.set(ON_MODIFIED);
+        self.w.modified.insert(
+            seq,
+            ListEntry {
+                node: node.clone(),
+                em,
+                pass: 0,
+            },
+        );
+    }
+
+    /// Links a map onto a logging pass's private list.
+    pub(crate) fn list_add_logging(&mut self, node: &Arc<EmNode>, em: ExtentMap, pass: u64) -> u64 {
+        let seq = self.w.next_seq;
+        self.w.next_seq += 1;
+        node.list_seq.store(seq, Ordering::Relaxed);
+        node.set(ON_LOGGING);
+        self.w.logging.insert(
+            seq,
+            ListEntry {
+                node: node.clone(),
+                em,
+                pass,
+            },
+        );
+        seq
+    }
+
+    /// `list_del_init(&em->list)`: unlinks the map from whichever list it is on. `by_logger` is
+    /// false for every caller except the logging pass owning the private list.
+    pub(crate) fn list_del_init(&mut self, node: &EmNode, em: &ExtentMap, by_logger: bool) {
+        let st = node.st();
+        if st & ON_MODIFIED != 0 {
+            self.w.modified.remove(&node.seq());
+            node.clear(ON_MODIFIED);
+        }
+        if st & ON_LOGGING != 0 {
+            self.w.logging.remove(&node.seq());
+            node.clear(ON_LOGGING);
+            if !by_logger {
+                self.violation(Invariant::LoggingMapStolen, em);
+            }
+        }
+    }
+
+    /// Refreshes the list-entry snapshot of a listed map that leaves the tree.
+    fn refresh_list_snapshot(&mut self, node: &EmNode, em: ExtentMap) {
+        let st = node.st();
+        let list = if st & ON_MODIFIED != 0 {
+            &mut self.w.modified
+        } else if st & ON_LOGGING != 0 {
+            &mut self.w.logging
+        } else {
+            return;
+        };
+        if let Some(e) = list.get_mut(&node.seq()) {
+            e.em = em;
+        }
+    }
+
+    /// `tree_insert`: -EEXIST if the new range overlaps any map.
+    fn tree_insert(&mut self, slot: Slot) -> Result<(), EmError> {
+        let em = slot.em;
+        let end = em.end();
+        let overlap_prev =
+            treap::floor(&self.w.root, em.start).is_some_and(|p| p.em.end() > em.start);
+        let overlap_next =
+            treap::next_after(&self.w.root, em.start).is_some_and(|n| n.em.start < end);
+        if overlap_prev || overlap_next {
+            return Err(EmError::Exists {
+                start: em.start,
+                end,
+            });
+        }
+        if slot.node.st() & IN_TREE != 0 {
+            self.violation(Invariant::DoubleMembership, &em);
+            return Err(EmError::Invalid("map already in a tree"));
+        }
+        slot.node.set(IN_TREE);
+        treap::insert(&mut self.w.root, slot);
+        self.w.nr += 1;
+        self.w.dirty = true;
+        Ok(())
+    }
+
+    /// `setup_extent_mapping`: the tree's reference, then the modified list or a merge.
+    /// Returns the key of the map afterwards (a merge with the previous map moves it).
+    fn setup_extent_mapping(&mut self, key: u64, modified: bool) -> u64 {
+        let Some(s) = self.slot(key).cloned() else {
+            return key;
+        };
+        self.get_ref(&s.node);
+        if s.node.st() & LISTED != 0 {
+            self.violation(Invariant::DoubleMembership, &s.em);
+        }
+        if s.em.has(flags::LOGGING) {
+            // Only fsync's collection sets LOGGING, and never on a map being inserted.
+            self.violation(Invariant::StaleLogging, &s.em);
+        }
+        if modified {
+            self.list_add_modified(&s.node, s.em);
+            key
+        } else {
+            self.try_merge_map(key)
+        }
+    }
+
+    /// `add_extent_mapping`: insert (EEXIST on overlap) and set up. Returns the map's key.
+    pub(crate) fn add_extent_mapping(
+        &mut self,
+        em: ExtentMap,
+        node: &Arc<EmNode>,
+        modified: bool,
+    ) -> Result<u64, EmError> {
+        self.tree_insert(Slot {
+            em,
+            node: node.clone(),
+        })?;
+        let key = self.setup_extent_mapping(em.start, modified);
+        self.evictable_add(1);
+        Ok(key)
+    }
+
+    /// `try_merge_map`: absorb the previous and then the next map if both sides allow it.
+    /// Returns the key of the map afterwards.
+    pub(crate) fn try_merge_map(&mut self, key: u64) -> u64 {
+        let Some(s) = self.slot(key).cloned() else {
+            return key;
+        };
+        if s.node.refs() > 2 || !can_merge(&s) {
+            return key;
+        }
+        let mut em = s.em;
+        if em.start != 0 {
+            if let Some(prev) = treap::prev_before(&self.w.root, key).cloned() {
+                if can_merge(&prev) && mergeable_maps(&prev.em, &em) {
+                    let orig = em;
+                    em.start = prev.em.start;
+                    em.len = em.len.wrapping_add(prev.em.len);
+                    em.generation = em.generation.max(prev.em.generation);
+                    if em.disk_bytenr < EXTENT_MAP_LAST_BYTE {
+                        merge_ondisk_extents(&prev.em, &orig, &mut em);
+                    }
+                    em.flags |= flags::MERGED;
+                    treap::remove(&mut self.w.root, prev.em.start);
+                    treap::remove(&mut self.w.root, key);
+                    treap::insert(
+                        &mut self.w.root,
+                        Slot {
+                            em,
+                            node: s.node.clone(),
+                        },
+                    );
+                    prev.node.clear(IN_TREE);
+                    self.w.nr -= 1;
+                    self.w.dirty = true;
+                    self.put(&prev.node, &prev.em);
+                    self.evictable_add(-1);
+                }
+            }
+        }
+        if let Some(next) = treap::next_after(&self.w.root, em.start).cloned() {
+            if can_merge(&next) && mergeable_maps(&em, &next.em) {
+                let cur = em;
+                em.len = em.len.wrapping_add(next.em.len);
+                if em.disk_bytenr < EXTENT_MAP_LAST_BYTE {
+                    merge_ondisk_extents(&cur, &next.em, &mut em);
+                }
+                treap::remove(&mut self.w.root, next.em.start);
+                next.node.clear(IN_TREE);
+                self.w.nr -= 1;
+                em.generation = em.generation.max(next.em.generation);
+                em.flags |= flags::MERGED;
+                self.update(em.start, |v| *v = em);
+                self.put(&next.node, &next.em);
+                self.evictable_add(-1);
+            }
+        }
+        em.start
+    }
+
+    /// `btrfs_remove_extent_mapping`: out of the tree; unlinked from its list unless LOGGING.
+    /// Drops no reference. Returns the removed slot.
+    pub(crate) fn remove_extent_mapping(&mut self, key: u64) -> Option<Slot> {
+        let slot = treap::remove(&mut self.w.root, key)?;
+        self.after_tree_removal(&slot);
+        self.w.nr -= 1;
+        self.w.dirty = true;
+        self.evictable_add(-1);
+        Some(slot)
+    }
+
+    /// The list side of removal/replacement (shared by remove and replace).
+    fn after_tree_removal(&mut self, slot: &Slot) {
+        let em = slot.em;
+        if em.has(flags::PINNED) {
+            self.violation(Invariant::PinnedRemoved, &em);
+        }
+        if !em.has(flags::LOGGING) {
+            self.list_del_init(&slot.node, &em, false);
+        } else {
+            if slot.node.st() & ON_MODIFIED != 0 {
+                self.violation(Invariant::RemovedStillListed, &em);
+            }
+            self.refresh_list_snapshot(&slot.node, em);
+        }
+        slot.node.clear(IN_TREE);
+    }
+
+    /// `replace_extent_mapping`: `new` takes `cur`'s place (counter unchanged), then setup.
+    fn replace_extent_mapping(
+        &mut self,
+        cur_key: u64,
+        new: ExtentMap,
+        node: &Arc<EmNode>,
+        modified: bool,
+    ) -> u64 {
+        if let Some(cur) = treap::remove(&mut self.w.root, cur_key) {
+            self.after_tree_removal(&cur);
+        }
+        if node.st() & IN_TREE != 0 {
+            self.violation(Invariant::DoubleMembership, &new);
+        }
+        node.set(IN_TREE);
+        treap::insert(
+            &mut self.w.root,
+            Slot {
+                em: new,
+                node: node.clone(),
+            },
+        );
+        self.w.dirty = true;
+        self.setup_extent_mapping(new.start, modified)
+    }
+
+    /// `btrfs_clear_em_logging`: clear LOGGING; merge if still in the tree.
+    pub(crate) fn clear_em_logging(&mut self, node: &Arc<EmNode>, start: u64) {
+        let in_tree = node.st() & IN_TREE != 0
+            && self.slot(start).is_some_and(|s| Arc::ptr_eq(&s.node, node));
+        if in_tree {
+            self.update(start, |em| em.flags &= !flags::LOGGING);
+            self.try_merge_map(start);
+        }
+    }
+
+    /// Current value of a map: the tree's slot if it is in the tree, else `fallback`.
+    pub(crate) fn current_value(&self, node: &Arc<EmNode>, fallback: ExtentMap) -> ExtentMap {
+        if node.st() & IN_TREE != 0 {
+            if let Some(s) = self.slot(fallback.start) {
+                if Arc::ptr_eq(&s.node, node) {
+                    return s.em;
+                }
+            }
+        }
+        fallback
+    }
+
+    pub(crate) fn node_is_listed(node: &EmNode) -> bool {
+        node.st() & LISTED != 0
+    }
+
+    pub(crate) fn node_is_freed(node: &EmNode) -> bool {
+        node.st() & FREED != 0
+    }
+
+    pub(crate) fn next_pass_id(&mut self) -> u64 {
+        let p = self.w.next_pass;
+        self.w.next_pass += 1;
+        p
+    }
+
+    /// Takes every entry off the modified list, head (newest) first.
+    pub(crate) fn take_modified(&mut self) -> Vec<ListEntry> {
+        let list = std::mem::take(&mut self.w.modified);
+        let mut out: Vec<ListEntry> = list.into_values().collect();
+        out.reverse();
+        for e in &out {
+            e.node.clear(ON_MODIFIED);
+        }
+        out
+    }
+
+    /// Marks a map taken off the modified list as still linked (to a ring detached from the
+    /// list head), as the kernel leaves the rest of the list after -EFBIG.
+    pub(crate) fn relink_detached(&mut self, node: &EmNode, _em: ExtentMap) {
+        node.set(ON_MODIFIED);
+    }
+
+    /// `search_extent_mapping` / `lookup_extent_mapping` in the working version.
+    pub(crate) fn search(&self, start: u64, len: u64, strict: bool) -> Option<Slot> {
+        search_link(&self.w.root, start, len, strict).cloned()
+    }
+}
+
+impl BtrfsInode {
+    pub(crate) fn new(core: Arc<FsCore>, root: u64, ino: u64) -> Self {
+        BtrfsInode {
+            root,
+            ino,
+            core,
+            inode_lock: RwLock::new(()),
+            mmap_lock: RwLock::new(()),
+            runtime_flags: AtomicU32::new(0),
+            tree: ExtentMapTree::new(),
+        }
+    }
+
+    /// Root (subvolume) id.
+    pub fn root(&self) -> u64 {
+        self.root
+    }
+
+    /// Inode number.
+    pub fn ino(&self) -> u64 {
+        self.ino
+    }
+
+    /// The inode lock (the kernel's `i_rwsem`). Lock order: see the crate documentation.
+    pub fn inode_lock(&self) -> &RwLock<()> {
+        &self.inode_lock
+    }
+
+    /// The mmap lock (the kernel's `i_mmap_lock`): fsync takes it exclusive, the shrinker only
+    /// tries it shared.
+    pub fn mmap_lock(&self) -> &RwLock<()> {
+        &self.mmap_lock
+    }
+
+    /// Sets runtime flag bits ([`runtime_flags`]).
+    pub fn set_runtime_flags(&self, bits: u32) {
+        self.runtime_flags.fetch_or(bits, Ordering::SeqCst);
+    }
+
+    /// Clears runtime flag bits.
+    pub fn clear_runtime_flags(&self, bits: u32) {
+        self.runtime_flags.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Current runtime flags.
+    pub fn runtime_flags(&self) -> u32 {
+        self.runtime_flags.load(Ordering::SeqCst)
+    }
+
+    /// `btrfs_set_inode_full_sync`.
+    pub fn btrfs_set_inode_full_sync(&self) {
+        self.set_runtime_flags(runtime_flags::NEEDS_FULL_SYNC);
+    }
+
+    /// NEEDS_FULL_SYNC is set.
+    pub fn needs_full_sync(&self) -> bool {
+        self.runtime_flags() & runtime_flags::NEEDS_FULL_SYNC != 0
+    }
+
+    /// Takes the tree write lock, counting waiters so that the shrinker can notice contention
+    /// (`rwlock_needbreak`).
+    pub(crate) fn lock_tree(&self) -> Locked<'_> {
+        let w = match self.tree.writer.try_lock() {
+            Some(w) => w,
+            None => {
+                self.tree.waiters.fetch_add(1, Ordering::Relaxed);
+                let w = self.tree.writer.lock();
+                self.tree.waiters.fetch_sub(1, Ordering::Relaxed);
+                w
+            }
+        };
+        Locked { inode: self, w }
+    }
+
+    /// `write_trylock` of the tree lock.
+    pub(crate) fn try_lock_tree(&self) -> Option<Locked<'_>> {
+        self.tree
+            .writer
+            .try_lock()
+            .map(|w| Locked { inode: self, w })
+    }
+
+    /// Somebody waits for the tree lock.
+    pub(crate) fn tree_contended(&self) -> bool {
+        self.tree.waiters.load(Ordering::Relaxed) > 0
+    }
+
+    #[inline(always)]
+    pub(crate) fn sched(&self, _p: crate::sched::SchedPoint) {
+        #[cfg(feature = "sched-points")]
+        self.core.sched(_p);
+    }
+
+    /// `btrfs_lookup_extent_mapping`: the first map intersecting `[start, start+len)` (end
+    /// saturating), as a copy. Lock-free: reads the latest published version under an epoch
+    /// guard and never waits for writers or the shrinker.
+    pub fn btrfs_lookup_extent_mapping(&self, start: u64, len: u64) -> Option<ExtentMap> {
+        self.tree
+            .read(|root| search_link(root, start, len, true).map(|s| s.em))
+    }
+
+    /// `btrfs_search_extent_mapping`: like the lookup, but returns a nearby map (the next one,
+    /// else the last one before `start`) when none intersects.
+    pub fn btrfs_search_extent_mapping(&self, start: u64, len: u64) -> Option<ExtentMap> {
+        self.tree
+            .read(|root| search_link(root, start, len, false).map(|s| s.em))
+    }
+
+    /// All maps of the current version, in file order (a snapshot).
+    pub fn extent_maps(&self) -> Vec<ExtentMap> {
+        self.tree
+            .read(|root| treap::Iter::new(root, 0).map(|s| s.em).collect())
+    }
+
+    /// Number of maps in the current version.
+    pub fn nr_extent_maps(&self) -> u64 {
+        self.lock_tree().w.nr
+    }
+
+    /// Values of the maps on the modified list, head first (as the kernel walks it).
+    pub fn modified_extents(&self) -> Vec<ExtentMap> {
+        let l = self.lock_tree();
+        l.w.modified
+            .values()
+            .rev()
+            .map(|e| l.current_value(&e.node, e.em))
+            .collect()
+    }
+
+    /// Debug view of the map starting exactly at `start`.
+    pub fn map_info(&self, start: u64) -> Option<MapInfo> {
+        let l = self.lock_tree();
+        let s = l.slot(start)?;
+        let st = s.node.st();
+        Some(MapInfo {
+            em: s.em,
+            refs: s.node.refs(),
+            on_modified_list: st & ON_MODIFIED != 0,
+            on_logging_list: st & ON_LOGGING != 0,
+        })
+    }
+
+    /// `btrfs_add_extent_mapping` as used by `btrfs_get_extent`: insert `em` (not modified);
+    /// on overlap, return the existing map if it serves `start`, else trim `em` to the gap
+    /// around it (`merge_extent_mapping`) and insert that. Returns a copy of the map that now
+    /// serves `start` (after any merge).
+    pub fn btrfs_add_extent_mapping(
+        &self,
+        em: ExtentMap,
+        start: u64,
+        len: u64,
+    ) -> Result<ExtentMap, EmError> {
+        if em.len == 0 {
+            return Err(EmError::Invalid("zero-length extent map"));
+        }
+        if em.disk_bytenr == EXTENT_MAP_INLINE && em.start != 0 {
+            return Err(EmError::Invalid("inline extent map not at offset 0"));
+        }
+        self.sched(crate::sched::SchedPoint::AddBegin);
+        let result = {
+            let mut l = self.lock_tree();
+            let node = l.new_node();
+            match l.add_extent_mapping(em, &node, false) {
+                Ok(key) => {
+                    let out = l.slot(key).map(|s| s.em).unwrap_or(em);
+                    // The caller's (btrfs_get_extent's) reference.
+                    l.put(&node, &em);
+                    Ok(out)
+                }
+                Err(EmError::Exists { .. }) => l.handle_em_exist(em, &node, start, len),
+                Err(e) => {
+                    l.put(&node, &em);
+                    Err(e)
+                }
+            }
+        };
+        self.core.check_budget();
+        result
+    }
+
+    /// `btrfs_drop_extent_map_range`: drop every map intersecting `[start, end]` (inclusive),
+    /// splitting maps that stick out; PINNED maps are left alone if `skip_pinned`.
+    pub fn btrfs_drop_extent_map_range(&self, start: u64, end: u64, skip_pinned: bool) {
+        if end < start {
+            tracing::warn!(
+                root = self.root,
+                ino = self.ino,
+                start,
+                end,
+                "btrfs_drop_extent_map_range: end before start"
+            );
+            return;
+        }
+        let (len, end_excl) = if end == u64::MAX {
+            if start == 0 && !skip_pinned {
+                self.drop_all_extent_maps_fast();
+                return;
+            }
+            (u64::MAX, u64::MAX)
+        } else {
+            (end - start + 1, end + 1)
+        };
+        let mut split = self.core.alloc_spare();
+        let mut split2 = self.core.alloc_spare();
+        self.sched(crate::sched::SchedPoint::DropRangeBegin);
+        let mut l = self.lock_tree();
+        l.drop_range_locked(start, len, end_excl, skip_pinned, &mut split, &mut split2);
+    }
+
+    /// `drop_all_extent_maps_fast`: remove every map, clearing PINNED and LOGGING first, with
+    /// lock breaks.
+    pub fn drop_all_extent_maps_fast(&self) {
+        let mut l = self.lock_tree();
+        let mut batch = 0usize;
+        while let Some(key) = l.first_key() {
+            l.update(key, |em| em.flags &= !(flags::PINNED | flags::LOGGING));
+            if let Some(s) = l.remove_extent_mapping(key) {
+                l.put(&s.node, &s.em);
+            }
+            batch += 1;
+            if batch >= DROP_ALL_BATCH || self.tree_contended() {
+                batch = 0;
+                drop(l);
+                self.sched(crate::sched::SchedPoint::DropAllLockBreak);
+                l = self.lock_tree();
+            }
+        }
+    }
+
+    /// `btrfs_replace_extent_map_range`: drop `[em.start, em.end)` and insert `em`, retrying
+    /// while a concurrent task re-inserts an overlapping map (-EEXIST).
+    pub fn btrfs_replace_extent_map_range(
+        &self,
+        em: ExtentMap,
+        modified: bool,
+    ) -> Result<(), EmError> {
+        if em.len == 0 {
+            return Err(EmError::Invalid("zero-length extent map"));
+        }
+        let end = em.start.saturating_add(em.len - 1);
+        let node = EmNode::new(self.core.next_prio());
+        // The kernel loops until the insert succeeds; bound it so a livelock is reported.
+        const MAX_TRIES: u32 = 1 << 20;
+        let mut tries = 0;
+        let result = loop {
+            self.btrfs_drop_extent_map_range(em.start, end, false);
+            self.sched(crate::sched::SchedPoint::ReplaceBetweenDropAndInsert);
+            let mut l = self.lock_tree();
+            match l.add_extent_mapping(em, &node, modified) {
+                Ok(_) => {
+                    // The caller's reference (create_io_em's, dropped when it is done).
+                    l.put(&node, &em);
+                    break Ok(());
+                }
+                Err(EmError::Exists { .. }) if tries < MAX_TRIES => tries += 1,
+                Err(e) => {
+                    l.put(&node, &em);
+                    tracing::error!(
+                        root = self.root,
+                        ino = self.ino,
+                        start = em.start,
+                        len = em.len,
+                        "btrfs_replace_extent_map_range gave up: {e}"
+                    );
+                    break Err(e);
+                }
+            }
+        };
+        self.core.check_budget();
+        result
+    }
+
+    /// `btrfs_split_extent_map`: split the PINNED, modified, regular map `[start, start+len)`
+    /// of a direct-IO ordered extent into `[start, start+pre)` at `new_logical` and the rest.
+    pub fn btrfs_split_extent_map(
+        &self,
+        start: u64,
+        len: u64,
+        pre: u64,
+        new_logical: u64,
+    ) -> Result<(), EmError> {
+        if pre == 0 || pre >= len {
+            return Err(EmError::Invalid("split: pre must be in (0, len)"));
+        }
+        if !self.core.alloc_spare() || !self.core.alloc_spare() {
+            return Err(EmError::NoMem);
+        }
+        self.sched(crate::sched::SchedPoint::SplitBegin);
+        let mut l = self.lock_tree();
+        let Some(em) = l.search(start, len, true) else {
+            return Err(EmError::Io {
+                start,
+                end: start.saturating_add(len),
+            });
+        };
+        let v = em.em;
+        if v.len != len
+            || v.is_compressed()
+            || !v.is_regular()
+            || !v.has(flags::PINNED)
+            || v.has(flags::LOGGING)
+            || em.node.st() & ON_MODIFIED == 0
+        {
+            return Err(EmError::Invalid(
+                "split: map must be exactly the range, pinned, regular, uncompressed, modified, not logging",
+            ));
+        }
+        l.get_ref(&em.node); // lookup reference
+        let saved = v.flags;
+        l.update(v.start, |e| e.flags &= !flags::PINNED);
+        let cur = l.slot(v.start).map(|s| s.em).unwrap_or(v);
+        let pre_em = ExtentMap {
+            start: v.start,
+            len: pre,
+            disk_bytenr: new_logical,
+            disk_num_bytes: pre,
+            offset: 0,
+            ram_bytes: pre,
+            generation: v.generation,
+            flags: saved,
+        };
+        let pre_node = l.new_node();
+        l.replace_extent_mapping(v.start, pre_em, &pre_node, true);
+        let mid_len = v.len - pre;
+        let mid = ExtentMap {
+            start: v.start + pre,
+            len: mid_len,
+            disk_bytenr: cur.block_start().wrapping_add(pre),
+            disk_num_bytes: mid_len,
+            offset: 0,
+            ram_bytes: mid_len,
+            generation: v.generation,
+            flags: saved,
+        };
+        let mid_node = l.new_node();
+        if let Err(e) = l.add_extent_mapping(mid, &mid_node, true) {
+            tracing::warn!(
+                root = self.root,
+                ino = self.ino,
+                start,
+                len,
+                "btrfs_split_extent_map: insert of the second part failed: {e}"
+            );
+        }
+        l.put(&em.node, &cur); // once for us
+        l.put(&em.node, &cur); // once for the tree
+        l.put(&mid_node, &mid);
+        l.put(&pre_node, &pre_em);
+        drop(l);
+        self.core.check_budget();
+        Ok(())
+    }
+
+    /// `btrfs_unpin_extent_cache`: at ordered-extent completion, set the generation, clear
+    /// PINNED and try to merge.
+    pub fn btrfs_unpin_extent_cache(&self, start: u64, len: u64, gen: u64) -> Result<(), EmError> {
+        self.sched(crate::sched::SchedPoint::UnpinBegin);
+        let mut l = self.lock_tree();
+        let Some(em) = l.search(start, len, true) else {
+            tracing::warn!(
+                root = self.root,
+                ino = self.ino,
+                start,
+                len,
+                gen,
+                "no extent map found for inode {} (root {}) when unpinning extent range [{start}, {}), generation {gen}",
+                self.ino,
+                self.root,
+                start.saturating_add(len)
+            );
+            return Err(EmError::NotFound {
+                start,
+                end: start.saturating_add(len),
+            });
+        };
+        l.get_ref(&em.node);
+        if em.em.start != start {
+            tracing::warn!(
+                root = self.root,
+                ino = self.ino,
+                found = em.em.start,
+                start,
+                "found extent map for inode {} (root {}) with unexpected start offset {} when unpinning extent range [{start}, {}), generation {gen}",
+                self.ino,
+                self.root,
+                em.em.start,
+                start.saturating_add(len)
+            );
+            l.put(&em.node, &em.em);
+            return Err(EmError::Unclean {
+                expected: start,
+                found: em.em.start,
+            });
+        }
+        l.update(start, |e| {
+            e.generation = gen;
+            e.flags &= !flags::PINNED;
+        });
+        let key = l.try_merge_map(start);
+        let cur = l.slot(key).map(|s| s.em).unwrap_or(em.em);
+        l.put(&em.node, &cur);
+        Ok(())
+    }
+
+    /// Empties the modified list, as full (NEEDS_FULL_SYNC) LOG_INODE_ALL logging does in
+    /// `btrfs_log_inode`.
+    pub fn btrfs_log_inode_clear_modified_extents(&self) {
+        self.sched(crate::sched::SchedPoint::ClearModifiedBegin);
+        let mut l = self.lock_tree();
+        for e in l.take_modified() {
+            if Locked::node_is_freed(&e.node) {
+                l.violation(Invariant::UseAfterFree, &e.em);
+            }
+        }
+    }
+
+    /// `try_release_extent_mapping`'s extent-map part (folio release) for `[start, end]`
+    /// (inclusive): stop at a PINNED map or one not starting where expected; remove maps that
+    /// are unlisted or LOGGING, or listed with a generation older than the fs generation.
+    /// (The io_tree EXTENT_LOCKED test is the caller's business and not modelled.)
+    pub fn try_release_extent_mapping(&self, mut start: u64, end: u64) {
+        while start <= end {
+            let cur_gen = self.core.generation();
+            let len = end - start + 1;
+            let mut l = self.lock_tree();
+            let Some(s) = l.search(start, len, true) else {
+                break;
+            };
+            l.get_ref(&s.node);
+            if s.em.has(flags::PINNED) || s.em.start != start {
+                l.put(&s.node, &s.em);
+                break;
+            }
+            let listed = Locked::node_is_listed(&s.node);
+            if !listed || s.em.has(flags::LOGGING) || s.em.generation < cur_gen {
+                if let Some(r) = l.remove_extent_mapping(s.em.start) {
+                    l.put(&r.node, &r.em);
+                }
+            }
+            l.put(&s.node, &s.em);
+            drop(l);
+            match s.em.end() {
+                e if e > start && e != u64::MAX => start = e,
+                _ => break,
+            }
+        }
+    }
+}
+
+impl Locked<'_> {
+    /// The EEXIST branch of `btrfs_add_extent_mapping`.
+    fn handle_em_exist(
+        &mut self,
+        em: ExtentMap,
+        node: &Arc<EmNode>,
+        start: u64,
+        len: u64,
+    ) -> Result<ExtentMap, EmError> {
+        let Some(existing) = self.search(start, len, false) else {
+            self.put(node, &em);
+            return Err(EmError::Exists {
+                start: em.start,
+                end: em.end(),
+            });
+        };
+        self.get_ref(&existing.node);
+        tracing::trace!(
+            target: "btrfs_handle_em_exist",
+            existing_start = existing.em.start,
+            existing_len = existing.em.len,
+            map_start = em.start,
+            map_len = em.len,
+            start,
+            len
+        );
+        let result = if start >= existing.em.start && start < existing.em.end() {
+            self.put(node, &em);
+            Ok(existing.em)
+        } else {
+            match self.merge_extent_mapping(&existing, em, node, start) {
+                Ok((key, inserted)) => {
+                    let out = self.slot(key).map(|s| s.em).unwrap_or(inserted);
+                    self.put(node, &inserted);
+                    Ok(out)
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        root = self.inode.root,
+                        ino = self.inode.ino,
+                        "extent map merge error existing [{}, {}) with em [{}, {}) start {start}",
+                        existing.em.start,
+                        existing.em.end(),
+                        em.start,
+                        em.end()
+                    );
+                    self.put(node, &em);
+                    Err(e)
+                }
+            }
+        };
+        self.put(&existing.node, &existing.em);
+        result
+    }
+
+    /// `merge_extent_mapping`: trim `em` to the gap around `existing` and insert it.
+    fn merge_extent_mapping(
+        &mut self,
+        existing: &Slot,
+        mut em: ExtentMap,
+        node: &Arc<EmNode>,
+        map_start: u64,
+    ) -> Result<(u64, ExtentMap), EmError> {
+        if map_start < em.start || map_start >= em.end() {
+            return Err(EmError::Invalid(
+                "merge_extent_mapping: start outside the map",
+            ));
+        }
+        let (prev, next) = if existing.em.start > map_start {
+            (
+                treap::prev_before(&self.w.root, existing.em.start).map(|s| s.em),
+                Some(existing.em),
+            )
+        } else {
+            (
+                Some(existing.em),
+                treap::next_after(&self.w.root, existing.em.start).map(|s| s.em),
+            )
+        };
+        let start = prev.map_or(em.start, |p| p.end()).max(em.start);
+        let end = next.map_or(em.end(), |n| n.start).min(em.end());
+        let start_diff = start.wrapping_sub(em.start);
+        em.start = start;
+        em.len = end.wrapping_sub(start);
+        if em.disk_bytenr < EXTENT_MAP_LAST_BYTE {
+            em.offset = em.offset.wrapping_add(start_diff);
+        }
+        if em.len == 0 {
+            return Err(EmError::Exists {
+                start: em.start,
+                end: em.end(),
+            });
+        }
+        let key = self.add_extent_mapping(em, node, false)?;
+        Ok((key, em))
+    }
+
+    /// The locked loop of `btrfs_drop_extent_map_range`. `split`/`split2` say whether the two
+    /// spare maps could be allocated.
+    fn drop_range_locked(
+        &mut self,
+        mut start: u64,
+        len: u64,
+        end: u64,
+        skip_pinned: bool,
+        split: &mut bool,
+        split2: &mut bool,
+    ) {
+        let policy = self.inode.core.policy();
+        let mut cur = self.search(start, len, true);
+        if let Some(s) = &cur {
+            self.get_ref(&s.node);
+        }
+        while let Some(s) = cur.take() {
+            let em = self.current_value(&s.node, s.em);
+            let em_end = em.end();
+            let mut next = None;
+            if em_end < end {
+                if let Some(n) = treap::next_after(&self.w.root, em.start).cloned() {
+                    if n.em.start < end {
+                        self.get_ref(&n.node);
+                        next = Some(n);
+                    }
+                }
+            }
+            if skip_pinned && em.has(flags::PINNED) {
+                start = em_end;
+                self.put(&s.node, &em);
+                cur = next;
+                continue;
+            }
+            // The flags the pieces inherit, and what the original loses (section 5, part 1).
+            let (piece_flags, clear) = if policy.split_fixed() {
+                (em.flags & !flags::LOGGING, flags::PINNED)
+            } else {
+                (em.flags, flags::PINNED | flags::LOGGING)
+            };
+            self.update(em.start, |e| e.flags &= !clear);
+            let em = self.current_value(&s.node, em);
+            let modified = Locked::node_is_listed(&s.node);
+            let inside = em.start >= start && em_end <= end;
+            if !inside {
+                let gen = em.generation;
+                let mut replaced_key = Some(em.start);
+                if em.start < start {
+                    if take_spare(split, split2) {
+                        let head_len = start - em.start;
+                        let head = if em.disk_bytenr < EXTENT_MAP_LAST_BYTE {
+                            ExtentMap {
+                                start: em.start,
+                                len: head_len,
+                                disk_bytenr: em.disk_bytenr,
+                                disk_num_bytes: em.disk_num_bytes,
+                                offset: em.offset,
+                                ram_bytes: em.ram_bytes,
+                                generation: gen,
+                                flags: piece_flags,
+                            }
+                        } else {
+                            ExtentMap {
+                                start: em.start,
+                                len: head_len,
+                                disk_bytenr: em.disk_bytenr,
+                                disk_num_bytes: 0,
+                                offset: 0,
+                                ram_bytes: head_len,
+                                generation: gen,
+                                flags: piece_flags,
+                            }
+                        };
+                        let n = self.new_node();
+                        self.replace_extent_mapping(em.start, head, &n, modified);
+                        self.put(&n, &head);
+                        replaced_key = None;
+                    } else {
+                        self.remove_em(&s, em, start, end, modified);
+                        self.put(&s.node, &em);
+                        self.put(&s.node, &em);
+                        cur = next;
+                        continue;
+                    }
+                }
+                if em_end > end {
+                    if take_spare(split, split2) {
+                        let tail_len = em_end - end;
+                        let tail = if em.disk_bytenr < EXTENT_MAP_LAST_BYTE {
+                            ExtentMap {
+                                start: end,
+                                len: tail_len,
+                                disk_bytenr: em.disk_bytenr,
+                                disk_num_bytes: em.disk_num_bytes,
+                                offset: em.offset.wrapping_add(end - em.start),
+                                ram_bytes: em.ram_bytes,
+                                generation: gen,
+                                flags: piece_flags,
+                            }
+                        } else {
+                            ExtentMap {
+                                start: end,
+                                len: tail_len,
+                                disk_bytenr: em.disk_bytenr,
+                                disk_num_bytes: 0,
+                                offset: 0,
+                                ram_bytes: tail_len,
+                                generation: gen,
+                                flags: piece_flags,
+                            }
+                        };
+                        let n = self.new_node();
+                        if let Some(k) = replaced_key {
+                            self.replace_extent_mapping(k, tail, &n, modified);
+                        } else if let Err(e) = self.add_extent_mapping(tail, &n, modified) {
+                            tracing::warn!(
+                                root = self.inode.root,
+                                ino = self.inode.ino,
+                                start = tail.start,
+                                len = tail.len,
+                                "btrfs_drop_extent_map_range: insert of the tail piece failed: {e}"
+                            );
+                            if modified {
+                                self.inode.btrfs_set_inode_full_sync();
+                            }
+                        }
+                        self.put(&n, &tail);
+                    } else {
+                        self.remove_em(&s, em, start, end, modified);
+                    }
+                }
+            } else {
+                self.remove_em(&s, em, start, end, modified);
+            }
+            // Once for the tree reference (replaced or removed), once for our lookup.
+            self.put(&s.node, &em);
+            self.put(&s.node, &em);
+            cur = next;
+        }
+    }
+
+    /// The `remove_em:` label of `btrfs_drop_extent_map_range`.
+    fn remove_em(&mut self, s: &Slot, em: ExtentMap, start: u64, end: u64, modified: bool) {
+        let in_tree = s.node.st() & IN_TREE != 0;
+        if !in_tree {
+            return;
+        }
+        if (em.start < start || em.end() > end) && modified {
+            self.inode.btrfs_set_inode_full_sync();
+        }
+        self.remove_extent_mapping(em.start);
+    }
+}
+
+/// Takes one spare map (`split = split2` dance of the kernel); false if none is left.
+fn take_spare(split: &mut bool, split2: &mut bool) -> bool {
+    if *split {
+        *split = false;
+        true
+    } else if *split2 {
+        *split2 = false;
+        true
+    } else {
+        false
+    }
+}

@@ -1,0 +1,224 @@
+//! The extent-map side of fast fsync: `btrfs_log_changed_extents` (tree-log.c).
+//!
+//! # Operation (the kernel's order)
+//! 1. Under the tree lock, take every entry off the modified list (head first). Each entry
+//!    counts one unit; past 32768 units the rest of the list is detached (it stays a ring of
+//!    its own: those maps remain "listed" though unreachable) and the pass fails with
+//!    [`EmError::TooManyModified`] (the fsync falls back to a full commit). Maps older than
+//!    `transid` and PREALLOC maps at or beyond `i_size` are skipped (just unlinked). Every other
+//!    map gets a reference, LOGGING, and goes on this pass's private list (one more unit).
+//! 2. The private list is sorted by start.
+//! 3. For each map: unlink it from the private list, release the tree lock, let the caller log
+//!    it ([`LoggingPass::next_extent`] returns a copy), retake the lock, `btrfs_clear_em_logging`
+//!    (clears LOGGING, merges if still in the tree), drop the reference. After an error the
+//!    remaining maps are only cleared and released.
+//!
+//! A map another task unlinks from the private list in the meantime (the kernel-policy split,
+//! KERNEL-SEMANTICS.md section 5) is simply not there any more when its turn comes: it is never
+//! logged and this pass's reference to it is leaked, counted in [`crate::Stats::leaked_refs`]
+//! and [`crate::Stats::logging_maps_lost`].
+
+use std::sync::Arc;
+
+use crate::em::{flags, EmError, ExtentMap};
+use crate::extent_map::{BtrfsInode, EmNode, Locked};
+use crate::sched::SchedPoint;
+use crate::stats::{Counters, Invariant};
+
+/// Units of the modified list one fast fsync may process (`++num > 32768`).
+pub const MAX_LOGGED_UNITS: usize = 32768;
+
+/// One running `btrfs_log_changed_extents` pass over an inode's modified maps.
+///
+/// The caller holds the inode lock and the mmap lock exclusively (as `btrfs_sync_file` does);
+/// the tree lock is held only inside this type's methods, never while the caller logs a map.
+/// Dropping the pass without finishing it treats the remaining maps like the error path.
+pub struct LoggingPass<'a> {
+    inode: &'a BtrfsInode,
+    pass: u64,
+    /// Private list, sorted by start: link sequence numbers.
+    order: std::vec::IntoIter<u64>,
+    /// The map handed out last, to clear and release before handing out the next.
+    current: Option<(Arc<EmNode>, ExtentMap)>,
+    err: bool,
+    efbig: bool,
+}
+
+/// Why `btrfs_log_changed_extents` failed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LogError<E> {
+    /// -EFBIG: too many modified maps; fall back to a full transaction commit.
+    TooManyModified,
+    /// The caller's per-map logging failed.
+    LogOneExtent(E),
+}
+
+impl BtrfsInode {
+    /// Starts `btrfs_log_changed_extents` for transaction `transid` with the inode's current
+    /// `i_size`: collects, marks LOGGING and sorts (steps 1 and 2).
+    pub fn btrfs_log_changed_extents_begin(&self, transid: u64, i_size: u64) -> LoggingPass<'_> {
+        self.sched(SchedPoint::LogCollect);
+        let mut l = self.lock_tree();
+        let pass = l.next_pass_id();
+        let entries = l.take_modified();
+        let mut num = 0usize;
+        let mut efbig = false;
+        let mut collected: Vec<(Arc<EmNode>, ExtentMap)> = Vec::new();
+        let mut rest = entries.into_iter();
+        for e in rest.by_ref() {
+            if Locked::node_is_freed(&e.node) {
+                // The kernel would walk through freed memory here (list corruption).
+                l.violation(Invariant::UseAfterFree, &e.em);
+                continue;
+            }
+            num += 1;
+            if num > MAX_LOGGED_UNITS {
+                efbig = true;
+                break;
+            }
+            let v = l.current_value(&e.node, e.em);
+            if v.generation < transid {
+                continue;
+            }
+            if v.has(flags::PREALLOC) && v.start >= i_size {
+                continue;
+            }
+            l.get_ref(&e.node);
+            l.update(v.start, |m| m.flags |= flags::LOGGING);
+            collected.push((e.node, v.with_flags(flags::LOGGING)));
+            num += 1;
+        }
+        // After -EFBIG the rest of the list is detached from the head but still linked to
+        // itself: those maps stay "listed" (never merged) though no walk reaches them.
+        for e in rest {
+            l.relink_detached(&e.node, e.em);
+        }
+        if !efbig {
+            collected.sort_by_key(|(_, v)| v.start);
+        }
+        let order: Vec<u64> = collected
+            .into_iter()
+            .map(|(node, v)| l.list_add_logging(&node, v, pass))
+            .collect();
+        drop(l);
+        LoggingPass {
+            inode: self,
+            pass,
+            order: order.into_iter(),
+            current: None,
+            err: efbig,
+            efbig,
+        }
+    }
+
+    /// `btrfs_log_changed_extents` (extent-map side): `log_one_extent` is called for each
+    /// collected map in start order, without the tree lock held.
+    pub fn btrfs_log_changed_extents<E>(
+        &self,
+        transid: u64,
+        i_size: u64,
+        mut log_one_extent: impl FnMut(&ExtentMap) -> Result<(), E>,
+    ) -> Result<(), LogError<E>> {
+        let mut pass = self.btrfs_log_changed_extents_begin(transid, i_size);
+        let mut first_err = None;
+        while let Some(em) = pass.next_extent() {
+            if let Err(e) = log_one_extent(&em) {
+                pass.set_error();
+                first_err.get_or_insert(e);
+            }
+        }
+        let res = pass.finish();
+        match (res, first_err) {
+            (Err(_), _) => Err(LogError::TooManyModified),
+            (Ok(()), Some(e)) => Err(LogError::LogOneExtent(e)),
+            (Ok(()), None) => Ok(()),
+        }
+    }
+}
+
+impl LoggingPass<'_> {
+    /// This pass's id (for tests and tracing).
+    pub fn id(&self) -> u64 {
+        self.pass
+    }
+
+    /// Finishes the map handed out last (clear LOGGING, merge, release) and hands out the next
+    /// one, or returns `None` when the private list is empty. The returned copy is what
+    /// `log_one_extent` reads; the tree lock is not held when this returns.
+    pub fn next_extent(&mut self) -> Option<ExtentMap> {
+        if self.current.is_some() {
+            self.inode.sched(SchedPoint::LogRelock);
+        }
+        let mut l = self.inode.lock_tree();
+        if let Some((node, em)) = self.current.take() {
+            l.clear_em_logging(&node, em.start);
+            let v = l.current_value(&node, em);
+            l.put(&node, &v);
+        }
+        loop {
+            let seq = self.order.next()?;
+            let Some(entry) = l.w.logging.remove(&seq) else {
+                // Unlinked by another task: never logged, our reference leaked.
+                Counters::inc(&self.inode.core.counters.logging_maps_lost);
+                Counters::inc(&self.inode.core.counters.leaked_refs);
+                continue;
+            };
+            debug_assert_eq!(entry.pass, self.pass);
+            l.unlink_logging_entry(&entry.node);
+            let v = l.current_value(&entry.node, entry.em);
+            if self.err {
+                l.clear_em_logging(&entry.node, v.start);
+                let v = l.current_value(&entry.node, v);
+                l.put(&entry.node, &v);
+                continue;
+            }
+            Counters::inc(&self.inode.core.counters.maps_logged);
+            self.current = Some((entry.node, v));
+            drop(l);
+            self.inode.sched(SchedPoint::LogOneExtent);
+            return Some(v);
+        }
+    }
+
+    /// The caller's `log_one_extent` failed: the map handed out last and all remaining ones are
+    /// only cleared and released.
+    pub fn set_error(&mut self) {
+        self.err = true;
+    }
+
+    /// Clears and releases whatever is left; `Err(TooManyModified)` if the modified list was
+    /// over the limit.
+    pub fn finish(mut self) -> Result<(), EmError> {
+        self.drain();
+        if self.efbig {
+            Err(EmError::TooManyModified)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn drain(&mut self) {
+        if self.current.is_none() && self.order.len() == 0 {
+            return;
+        }
+        self.err = true;
+        while self.next_extent().is_some() {}
+    }
+}
+
+impl Drop for LoggingPass<'_> {
+    fn drop(&mut self) {
+        self.drain();
+    }
+}
+
+impl Locked<'_> {
+    /// The logging pass's own `list_del_init` of its private-list entry.
+    fn unlink_logging_entry(&mut self, node: &Arc<EmNode>) {
+        node_clear_logging(node);
+    }
+}
+
+fn node_clear_logging(node: &EmNode) {
+    node.clear_logging_bit();
+}
