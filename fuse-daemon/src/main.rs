@@ -1,1 +1,249 @@
-fn main() {}
+//! `ubtrfs`: btrfs in userspace. Command line and FUSE daemon.
+//!
+//! `ubtrfs mount [-o OPTIONS] [-f] IMAGE MOUNTPOINT` mounts a btrfs image or block device.
+//! Without `-f` the command returns once the mount is live and a background daemon serves it;
+//! `umount MOUNTPOINT` ends the daemon. The mount(8) helper form `ubtrfs IMAGE MOUNTPOINT -o OPTS`
+//! (what `mount -t fuse.ubtrfs` runs through mount.fuse3) is accepted too.
+
+mod fuse;
+mod options;
+
+use clap::{Parser, Subcommand};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+
+/// Environment variable telling a re-executed daemon to report readiness on stdout.
+const READY_ENV: &str = "UBTRFS_DAEMON_READY";
+const DEFAULT_IMAGE: &str = "ubtrfs.img";
+const DEFAULT_MOUNTPOINT: &str = "mnt";
+const DEFAULT_IMAGE_SIZE: u64 = 1 << 30;
+
+#[derive(Parser)]
+#[command(
+    name = "ubtrfs",
+    version,
+    about = "btrfs in userspace: mount real btrfs images through FUSE"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount IMAGE (file or block device) on MOUNTPOINT. With no arguments, mounts ./ubtrfs.img
+    /// (created, 1 GiB sparse, when missing) on ./mnt.
+    Mount {
+        /// Mount options, comma separated (ro, subvol=, subvolid=, fsname=, ...).
+        #[arg(short = 'o', action = clap::ArgAction::Append)]
+        options: Vec<String>,
+        /// Stay in the foreground.
+        #[arg(short = 'f')]
+        foreground: bool,
+        image: Option<PathBuf>,
+        mountpoint: Option<PathBuf>,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(false)
+        .without_time()
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let mut args: Vec<String> = std::env::args().collect();
+    // mount(8) helper form: ubtrfs IMAGE MOUNTPOINT [-o OPTS]
+    if args.len() >= 3 && !args[1].starts_with('-') && !matches!(args[1].as_str(), "mount" | "help")
+    {
+        args.insert(1, "mount".into());
+    }
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let result = match cli.cmd {
+        Cmd::Mount {
+            options,
+            foreground,
+            image,
+            mountpoint,
+        } => cmd_mount(options, foreground, image, mountpoint),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("ubtrfs: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Create the default image with mkfs.btrfs (until ubtrfs has its own mkfs).
+fn create_default_image(path: &Path) -> Result<(), String> {
+    let f = std::fs::File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+    f.set_len(DEFAULT_IMAGE_SIZE)
+        .map_err(|e| format!("sizing {}: {e}", path.display()))?;
+    drop(f);
+    let out = Command::new("mkfs.btrfs")
+        .arg("-q")
+        .arg("-f")
+        .arg(path)
+        .output()
+        .map_err(|e| format!("running mkfs.btrfs (install btrfs-progs): {e}"))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(path);
+        return Err(format!(
+            "mkfs.btrfs failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    eprintln!("ubtrfs: created {} (1 GiB, mkfs.btrfs)", path.display());
+    Ok(())
+}
+
+fn cmd_mount(
+    opts: Vec<String>,
+    foreground: bool,
+    image: Option<PathBuf>,
+    mountpoint: Option<PathBuf>,
+) -> Result<(), String> {
+    let (image, mountpoint) = match (image, mountpoint) {
+        (Some(i), Some(m)) => (i, m),
+        (None, None) => {
+            let i = PathBuf::from(DEFAULT_IMAGE);
+            let m = PathBuf::from(DEFAULT_MOUNTPOINT);
+            if !i.exists() {
+                create_default_image(&i)?;
+            }
+            std::fs::create_dir_all(&m).map_err(|e| format!("creating {}: {e}", m.display()))?;
+            (i, m)
+        }
+        _ => return Err("usage: ubtrfs mount [-o OPTIONS] [-f] IMAGE MOUNTPOINT".into()),
+    };
+    let mut parsed = options::parse(&opts)?;
+    if !mountpoint.is_dir() {
+        return Err(format!(
+            "mountpoint {} does not exist or is not a directory",
+            mountpoint.display()
+        ));
+    }
+    if !image.exists() {
+        return Err(format!("{}: no such file or device", image.display()));
+    }
+    if !foreground && std::env::var_os(READY_ENV).is_none() {
+        return spawn_daemon(&image, &mountpoint, &opts);
+    }
+    if !parsed.fs.readonly {
+        eprintln!(
+            "ubtrfs: read-write mounting is not implemented yet; mounting {} read-only",
+            image.display()
+        );
+        parsed.fs.readonly = true;
+    }
+    let fs = ubtrfs_fs::FsInfo::open(&image, parsed.fs.clone()).map_err(|e| e.to_string())?;
+    serve(fs, &image, &mountpoint, &parsed)
+}
+
+/// Re-run ourselves in the foreground as a background daemon, and return when it reports that
+/// the mount is live (or print why it failed).
+fn spawn_daemon(image: &Path, mountpoint: &Path, opts: &[String]) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("finding own executable: {e}"))?;
+    let (reader, writer) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount").arg("-f");
+    for o in opts {
+        cmd.arg("-o").arg(o);
+    }
+    cmd.arg(image).arg(mountpoint);
+    cmd.env(READY_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::inherit());
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("starting the daemon: {e}"))?;
+    drop(cmd);
+    let mut line = String::new();
+    let _ = BufReader::new(reader).read_line(&mut line);
+    if line.trim() == "ready" {
+        return Ok(());
+    }
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for the daemon: {e}"))?;
+    Err(format!("mount failed (daemon exited with {status})"))
+}
+
+fn serve(
+    fs: Arc<ubtrfs_fs::FsInfo>,
+    image: &Path,
+    mountpoint: &Path,
+    p: &options::ParsedOptions,
+) -> Result<(), String> {
+    use fuser::MountOption as M;
+    let mut cfg = fuser::Config::default();
+    let fsname = p.fsname.clone().unwrap_or_else(|| {
+        std::fs::canonicalize(image)
+            .unwrap_or_else(|_| image.to_path_buf())
+            .display()
+            .to_string()
+    });
+    cfg.mount_options.push(M::FSName(fsname));
+    if !p.subtype.is_empty() {
+        cfg.mount_options.push(M::Subtype(p.subtype.clone()));
+    }
+    cfg.mount_options.push(M::RO);
+    cfg.mount_options.push(M::DefaultPermissions);
+    for (flag, opt) in [
+        (p.noatime, M::NoAtime),
+        (p.nodev, M::NoDev),
+        (p.nosuid, M::NoSuid),
+        (p.noexec, M::NoExec),
+        (p.sync, M::Sync),
+        (p.dirsync, M::DirSync),
+    ] {
+        if flag {
+            cfg.mount_options.push(opt);
+        }
+    }
+    if p.allow_other {
+        cfg.acl = fuser::SessionACL::All;
+    }
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2)
+        * 2;
+    cfg.n_threads = Some(threads);
+    cfg.clone_fd = true;
+    let session = fuser::Session::new(fuse::UbtrfsFuse::new(fs.clone()), mountpoint, &cfg)
+        .map_err(|e| format!("mounting on {}: {e}", mountpoint.display()))?;
+    if std::env::var_os(READY_ENV).is_some() {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "ready");
+        let _ = out.flush();
+    }
+    let r = session.run();
+    // The session ended (unmounted): drop the filesystem, which closes the image, before exiting.
+    drop(fs);
+    r.map_err(|e| format!("serving {}: {e}", mountpoint.display()))
+}

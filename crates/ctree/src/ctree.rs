@@ -28,12 +28,21 @@ pub struct Path {
 }
 
 fn fmt_err(block: &TreeBlock, e: ubtrfs_format::FormatError) -> Error {
-    Error::format(format!("tree block {} (owner {})", block.header.bytenr, block.header.owner), e)
+    Error::format(
+        format!(
+            "tree block {} (owner {})",
+            block.header.bytenr, block.header.owner
+        ),
+        e,
+    )
 }
 
 fn read_root(reader: &BlockReader, root: &RootPtr) -> Result<Arc<TreeBlock>> {
     if root.level >= MAX_LEVEL {
-        return Err(Error::corrupt(format!("tree {} root level {}", root.owner, root.level)));
+        return Err(Error::corrupt(format!(
+            "tree {} root level {}",
+            root.owner, root.level
+        )));
     }
     let owner_checked = !ubtrfs_format::key::is_fstree(root.owner)
         && root.owner != ubtrfs_format::key::objectid::TREE_RELOC;
@@ -79,7 +88,10 @@ fn leaf_slot(block: &TreeBlock, key: &Key) -> Result<(usize, bool)> {
 
 fn read_child(reader: &BlockReader, parent: &TreeBlock, slot: usize) -> Result<Arc<TreeBlock>> {
     let p = parent.key_ptr(slot).map_err(|e| fmt_err(parent, e))?;
-    let level = parent.level().checked_sub(1).ok_or_else(|| Error::corrupt("child of a leaf"))?;
+    let level = parent
+        .level()
+        .checked_sub(1)
+        .ok_or_else(|| Error::corrupt("child of a leaf"))?;
     let owner_checked = !ubtrfs_format::key::is_fstree(parent.header.owner)
         && parent.header.owner != ubtrfs_format::key::objectid::TREE_RELOC;
     reader.read_tree_block(
@@ -229,7 +241,11 @@ pub fn lookup_item(reader: &BlockReader, root: &RootPtr, key: &Key) -> Result<Op
 }
 
 /// The last item with key <= `key`, as (key, data copy).
-pub fn lookup_le(reader: &BlockReader, root: &RootPtr, key: &Key) -> Result<Option<(Key, Vec<u8>)>> {
+pub fn lookup_le(
+    reader: &BlockReader,
+    root: &RootPtr,
+    key: &Key,
+) -> Result<Option<(Key, Vec<u8>)>> {
     let (mut path, found) = Path::search(reader, root, key)?;
     if !found && !path.prev_item(reader)? {
         return Ok(None);
@@ -249,7 +265,14 @@ pub struct TreeIter<'a> {
 
 impl<'a> TreeIter<'a> {
     pub fn new(reader: &'a BlockReader, root: RootPtr, start: Key) -> Self {
-        TreeIter { reader, path: None, started: false, root, start, done: false }
+        TreeIter {
+            reader,
+            path: None,
+            started: false,
+            root,
+            start,
+            done: false,
+        }
     }
 
     fn advance(&mut self) -> Result<Option<(Key, Arc<TreeBlock>, usize)>> {

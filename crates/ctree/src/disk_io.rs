@@ -57,16 +57,24 @@ struct BlockCache {
 pub fn read_super_mirror(dev: &Device, mirror: usize) -> Result<SuperBlock> {
     let off = sb_offset(mirror);
     if off + SUPER_INFO_SIZE as u64 > dev.size {
-        return Err(Error::NotFound(format!("superblock mirror {mirror} lies beyond the device end")));
+        return Err(Error::NotFound(format!(
+            "superblock mirror {mirror} lies beyond the device end"
+        )));
     }
     let mut buf = vec![0u8; SUPER_INFO_SIZE];
     dev.read_exact_at(&mut buf, off)?;
-    let sb = SuperBlock::parse(&buf).map_err(|e| Error::format(format!("superblock copy {mirror}"), e))?;
-    sb.verify_csum().map_err(|e| Error::format(format!("superblock copy {mirror}"), e))?;
+    let sb = SuperBlock::parse(&buf)
+        .map_err(|e| Error::format(format!("superblock copy {mirror}"), e))?;
+    sb.verify_csum()
+        .map_err(|e| Error::format(format!("superblock copy {mirror}"), e))?;
     if sb.bytenr != off {
-        return Err(Error::corrupt(format!("superblock copy {mirror}: bytenr {} should be {off}", sb.bytenr)));
+        return Err(Error::corrupt(format!(
+            "superblock copy {mirror}: bytenr {} should be {off}",
+            sb.bytenr
+        )));
     }
-    sb.validate().map_err(|e| Error::format(format!("superblock copy {mirror}"), e))?;
+    sb.validate()
+        .map_err(|e| Error::format(format!("superblock copy {mirror}"), e))?;
     Ok(sb)
 }
 
@@ -164,7 +172,11 @@ impl BlockReader {
 
     /// Number of copies of the data at `logical` (`btrfs_num_copies`).
     pub fn num_copies(&self, logical: u64) -> usize {
-        self.chunks.read().map(logical, 1).map(|p| p[0].mirrors.len()).unwrap_or(0)
+        self.chunks
+            .read()
+            .map(logical, 1)
+            .map(|p| p[0].mirrors.len())
+            .unwrap_or(0)
     }
 
     /// Read `buf.len()` bytes at `logical` from copy `mirror` (0-based), splitting at stripes.
@@ -172,11 +184,15 @@ impl BlockReader {
         let pieces = self.chunks.read().map(logical, buf.len() as u64)?;
         let mut done = 0usize;
         for p in pieces {
-            let (devid, phys) = *p.mirrors.get(mirror).or(p.mirrors.first()).ok_or_else(|| {
-                Error::corrupt(format!("logical {} has no stripes", p.logical))
-            })?;
+            let (devid, phys) =
+                *p.mirrors.get(mirror).or(p.mirrors.first()).ok_or_else(|| {
+                    Error::corrupt(format!("logical {} has no stripes", p.logical))
+                })?;
             let dev = self.devices.get(&devid).ok_or_else(|| {
-                Error::Unsupported(format!("device {devid} holding logical {} is missing", p.logical))
+                Error::Unsupported(format!(
+                    "device {devid} holding logical {} is missing",
+                    p.logical
+                ))
             })?;
             let n = p.len as usize;
             dev.read_exact_at(&mut buf[done..done + n], phys)?;
@@ -195,7 +211,9 @@ impl BlockReader {
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         if bytenr == 0 || bytenr % u64::from(self.sectorsize) != 0 {
-            return Err(Error::corrupt(format!("tree block bytenr {bytenr} is not sector aligned")));
+            return Err(Error::corrupt(format!(
+                "tree block bytenr {bytenr} is not sector aligned"
+            )));
         }
         let copies = self.num_copies(bytenr).max(1);
         let mut last_err = None;
@@ -203,7 +221,10 @@ impl BlockReader {
             match self.read_one_copy(bytenr, mirror, &expect) {
                 Ok(b) => {
                     if mirror > 0 {
-                        tracing::warn!("tree block {bytenr}: read from mirror {} after bad copies", mirror + 1);
+                        tracing::warn!(
+                            "tree block {bytenr}: read from mirror {} after bad copies",
+                            mirror + 1
+                        );
                     }
                     let b = Arc::new(b);
                     self.cache_put(bytenr, b.clone());
@@ -222,7 +243,8 @@ impl BlockReader {
     fn read_one_copy(&self, bytenr: u64, mirror: usize, expect: &BlockExpect) -> Result<TreeBlock> {
         let mut data = vec![0u8; self.nodesize as usize];
         self.read_logical(bytenr, &mut data, mirror)?;
-        let block = TreeBlock::new(data).map_err(|e| Error::format(format!("tree block {bytenr}"), e))?;
+        let block =
+            TreeBlock::new(data).map_err(|e| Error::format(format!("tree block {bytenr}"), e))?;
         if !block.verify_csum(self.csum_type) {
             self.csum_errors.fetch_add(1, Ordering::Relaxed);
             return Err(Error::Checksum(format!(
@@ -232,10 +254,15 @@ impl BlockReader {
         }
         let h = &block.header;
         if h.bytenr != bytenr {
-            return Err(Error::corrupt(format!("tree block {bytenr}: header bytenr is {}", h.bytenr)));
+            return Err(Error::corrupt(format!(
+                "tree block {bytenr}: header bytenr is {}",
+                h.bytenr
+            )));
         }
         if h.fsid != self.metadata_fsid {
-            return Err(Error::corrupt(format!("tree block {bytenr}: fsid does not match the filesystem")));
+            return Err(Error::corrupt(format!(
+                "tree block {bytenr}: fsid does not match the filesystem"
+            )));
         }
         self.check_expect(&block, bytenr, expect)?;
         tree_checker::check_block(&block, self.sectorsize, self.max_generation)
@@ -255,16 +282,24 @@ impl BlockReader {
         }
         if let Some(l) = expect.level {
             if h.level != l {
-                return Err(Error::corrupt(format!("tree block {bytenr}: level {} expected {l}", h.level)));
+                return Err(Error::corrupt(format!(
+                    "tree block {bytenr}: level {} expected {l}",
+                    h.level
+                )));
             }
         }
         if let Some(o) = expect.owner {
             if h.owner != o {
-                return Err(Error::corrupt(format!("tree block {bytenr}: owner {} expected {o}", h.owner)));
+                return Err(Error::corrupt(format!(
+                    "tree block {bytenr}: owner {} expected {o}",
+                    h.owner
+                )));
             }
         }
         if let Some(k) = expect.first_key {
-            let first = b.first_key().map_err(|e| Error::format(format!("tree block {bytenr}"), e))?;
+            let first = b
+                .first_key()
+                .map_err(|e| Error::format(format!("tree block {bytenr}"), e))?;
             if first != Some(k) {
                 return Err(Error::corrupt(format!(
                     "tree block {bytenr}: first key {first:?} does not match parent key {k:?}"
@@ -288,15 +323,25 @@ impl BlockReader {
         if c.map.contains_key(&bytenr) {
             return;
         }
-        c.map.insert(bytenr, CacheEntry { block, referenced: AtomicBool::new(false) });
+        c.map.insert(
+            bytenr,
+            CacheEntry {
+                block,
+                referenced: AtomicBool::new(false),
+            },
+        );
         c.order.push_back(bytenr);
         c.bytes += size;
         // Second-chance eviction; bounded by two passes over the queue.
         let mut budget = c.order.len() * 2;
         while c.bytes > self.cache_budget && budget > 0 {
             budget -= 1;
-            let Some(victim) = c.order.pop_front() else { break };
-            let Some(e) = c.map.get(&victim) else { continue };
+            let Some(victim) = c.order.pop_front() else {
+                break;
+            };
+            let Some(e) = c.map.get(&victim) else {
+                continue;
+            };
             if e.referenced.swap(false, Ordering::Relaxed) {
                 c.order.push_back(victim);
                 continue;

@@ -29,7 +29,10 @@ pub enum Error {
 
 impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
     pub fn corrupt(what: impl Into<String>) -> Self {
         Error::Corrupt(what.into())

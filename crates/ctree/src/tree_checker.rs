@@ -25,7 +25,8 @@ pub fn check_block(b: &TreeBlock, sectorsize: u32, max_generation: u64) -> Resul
         for slot in 0..b.nritems() {
             let key = b.item_key(slot).map_err(|e| e.to_string())?;
             let data = b.item_data(slot).map_err(|e| e.to_string())?;
-            check_item(&key, data, sectorsize).map_err(|e| format!("slot {slot} key {key}: {e}"))?;
+            check_item(&key, data, sectorsize)
+                .map_err(|e| format!("slot {slot} key {key}: {e}"))?;
         }
     }
     Ok(())
@@ -59,7 +60,10 @@ fn check_item(key: &Key, data: &[u8], sectorsize: u32) -> Result<(), String> {
             for d in &items {
                 let is_xattr = key.item_type == item::XATTR_ITEM;
                 if is_xattr != (d.file_type == ubtrfs_format::items::ft::XATTR) {
-                    return Err(format!("entry type {} in item type {}", d.file_type, key.item_type));
+                    return Err(format!(
+                        "entry type {} in item type {}",
+                        d.file_type, key.item_type
+                    ));
                 }
                 if !is_xattr && !d.data.is_empty() {
                     return Err("dir entry carries data".into());
@@ -114,7 +118,13 @@ fn check_item(key: &Key, data: &[u8], sectorsize: u32) -> Result<(), String> {
                 if key.offset.checked_add(fe.num_bytes).is_none() {
                     return Err("file extent end overflows".into());
                 }
-                if fe.disk_bytenr != 0 && fe.offset.checked_add(fe.num_bytes).is_none_or(|e| e > fe.ram_bytes.max(fe.disk_num_bytes)) && fe.compression == 0 {
+                if fe.disk_bytenr != 0
+                    && fe
+                        .offset
+                        .checked_add(fe.num_bytes)
+                        .is_none_or(|e| e > fe.ram_bytes.max(fe.disk_num_bytes))
+                    && fe.compression == 0
+                {
                     return Err("offset + num_bytes beyond the extent".into());
                 }
             }

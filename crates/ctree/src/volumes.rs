@@ -24,13 +24,29 @@ impl Device {
     /// Read exactly `buf.len()` bytes at `offset`. A short read (past the end) is an I/O error.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.file.read_exact_at(buf, offset).map_err(|e| {
-            Error::io(format!("reading {} bytes at {} of {}", buf.len(), offset, self.path.display()), e)
+            Error::io(
+                format!(
+                    "reading {} bytes at {} of {}",
+                    buf.len(),
+                    offset,
+                    self.path.display()
+                ),
+                e,
+            )
         })
     }
 
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.file.write_all_at(buf, offset).map_err(|e| {
-            Error::io(format!("writing {} bytes at {} of {}", buf.len(), offset, self.path.display()), e)
+            Error::io(
+                format!(
+                    "writing {} bytes at {} of {}",
+                    buf.len(),
+                    offset,
+                    self.path.display()
+                ),
+                e,
+            )
         })
     }
 }
@@ -82,7 +98,10 @@ impl ChunkMap {
         if logical % u64::from(sectorsize) != 0 {
             return bad("unaligned logical start".into());
         }
-        if !item.stripe_len.is_power_of_two() || item.stripe_len < 4096 || item.stripe_len > (1 << 30) {
+        if !item.stripe_len.is_power_of_two()
+            || item.stripe_len < 4096
+            || item.stripe_len > (1 << 30)
+        {
             return bad(format!("invalid stripe_len {}", item.stripe_len));
         }
         if item.chunk_type & bg_flags::TYPE_MASK == 0 {
@@ -103,7 +122,9 @@ impl ChunkMap {
             bg_flags::RAID1C3 => n >= 3,
             bg_flags::RAID1C4 => n >= 4,
             bg_flags::RAID0 => n >= 1,
-            bg_flags::RAID10 => item.sub_stripes >= 2 && n >= 2 && n % u64::from(item.sub_stripes) == 0,
+            bg_flags::RAID10 => {
+                item.sub_stripes >= 2 && n >= 2 && n % u64::from(item.sub_stripes) == 0
+            }
             bg_flags::RAID5 => n >= 2,
             bg_flags::RAID6 => n >= 3,
             _ => false,
@@ -111,7 +132,9 @@ impl ChunkMap {
         if !ok {
             return bad(format!("{n} stripes do not fit profile {profile:#x}"));
         }
-        let end = logical.checked_add(item.length).ok_or_else(|| Error::corrupt("chunk end overflows"))?;
+        let end = logical
+            .checked_add(item.length)
+            .ok_or_else(|| Error::corrupt("chunk end overflows"))?;
         if let Some(existing) = self.chunks.get(&logical) {
             if existing.item == item {
                 return Ok(());
@@ -137,7 +160,9 @@ impl ChunkMap {
     pub fn map(&self, logical: u64, len: u64) -> Result<Vec<MappedPiece>> {
         let mut out = Vec::new();
         let mut pos = logical;
-        let end = logical.checked_add(len).ok_or_else(|| Error::corrupt("mapped range overflows"))?;
+        let end = logical
+            .checked_add(len)
+            .ok_or_else(|| Error::corrupt("mapped range overflows"))?;
         while pos < end {
             let c = self.find(pos).ok_or_else(|| {
                 Error::corrupt(format!("logical address {pos} is not mapped by any chunk"))
@@ -151,14 +176,21 @@ impl ChunkMap {
             let stripe_off = off % sl;
             let (mirrors, piece_len): (Vec<(u64, u64)>, u64) = match profile {
                 0 | bg_flags::DUP | bg_flags::RAID1 | bg_flags::RAID1C3 | bg_flags::RAID1C4 => {
-                    let m = item.stripes.iter().map(|s| (s.devid, s.offset + off)).collect();
+                    let m = item
+                        .stripes
+                        .iter()
+                        .map(|s| (s.devid, s.offset + off))
+                        .collect();
                     (m, chunk_left)
                 }
                 bg_flags::RAID0 => {
                     let n = u64::from(item.num_stripes);
                     let idx = (stripe_nr % n) as usize;
                     let s = &item.stripes[idx];
-                    (vec![(s.devid, s.offset + (stripe_nr / n) * sl + stripe_off)], sl - stripe_off)
+                    (
+                        vec![(s.devid, s.offset + (stripe_nr / n) * sl + stripe_off)],
+                        sl - stripe_off,
+                    )
                 }
                 bg_flags::RAID10 => {
                     let sub = u64::from(item.sub_stripes);
@@ -179,7 +211,11 @@ impl ChunkMap {
                 }
             };
             let n = piece_len.min(end - pos);
-            out.push(MappedPiece { logical: pos, len: n, mirrors });
+            out.push(MappedPiece {
+                logical: pos,
+                len: n,
+                mirrors,
+            });
             pos += n;
         }
         Ok(out)
@@ -202,7 +238,14 @@ mod tests {
             sector_size: 4096,
             num_stripes: stripes.len() as u16,
             sub_stripes: sub,
-            stripes: stripes.iter().map(|&(d, o)| Stripe { devid: d, offset: o, dev_uuid: [0; 16] }).collect(),
+            stripes: stripes
+                .iter()
+                .map(|&(d, o)| Stripe {
+                    devid: d,
+                    offset: o,
+                    dev_uuid: [0; 16],
+                })
+                .collect(),
         }
     }
 
@@ -210,13 +253,32 @@ mod tests {
     #[test]
     fn single_and_dup() {
         let mut m = ChunkMap::new();
-        m.insert(1 << 30, chunk(bg_flags::DATA, &[(1, 100 << 20)], 0), 4096).unwrap();
-        m.insert(2 << 30, chunk(bg_flags::METADATA | bg_flags::DUP, &[(1, 5 << 30), (1, 6 << 30)], 0), 4096)
+        m.insert(1 << 30, chunk(bg_flags::DATA, &[(1, 100 << 20)], 0), 4096)
             .unwrap();
+        m.insert(
+            2 << 30,
+            chunk(
+                bg_flags::METADATA | bg_flags::DUP,
+                &[(1, 5 << 30), (1, 6 << 30)],
+                0,
+            ),
+            4096,
+        )
+        .unwrap();
         let p = m.map((1 << 30) + 8192, 4096).unwrap();
-        assert_eq!(p, vec![MappedPiece { logical: (1 << 30) + 8192, len: 4096, mirrors: vec![(1, (100 << 20) + 8192)] }]);
+        assert_eq!(
+            p,
+            vec![MappedPiece {
+                logical: (1 << 30) + 8192,
+                len: 4096,
+                mirrors: vec![(1, (100 << 20) + 8192)]
+            }]
+        );
         let p = m.map((2 << 30) + 16384, 16384).unwrap();
-        assert_eq!(p[0].mirrors, vec![(1, (5u64 << 30) + 16384), (1, (6u64 << 30) + 16384)]);
+        assert_eq!(
+            p[0].mirrors,
+            vec![(1, (5u64 << 30) + 16384), (1, (6u64 << 30) + 16384)]
+        );
         assert!(m.map(0, 4096).is_err());
         // A range crossing two chunks is split.
         let p = m.map((2 << 30) - 4096, 8192).unwrap();
@@ -227,7 +289,16 @@ mod tests {
     #[test]
     fn raid0_rotation() {
         let mut m = ChunkMap::new();
-        m.insert(0, chunk(bg_flags::DATA | bg_flags::RAID0, &[(1, 0), (2, 1000 << 20)], 0), 4096).unwrap();
+        m.insert(
+            0,
+            chunk(
+                bg_flags::DATA | bg_flags::RAID0,
+                &[(1, 0), (2, 1000 << 20)],
+                0,
+            ),
+            4096,
+        )
+        .unwrap();
         let p = m.map(65536 + 4096, 4096).unwrap();
         assert_eq!(p[0].mirrors, vec![(2, (1000 << 20) + 4096)]);
         let p = m.map(2 * 65536, 4096).unwrap();
@@ -238,9 +309,18 @@ mod tests {
     #[test]
     fn invalid_chunks() {
         let mut m = ChunkMap::new();
-        m.insert(0, chunk(bg_flags::DATA, &[(1, 0)], 0), 4096).unwrap();
-        assert!(m.insert(4096, chunk(bg_flags::DATA, &[(1, 0)], 0), 4096).is_err());
-        assert!(m.insert(2 << 30, chunk(bg_flags::DATA | bg_flags::DUP, &[(1, 0)], 0), 4096).is_err());
+        m.insert(0, chunk(bg_flags::DATA, &[(1, 0)], 0), 4096)
+            .unwrap();
+        assert!(m
+            .insert(4096, chunk(bg_flags::DATA, &[(1, 0)], 0), 4096)
+            .is_err());
+        assert!(m
+            .insert(
+                2 << 30,
+                chunk(bg_flags::DATA | bg_flags::DUP, &[(1, 0)], 0),
+                4096
+            )
+            .is_err());
         assert!(m.insert(4 << 30, chunk(0, &[(1, 0)], 0), 4096).is_err());
     }
 }

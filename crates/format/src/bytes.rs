@@ -6,7 +6,15 @@ use crate::error::{CorruptKind, Result};
 pub fn slice<'a>(buf: &'a [u8], off: usize, len: usize, what: &'static str) -> Result<&'a [u8]> {
     off.checked_add(len)
         .and_then(|end| buf.get(off..end))
-        .ok_or_else(|| CorruptKind::OutOfBounds { what, offset: off, len, available: buf.len() }.into())
+        .ok_or_else(|| {
+            CorruptKind::OutOfBounds {
+                what,
+                offset: off,
+                len,
+                available: buf.len(),
+            }
+            .into()
+        })
 }
 
 pub fn u8_at(buf: &[u8], off: usize, what: &'static str) -> Result<u8> {

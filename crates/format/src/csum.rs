@@ -128,7 +128,12 @@ mod tests {
     // Test scenario: every checksum type verifies its own output and rejects a flipped byte.
     #[test]
     fn verify_roundtrip() {
-        for t in [CsumType::Crc32c, CsumType::Xxhash64, CsumType::Sha256, CsumType::Blake2b] {
+        for t in [
+            CsumType::Crc32c,
+            CsumType::Xxhash64,
+            CsumType::Sha256,
+            CsumType::Blake2b,
+        ] {
             let data = b"hello btrfs";
             let c = t.compute(data);
             assert!(t.verify(data, &c));

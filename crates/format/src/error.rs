@@ -7,7 +7,12 @@ use std::fmt;
 #[non_exhaustive]
 pub enum CorruptKind {
     /// A read went past the end of the structure that holds it.
-    OutOfBounds { what: &'static str, offset: usize, len: usize, available: usize },
+    OutOfBounds {
+        what: &'static str,
+        offset: usize,
+        len: usize,
+        available: usize,
+    },
     /// A magic number did not match.
     BadMagic,
     /// A stored checksum does not match the data.
@@ -25,7 +30,12 @@ pub enum CorruptKind {
 impl fmt::Display for CorruptKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CorruptKind::OutOfBounds { what, offset, len, available } => write!(
+            CorruptKind::OutOfBounds {
+                what,
+                offset,
+                len,
+                available,
+            } => write!(
                 f,
                 "{what}: {len} bytes at offset {offset} exceed the {available} available"
             ),

@@ -14,7 +14,10 @@ pub struct Timespec {
 impl Timespec {
     pub const SIZE: usize = 12;
     pub fn parse(b: &[u8], off: usize) -> Result<Self> {
-        Ok(Timespec { sec: u64_at(b, off, "timespec sec")?, nsec: u32_at(b, off + 8, "timespec nsec")? })
+        Ok(Timespec {
+            sec: u64_at(b, off, "timespec sec")?,
+            nsec: u32_at(b, off + 8, "timespec nsec")?,
+        })
     }
 }
 
@@ -206,11 +209,27 @@ impl DirItem {
             let name_len = u16_at(b, off + 27, "dir item name_len")? as usize;
             let file_type = u8_at(b, off + 29, "dir item type")?;
             let name = slice(b, off + Self::HEADER_SIZE, name_len, "dir item name")?.to_vec();
-            let data = slice(b, off + Self::HEADER_SIZE + name_len, data_len, "dir item data")?.to_vec();
+            let data = slice(
+                b,
+                off + Self::HEADER_SIZE + name_len,
+                data_len,
+                "dir item data",
+            )?
+            .to_vec();
             if name_len == 0 {
-                return Err(CorruptKind::BadField { what: "dir item name_len", value: 0 }.into());
+                return Err(CorruptKind::BadField {
+                    what: "dir item name_len",
+                    value: 0,
+                }
+                .into());
             }
-            out.push(DirItem { location, transid, file_type, name, data });
+            out.push(DirItem {
+                location,
+                transid,
+                file_type,
+                name,
+                data,
+            });
             off += Self::HEADER_SIZE + name_len + data_len;
         }
         Ok(out)
@@ -256,7 +275,11 @@ impl InodeExtref {
             let index = u64_at(b, off + 8, "extref index")?;
             let name_len = u16_at(b, off + 16, "extref name_len")? as usize;
             let name = slice(b, off + 18, name_len, "extref name")?.to_vec();
-            out.push(InodeExtref { parent, index, name });
+            out.push(InodeExtref {
+                parent,
+                index,
+                name,
+            });
             off += 18 + name_len;
         }
         Ok(out)
@@ -308,14 +331,24 @@ impl FileExtentItem {
             FILE_EXTENT_INLINE => fe.inline_data = b[Self::INLINE_HEADER_SIZE..].to_vec(),
             FILE_EXTENT_REG | FILE_EXTENT_PREALLOC => {
                 if b.len() != Self::SIZE {
-                    return Err(CorruptKind::BadField { what: "file extent item size", value: b.len() as u64 }.into());
+                    return Err(CorruptKind::BadField {
+                        what: "file extent item size",
+                        value: b.len() as u64,
+                    }
+                    .into());
                 }
                 fe.disk_bytenr = u64_at(b, 21, "file extent disk_bytenr")?;
                 fe.disk_num_bytes = u64_at(b, 29, "file extent disk_num_bytes")?;
                 fe.offset = u64_at(b, 37, "file extent offset")?;
                 fe.num_bytes = u64_at(b, 45, "file extent num_bytes")?;
             }
-            other => return Err(CorruptKind::BadField { what: "file extent type", value: other.into() }.into()),
+            other => {
+                return Err(CorruptKind::BadField {
+                    what: "file extent type",
+                    value: other.into(),
+                }
+                .into())
+            }
         }
         Ok(fe)
     }
@@ -372,7 +405,11 @@ impl ChunkItem {
     pub fn parse(b: &[u8]) -> Result<Self> {
         let num_stripes = u16_at(b, 44, "chunk num_stripes")?;
         if num_stripes == 0 {
-            return Err(CorruptKind::BadField { what: "chunk num_stripes", value: 0 }.into());
+            return Err(CorruptKind::BadField {
+                what: "chunk num_stripes",
+                value: 0,
+            }
+            .into());
         }
         let mut stripes = Vec::with_capacity(num_stripes as usize);
         for i in 0..num_stripes as usize {

@@ -15,11 +15,23 @@ pub struct Key {
 
 impl Key {
     pub const SIZE: usize = 17;
-    pub const MIN: Key = Key { objectid: 0, item_type: 0, offset: 0 };
-    pub const MAX: Key = Key { objectid: u64::MAX, item_type: u8::MAX, offset: u64::MAX };
+    pub const MIN: Key = Key {
+        objectid: 0,
+        item_type: 0,
+        offset: 0,
+    };
+    pub const MAX: Key = Key {
+        objectid: u64::MAX,
+        item_type: u8::MAX,
+        offset: u64::MAX,
+    };
 
     pub const fn new(objectid: u64, item_type: u8, offset: u64) -> Self {
-        Key { objectid, item_type, offset }
+        Key {
+            objectid,
+            item_type,
+            offset,
+        }
     }
 
     pub fn parse(buf: &[u8], off: usize) -> Result<Self> {
@@ -39,7 +51,13 @@ impl Key {
 
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "({} {} {})", objectid_name(self.objectid), item_type_name(self.item_type), self.offset)
+        write!(
+            f,
+            "({} {} {})",
+            objectid_name(self.objectid),
+            item_type_name(self.item_type),
+            self.offset
+        )
     }
 }
 

@@ -277,7 +277,8 @@ impl SuperBlock {
 
     /// Sanity checks of `btrfs_validate_super` that do not need the devices.
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: &'static str, value: u64| Err(CorruptKind::BadField { what, value }.into());
+        let bad =
+            |what: &'static str, value: u64| Err(CorruptKind::BadField { what, value }.into());
         self.csum_type()?;
         let ss = self.sectorsize;
         if !ss.is_power_of_two() || !(4096..=65536).contains(&ss) {
@@ -300,7 +301,11 @@ impl SuperBlock {
                 return bad(what, level.into());
             }
         }
-        for (what, addr) in [("root", self.root), ("chunk_root", self.chunk_root), ("log_root", self.log_root)] {
+        for (what, addr) in [
+            ("root", self.root),
+            ("chunk_root", self.chunk_root),
+            ("log_root", self.log_root),
+        ] {
             if addr % u64::from(ss) != 0 {
                 return bad(what, addr);
             }
@@ -325,18 +330,31 @@ impl SuperBlock {
 
     /// Iterate the (key, chunk item bytes) pairs of `sys_chunk_array`.
     pub fn sys_chunks(&self) -> Result<Vec<(Key, Vec<u8>)>> {
-        let arr = slice(&self.sys_chunk_array, 0, self.sys_chunk_array_size as usize, "sys_chunk_array")?;
+        let arr = slice(
+            &self.sys_chunk_array,
+            0,
+            self.sys_chunk_array_size as usize,
+            "sys_chunk_array",
+        )?;
         let mut out = Vec::new();
         let mut off = 0usize;
         while off < arr.len() {
             let key = Key::parse(arr, off)?;
             off += Key::SIZE;
             if key.item_type != crate::key::item::CHUNK_ITEM {
-                return Err(CorruptKind::BadField { what: "sys_chunk_array key type", value: key.item_type.into() }.into());
+                return Err(CorruptKind::BadField {
+                    what: "sys_chunk_array key type",
+                    value: key.item_type.into(),
+                }
+                .into());
             }
             let num_stripes = u16_at(arr, off + 44, "sys chunk num_stripes")? as usize;
             if num_stripes == 0 {
-                return Err(CorruptKind::BadField { what: "sys chunk num_stripes", value: 0 }.into());
+                return Err(CorruptKind::BadField {
+                    what: "sys chunk num_stripes",
+                    value: 0,
+                }
+                .into());
             }
             let len = crate::items::ChunkItem::size_for(num_stripes);
             out.push((key, slice(arr, off, len, "sys chunk")?.to_vec()));

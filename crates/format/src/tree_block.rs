@@ -109,7 +109,8 @@ impl TreeBlock {
 
     /// Verify the checksum over bytes 32..end.
     pub fn verify_csum(&self, t: CsumType) -> bool {
-        self.data.len() > CSUM_FIELD_SIZE && t.verify(&self.data[CSUM_FIELD_SIZE..], &self.header.csum)
+        self.data.len() > CSUM_FIELD_SIZE
+            && t.verify(&self.data[CSUM_FIELD_SIZE..], &self.header.csum)
     }
 
     /// Recompute and store the checksum (writers).
@@ -133,7 +134,10 @@ impl TreeBlock {
         if slot >= self.nritems() {
             return Err(CorruptKind::ItemLayout { slot }.into());
         }
-        let off = HEADER_SIZE + slot.checked_mul(ITEM_SIZE).ok_or(CorruptKind::ItemLayout { slot })?;
+        let off = HEADER_SIZE
+            + slot
+                .checked_mul(ITEM_SIZE)
+                .ok_or(CorruptKind::ItemLayout { slot })?;
         Ok(ItemHeader {
             key: Key::parse(&self.data, off)?,
             offset: u32_at(&self.data, off + 17, "item offset")?,
@@ -148,14 +152,22 @@ impl TreeBlock {
     /// The data bytes of item `slot`.
     pub fn item_data(&self, slot: usize) -> Result<&[u8]> {
         let it = self.item(slot)?;
-        slice(&self.data, HEADER_SIZE + it.offset as usize, it.size as usize, "item data")
+        slice(
+            &self.data,
+            HEADER_SIZE + it.offset as usize,
+            it.size as usize,
+            "item data",
+        )
     }
 
     pub fn key_ptr(&self, slot: usize) -> Result<KeyPtr> {
         if slot >= self.nritems() {
             return Err(CorruptKind::ItemLayout { slot }.into());
         }
-        let off = HEADER_SIZE + slot.checked_mul(KEY_PTR_SIZE).ok_or(CorruptKind::ItemLayout { slot })?;
+        let off = HEADER_SIZE
+            + slot
+                .checked_mul(KEY_PTR_SIZE)
+                .ok_or(CorruptKind::ItemLayout { slot })?;
         Ok(KeyPtr {
             key: Key::parse(&self.data, off)?,
             blockptr: u64_at(&self.data, off + 17, "key ptr blockptr")?,
@@ -168,7 +180,11 @@ impl TreeBlock {
         if self.nritems() == 0 {
             return Ok(None);
         }
-        Ok(Some(if self.is_leaf() { self.item_key(0)? } else { self.key_ptr(0)?.key }))
+        Ok(Some(if self.is_leaf() {
+            self.item_key(0)?
+        } else {
+            self.key_ptr(0)?.key
+        }))
     }
 
     /// Key at `slot` for either kind of block.
@@ -184,13 +200,21 @@ impl TreeBlock {
     pub fn check_structure(&self) -> Result<()> {
         let h = &self.header;
         if h.level >= MAX_LEVEL {
-            return Err(CorruptKind::BadField { what: "level", value: h.level.into() }.into());
+            return Err(CorruptKind::BadField {
+                what: "level",
+                value: h.level.into(),
+            }
+            .into());
         }
         let n = self.nritems();
         if self.is_leaf() {
             let data_size = self.leaf_data_size();
             if n.checked_mul(ITEM_SIZE).is_none_or(|t| t > data_size) {
-                return Err(CorruptKind::BadField { what: "leaf nritems", value: n as u64 }.into());
+                return Err(CorruptKind::BadField {
+                    what: "leaf nritems",
+                    value: n as u64,
+                }
+                .into());
             }
             let mut prev_key: Option<Key> = None;
             let mut expected_end = data_size as u64;
@@ -215,7 +239,11 @@ impl TreeBlock {
             }
         } else {
             if n == 0 || n > self.max_node_ptrs() {
-                return Err(CorruptKind::BadField { what: "node nritems", value: n as u64 }.into());
+                return Err(CorruptKind::BadField {
+                    what: "node nritems",
+                    value: n as u64,
+                }
+                .into());
             }
             let mut prev_key: Option<Key> = None;
             for slot in 0..n {
@@ -227,7 +255,11 @@ impl TreeBlock {
                 }
                 prev_key = Some(p.key);
                 if p.blockptr == 0 || p.blockptr % 4096 != 0 {
-                    return Err(CorruptKind::BadField { what: "node blockptr", value: p.blockptr }.into());
+                    return Err(CorruptKind::BadField {
+                        what: "node blockptr",
+                        value: p.blockptr,
+                    }
+                    .into());
                 }
             }
         }

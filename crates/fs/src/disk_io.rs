@@ -1,0 +1,446 @@
+//! `open_ctree`: open the device, read and check the superblock, bootstrap the chunk map, read
+//! the chunk tree and the root tree, and find the subvolume to serve.
+//!
+//! Refusals follow the kernel: an unknown incompat bit fails the mount naming the bit; an
+//! unknown compat_ro bit allows only a read-only mount; features ubtrfs cannot read (zoned,
+//! extent-tree-v2, raid-stripe-tree, remap-tree), multi-device filesystems and superblocks in
+//! the middle of an fsid/csum change are refused with a message that says so.
+
+use crate::error::{FsError, Result};
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use ubtrfs_ctree::ctree::{lookup_item, RootPtr, TreeIter};
+use ubtrfs_ctree::disk_io::{read_super, BlockReader};
+use ubtrfs_ctree::Device;
+use ubtrfs_extent_map::{FsExtentMaps, Policy};
+use ubtrfs_format::csum::name_hash;
+use ubtrfs_format::items::{ChunkItem, DirItem, RootItem};
+use ubtrfs_format::key::{item, objectid, Key};
+use ubtrfs_format::super_block::{compat_ro, flag_names, incompat, sb_flags, SuperBlock};
+
+/// Incompat features ubtrfs reads.
+const SUPPORTED_INCOMPAT: u64 = incompat::MIXED_BACKREF
+    | incompat::DEFAULT_SUBVOL
+    | incompat::MIXED_GROUPS
+    | incompat::COMPRESS_LZO
+    | incompat::COMPRESS_ZSTD
+    | incompat::BIG_METADATA
+    | incompat::EXTENDED_IREF
+    | incompat::RAID56
+    | incompat::SKINNY_METADATA
+    | incompat::NO_HOLES
+    | incompat::METADATA_UUID
+    | incompat::RAID1C34
+    | incompat::SIMPLE_QUOTA;
+
+/// Compat-ro features ubtrfs knows (reading is always safe for these).
+const KNOWN_COMPAT_RO: u64 = compat_ro::FREE_SPACE_TREE
+    | compat_ro::FREE_SPACE_TREE_VALID
+    | compat_ro::VERITY
+    | compat_ro::BLOCK_GROUP_TREE;
+
+/// Default byte budget of the tree-block cache.
+pub const DEFAULT_BLOCK_CACHE_BYTES: u64 = 256 << 20;
+
+/// Options that change how a filesystem is opened and served.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    pub readonly: bool,
+    /// `subvolid=`: serve this subvolume instead of the default one.
+    pub subvolid: Option<u64>,
+    /// `subvol=`: serve the subvolume at this path (relative to the top level).
+    pub subvol: Option<String>,
+    /// `rescue=nologreplay`.
+    pub nologreplay: bool,
+    /// Extent-map policy (`shrinker=`).
+    pub policy: Policy,
+    pub block_cache_bytes: u64,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            readonly: true,
+            subvolid: None,
+            subvol: None,
+            nologreplay: false,
+            policy: Policy::FixedSplit,
+            block_cache_bytes: DEFAULT_BLOCK_CACHE_BYTES,
+        }
+    }
+}
+
+/// A subvolume (fs tree) root.
+#[derive(Clone, Debug)]
+pub struct FsRoot {
+    pub id: u64,
+    pub ptr: RootPtr,
+    pub item: RootItem,
+}
+
+/// Counters of the filesystem layer.
+#[derive(Default, Debug)]
+pub struct FsCounters {
+    pub bytes_read: AtomicU64,
+    pub data_csum_errors: AtomicU64,
+    pub decompressed_extents: AtomicU64,
+}
+
+/// The mounted filesystem (`struct btrfs_fs_info`).
+pub struct FsInfo {
+    pub reader: BlockReader,
+    pub sb: SuperBlock,
+    pub tree_root: RootPtr,
+    pub csum_root: Option<RootPtr>,
+    /// The subvolume served at the mount root.
+    pub mount_root: u64,
+    pub options: MountOptions,
+    pub ems: Arc<FsExtentMaps>,
+    pub counters: FsCounters,
+    pub path: PathBuf,
+    roots: RwLock<HashMap<u64, Arc<FsRoot>>>,
+    /// Kept open for the lifetime of the mount: holds the image lock.
+    _lock_file: Arc<Device>,
+    pub(crate) extent_cache: crate::file::DecompressedCache,
+}
+
+fn open_device(path: &Path, readonly: bool) -> Result<Device> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| FsError::Mount(format!("{}: {e}", path.display())))?;
+    let is_blk = meta.file_type().is_block_device();
+    if !is_blk && !meta.is_file() {
+        return Err(FsError::Mount(format!(
+            "{}: not a regular file or block device",
+            path.display()
+        )));
+    }
+    let mut oo = OpenOptions::new();
+    oo.read(true).write(!readonly);
+    if is_blk && !readonly {
+        use std::os::unix::fs::OpenOptionsExt;
+        oo.custom_flags(libc::O_EXCL);
+    }
+    let mut file: File = oo
+        .open(path)
+        .map_err(|e| FsError::Mount(format!("{}: {e}", path.display())))?;
+    // One image, one writer: shared lock for read-only mounts, exclusive for read-write.
+    let locked = if readonly {
+        file.try_lock_shared()
+    } else {
+        file.try_lock()
+    };
+    if locked.is_err() {
+        return Err(FsError::Mount(format!(
+            "{}: in use by another ubtrfs mount (lock held)",
+            path.display()
+        )));
+    }
+    if let Some(loopdev) = kernel_loop_holder(path) {
+        return Err(FsError::Mount(format!(
+            "{}: in use by the kernel through {loopdev}",
+            path.display()
+        )));
+    }
+    let size = file
+        .seek(SeekFrom::End(0))
+        .map_err(|e| FsError::Mount(format!("{}: {e}", path.display())))?;
+    Ok(Device {
+        devid: 0,
+        file,
+        size,
+        path: path.to_path_buf(),
+    })
+}
+
+/// The loop device backed by `path`, if the kernel has one attached (it may be mounted).
+fn kernel_loop_holder(path: &Path) -> Option<String> {
+    let canon = std::fs::canonicalize(path).ok()?;
+    let entries = std::fs::read_dir("/sys/block").ok()?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
+            if Path::new(b.trim()) == canon {
+                return Some(format!("/dev/{name}"));
+            }
+        }
+    }
+    None
+}
+
+fn check_features(sb: &SuperBlock, readonly: bool) -> Result<()> {
+    let (_, unknown) = flag_names(sb.incompat_flags, incompat::NAMES);
+    if unknown != 0 {
+        return Err(FsError::Mount(format!(
+            "cannot mount: unknown incompat features {unknown:#x}"
+        )));
+    }
+    let unsupported = sb.incompat_flags & !SUPPORTED_INCOMPAT;
+    if unsupported != 0 {
+        let (names, _) = flag_names(unsupported, incompat::NAMES);
+        return Err(FsError::Mount(format!(
+            "cannot mount: unsupported incompat features: {}",
+            names.join(", ")
+        )));
+    }
+    let unknown_ro = sb.compat_ro_flags & !KNOWN_COMPAT_RO;
+    if unknown_ro != 0 && !readonly {
+        return Err(FsError::Mount(format!(
+            "cannot mount read-write: unknown compat_ro features {unknown_ro:#x} (mount with -o ro)"
+        )));
+    }
+    let changing = sb_flags::CHANGING_FSID
+        | sb_flags::CHANGING_FSID_V2
+        | sb_flags::CHANGING_BG_TREE
+        | sb_flags::CHANGING_DATA_CSUM
+        | sb_flags::CHANGING_META_CSUM;
+    if sb.flags & changing != 0 {
+        return Err(FsError::Mount(format!(
+            "cannot mount: an interrupted btrfstune operation is in progress (super flags {:#x})",
+            sb.flags & changing
+        )));
+    }
+    if sb.num_devices != 1 {
+        return Err(FsError::Mount(format!(
+            "cannot mount: multi-device filesystems are not supported ({} devices)",
+            sb.num_devices
+        )));
+    }
+    Ok(())
+}
+
+impl FsInfo {
+    /// `open_ctree`.
+    pub fn open(path: &Path, options: MountOptions) -> Result<Arc<FsInfo>> {
+        let mut dev = open_device(path, options.readonly)?;
+        let sb = read_super(&dev).map_err(|e| {
+            FsError::Mount(format!(
+                "{}: not a usable btrfs filesystem: {e}",
+                path.display()
+            ))
+        })?;
+        check_features(&sb, options.readonly)?;
+        dev.devid = sb.dev_item.devid;
+        let dev = Arc::new(dev);
+        let reader = BlockReader::new(vec![dev.clone()], &sb, options.block_cache_bytes)?;
+
+        // Bootstrap the chunk map from the superblock's system chunks (btrfs_read_sys_array).
+        let sys = sb
+            .sys_chunks()
+            .map_err(|e| FsError::Mount(format!("sys_chunk_array: {e}")))?;
+        if sys.is_empty() {
+            return Err(FsError::Mount(
+                "sys_chunk_array holds no system chunk".into(),
+            ));
+        }
+        for (key, bytes) in sys {
+            let chunk = ChunkItem::parse(&bytes)
+                .map_err(|e| FsError::Mount(format!("sys_chunk_array: {e}")))?;
+            reader
+                .chunks_mut()
+                .insert(key.offset, chunk, sb.sectorsize)
+                .map_err(|e| FsError::Mount(format!("sys_chunk_array: {e}")))?;
+        }
+        // The chunk tree (btrfs_read_chunk_tree).
+        let chunk_root = RootPtr {
+            bytenr: sb.chunk_root,
+            level: sb.chunk_root_level,
+            generation: sb.chunk_root_generation,
+            owner: objectid::CHUNK_TREE,
+        };
+        let mut chunks = Vec::new();
+        for r in TreeIter::new(&reader, chunk_root, Key::new(0, 0, 0)) {
+            let (key, block, slot) =
+                r.map_err(|e| FsError::Mount(format!("reading the chunk tree: {e}")))?;
+            if key.item_type == item::CHUNK_ITEM {
+                let data = block
+                    .item_data(slot)
+                    .map_err(|e| FsError::Mount(format!("chunk tree: {e}")))?;
+                let c = ChunkItem::parse(data)
+                    .map_err(|e| FsError::Mount(format!("chunk item {key}: {e}")))?;
+                chunks.push((key.offset, c));
+            }
+        }
+        for (logical, c) in chunks {
+            reader
+                .chunks_mut()
+                .insert(logical, c, sb.sectorsize)
+                .map_err(|e| FsError::Mount(format!("chunk tree: {e}")))?;
+        }
+
+        let tree_root = RootPtr {
+            bytenr: sb.root,
+            level: sb.root_level,
+            generation: sb.generation,
+            owner: objectid::ROOT_TREE,
+        };
+        let ems = FsExtentMaps::new(options.policy);
+        ems.set_generation(sb.generation);
+        let mut fs = FsInfo {
+            reader,
+            sb,
+            tree_root,
+            csum_root: None,
+            mount_root: objectid::FS_TREE,
+            options,
+            ems,
+            counters: FsCounters::default(),
+            path: path.to_path_buf(),
+            roots: RwLock::new(HashMap::new()),
+            _lock_file: dev,
+            extent_cache: crate::file::DecompressedCache::default(),
+        };
+        fs.csum_root = fs
+            .read_root_item(objectid::CSUM_TREE)
+            .map_err(|e| FsError::Mount(format!("reading the csum tree root: {e}")))?
+            .map(|(ptr, _)| ptr);
+        // The top-level subvolume must exist.
+        fs.root(objectid::FS_TREE)
+            .map_err(|e| FsError::Mount(format!("reading the FS tree root: {e}")))?;
+        fs.mount_root = fs
+            .choose_mount_root()
+            .map_err(|e| FsError::Mount(format!("choosing the subvolume: {e}")))?;
+        if fs.sb.log_root != 0 {
+            tracing::warn!(
+                "{}: the filesystem has a log tree (fsync'd data since generation {}) that ubtrfs \
+                 does not replay yet; showing the last committed state",
+                path.display(),
+                fs.sb.generation
+            );
+        }
+        Ok(Arc::new(fs))
+    }
+
+    /// The ROOT_ITEM of tree `id` (any key offset, as snapshots carry their otransid there).
+    pub fn read_root_item(&self, id: u64) -> Result<Option<(RootPtr, RootItem)>> {
+        let mut it = TreeIter::new(
+            &self.reader,
+            self.tree_root,
+            Key::new(id, item::ROOT_ITEM, 0),
+        );
+        let Some(r) = it.next() else { return Ok(None) };
+        let (key, block, slot) = r?;
+        if key.objectid != id || key.item_type != item::ROOT_ITEM {
+            return Ok(None);
+        }
+        let data = block
+            .item_data(slot)
+            .map_err(|e| FsError::corrupt(format!("root item {key}: {e}")))?;
+        let ri =
+            RootItem::parse(data).map_err(|e| FsError::corrupt(format!("root item {key}: {e}")))?;
+        let ptr = RootPtr {
+            bytenr: ri.bytenr,
+            level: ri.level,
+            generation: ri.generation,
+            owner: id,
+        };
+        Ok(Some((ptr, ri)))
+    }
+
+    /// The subvolume root `id` (cached). NotFound for missing or deleted subvolumes.
+    pub fn root(&self, id: u64) -> Result<Arc<FsRoot>> {
+        if let Some(r) = self.roots.read().get(&id) {
+            return Ok(r.clone());
+        }
+        if !ubtrfs_format::key::is_fstree(id) {
+            return Err(FsError::NotFound);
+        }
+        let (ptr, item) = self.read_root_item(id)?.ok_or(FsError::NotFound)?;
+        if item.refs == 0 {
+            return Err(FsError::NotFound);
+        }
+        let r = Arc::new(FsRoot { id, ptr, item });
+        self.roots.write().insert(id, r.clone());
+        Ok(r)
+    }
+
+    /// The default subvolume: the "default" entry of the root tree directory (set by
+    /// `btrfs subvolume set-default`), or the top level; overridden by subvolid=/subvol=.
+    fn choose_mount_root(&self) -> Result<u64> {
+        if let Some(id) = self.options.subvolid {
+            self.root(id)?;
+            return Ok(id);
+        }
+        let mut id = objectid::FS_TREE;
+        if self.options.subvol.is_none() {
+            let key = Key::new(
+                objectid::ROOT_TREE_DIR,
+                item::DIR_ITEM,
+                name_hash(b"default"),
+            );
+            if let Some(data) = lookup_item(&self.reader, &self.tree_root, &key)? {
+                let items = DirItem::parse_all(&data)
+                    .map_err(|e| FsError::corrupt(format!("default dir item: {e}")))?;
+                if let Some(d) = items.iter().find(|d| d.name == b"default") {
+                    id = d.location.objectid;
+                }
+            }
+            self.root(id)?;
+            return Ok(id);
+        }
+        // subvol=PATH: walk from the top level.
+        let path = self.options.subvol.clone().unwrap_or_default();
+        let (mut root, mut dir) = (
+            objectid::FS_TREE,
+            self.root(objectid::FS_TREE)?.item.root_dirid,
+        );
+        for comp in path.split('/').filter(|c| !c.is_empty()) {
+            match crate::dir_item::lookup(self, root, dir, comp.as_bytes())? {
+                crate::dir_item::Target::Inode { root: r, ino } => {
+                    root = r;
+                    dir = ino;
+                }
+                crate::dir_item::Target::EmptySubvolPlaceholder { .. } => {
+                    return Err(FsError::NotFound)
+                }
+            }
+        }
+        if dir != self.root(root)?.item.root_dirid {
+            return Err(FsError::Invalid(format!(
+                "subvol={path} is not a subvolume"
+            )));
+        }
+        Ok(root)
+    }
+
+    pub fn sectorsize(&self) -> u32 {
+        self.sb.sectorsize
+    }
+
+    /// statfs figures as the kernel computes them roughly: total and used from the superblock,
+    /// free from unallocated device space plus free space inside data block groups.
+    pub fn statfs(&self) -> StatFs {
+        let bsize = u64::from(self.sb.sectorsize);
+        let total = self.sb.total_bytes;
+        let used = self.sb.bytes_used;
+        let free = total.saturating_sub(used);
+        StatFs {
+            bsize,
+            blocks: total / bsize,
+            bfree: free / bsize,
+            bavail: free / bsize,
+            namelen: 255,
+        }
+    }
+
+    pub fn note_bytes_read(&self, n: u64) {
+        self.counters.bytes_read.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct StatFs {
+    pub bsize: u64,
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub namelen: u32,
+}

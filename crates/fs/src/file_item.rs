@@ -1,0 +1,70 @@
+//! Data checksums from the csum tree (the read side of the kernel's file-item.c
+//! `btrfs_lookup_csums_list` / `search_csum_tree`).
+//!
+//! EXTENT_CSUM items are keyed (EXTENT_CSUM_OBJECTID, EXTENT_CSUM, logical bytenr) and hold one
+//! checksum per sector of consecutive data; items may be split or merged anywhere.
+
+use crate::disk_io::FsInfo;
+use crate::error::{FsError, Result};
+use ubtrfs_ctree::ctree::Path;
+use ubtrfs_format::key::{item, objectid, Key};
+
+/// Checksums of the sectors of `[start, start + nr * sectorsize)`; None where no item covers a
+/// sector.
+pub fn lookup_csums(fs: &FsInfo, start: u64, nr: usize) -> Result<Vec<Option<Vec<u8>>>> {
+    let mut out = vec![None; nr];
+    let Some(root) = fs.csum_root else {
+        return Ok(out);
+    };
+    let ss = u64::from(fs.sectorsize());
+    let csize = fs.reader.csum_type.size();
+    let end = start + nr as u64 * ss;
+    let key = Key::new(objectid::EXTENT_CSUM, item::EXTENT_CSUM, start);
+    let (mut path, found) = Path::search(&fs.reader, &root, &key)?;
+    if !found && path.prev_item(&fs.reader)? {
+        // The previous item may cover `start`; if it does not, step forward again.
+        let covers = match path.item()? {
+            Some((k, d)) => {
+                k.objectid == objectid::EXTENT_CSUM
+                    && k.item_type == item::EXTENT_CSUM
+                    && k.offset + (d.len() / csize) as u64 * ss > start
+            }
+            None => false,
+        };
+        if !covers && !path.next_item(&fs.reader)? {
+            return Ok(out);
+        }
+    } else if !path.normalize(&fs.reader)? {
+        return Ok(out);
+    }
+    loop {
+        let Some((k, d)) = path.item()? else { break };
+        if k.objectid != objectid::EXTENT_CSUM
+            || k.item_type != item::EXTENT_CSUM
+            || k.offset >= end
+        {
+            break;
+        }
+        if d.len() % csize != 0 || k.offset % ss != 0 {
+            return Err(FsError::corrupt(format!(
+                "csum item {k}: size {} or offset unaligned",
+                d.len()
+            )));
+        }
+        let n_item = (d.len() / csize) as u64;
+        let item_end = k.offset + n_item * ss;
+        let lo = k.offset.max(start);
+        let hi = item_end.min(end);
+        let mut s = lo;
+        while s < hi {
+            let i_item = ((s - k.offset) / ss) as usize;
+            let i_out = ((s - start) / ss) as usize;
+            out[i_out] = Some(d[i_item * csize..(i_item + 1) * csize].to_vec());
+            s += ss;
+        }
+        if !path.next_item(&fs.reader)? {
+            break;
+        }
+    }
+    Ok(out)
+}

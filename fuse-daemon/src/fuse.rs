@@ -1,0 +1,685 @@
+//! The fuser::Filesystem adapter: maps requests to ubtrfs-fs calls and errors to errno.
+//! No filesystem logic lives here.
+//!
+//! Node identity (ARCHITECTURE.md "FUSE specifics"): a node is (root id, inode number). The
+//! mounted subvolume keeps its inode numbers (its root directory is FUSE node 1 and reports
+//! st_ino 256 as on a kernel mount); every other subvolume gets a slot and its inodes appear as
+//! `(slot << 48) | ino`, because a FUSE mount has one st_dev where the kernel gives each
+//! subvolume its own anonymous device. That is the one place where `stat` differs from a kernel
+//! mount: st_ino of files inside nested subvolumes and snapshots, and st_dev everywhere.
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use ubtrfs_ctree::Error as TreeError;
+use ubtrfs_extent_map::BtrfsInode;
+use ubtrfs_format::items::InodeItem;
+use ubtrfs_fs::dir_item::Target;
+use ubtrfs_fs::inode::{EMPTY_SUBVOL_DIR_OBJECTID, S_IFMT};
+use ubtrfs_fs::{FsError, FsInfo};
+
+const FUSE_ROOT_ID: u64 = 1;
+const SLOT_SHIFT: u32 = 48;
+/// Attribute and entry cache time: the mount is read-only, nothing changes under the kernel.
+const TTL: Duration = Duration::from_secs(3600);
+const READDIR_BATCH: usize = 256;
+
+/// Map an error to the errno the kernel would return, logging what deserves a log line.
+pub fn errno_of(e: &FsError) -> Errno {
+    match e {
+        FsError::NotFound => Errno::ENOENT,
+        FsError::NotDir => Errno::ENOTDIR,
+        FsError::IsDir => Errno::EISDIR,
+        FsError::NoXattr => Errno::NO_XATTR,
+        FsError::Invalid(_) => Errno::EINVAL,
+        FsError::ReadOnly => Errno::EROFS,
+        FsError::Overflow(_) => Errno::EOVERFLOW,
+        FsError::DataChecksum { .. } => Errno::EIO,
+        FsError::Decompress { source, .. } => {
+            if source.kernel_returns_euclean() {
+                Errno::from_i32(libc::EUCLEAN)
+            } else {
+                Errno::EIO
+            }
+        }
+        FsError::Tree(t) => match t {
+            TreeError::Io { .. } | TreeError::Checksum(_) => Errno::EIO,
+            TreeError::Corrupt(_) => Errno::from_i32(libc::EUCLEAN),
+            TreeError::Unsupported(_) => Errno::EOPNOTSUPP,
+            TreeError::NotFound(_) => Errno::ENOENT,
+            _ => Errno::EIO,
+        },
+        FsError::Mount(_) => Errno::EIO,
+        _ => Errno::EIO,
+    }
+}
+
+fn log_error(op: &str, e: &FsError) {
+    match e {
+        FsError::NotFound
+        | FsError::NoXattr
+        | FsError::NotDir
+        | FsError::IsDir
+        | FsError::ReadOnly => {}
+        other => tracing::error!("{op}: {other}"),
+    }
+}
+
+/// A node the kernel holds references to.
+struct Node {
+    root: u64,
+    ino: u64,
+    inode: InodeItem,
+    nlookup: u64,
+    em: Option<Arc<BtrfsInode>>,
+}
+
+pub struct UbtrfsFuse {
+    fs: Arc<FsInfo>,
+    /// root id -> slot (the mounted root has slot 0), and slot -> root id.
+    slots: RwLock<(HashMap<u64, u64>, Vec<u64>)>,
+    nodes: Mutex<HashMap<u64, Node>>,
+}
+
+fn time(t: &ubtrfs_format::items::Timespec) -> SystemTime {
+    let secs = t.sec as i64;
+    let nsec = t.nsec.min(999_999_999);
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+            + Duration::from_nanos(u64::from(nsec))
+    }
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & S_IFMT {
+        0o040000 => FileType::Directory,
+        0o120000 => FileType::Symlink,
+        0o020000 => FileType::CharDevice,
+        0o060000 => FileType::BlockDevice,
+        0o010000 => FileType::NamedPipe,
+        0o140000 => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+/// Kernel-internal dev_t (major << 20 | minor) as stored by btrfs, to the FUSE/new_encode_dev form.
+fn fuse_rdev(rdev: u64) -> u32 {
+    let major = ((rdev >> 20) & 0xfff) as u32;
+    let minor = (rdev & 0xfffff) as u32;
+    (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
+}
+
+impl UbtrfsFuse {
+    pub fn new(fs: Arc<FsInfo>) -> Self {
+        let mut map = HashMap::new();
+        map.insert(fs.mount_root, 0);
+        UbtrfsFuse {
+            slots: RwLock::new((map, vec![fs.mount_root])),
+            fs,
+            nodes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn mount_root_dir(&self) -> u64 {
+        self.fs
+            .root(self.fs.mount_root)
+            .map(|r| r.item.root_dirid)
+            .unwrap_or(256)
+    }
+
+    /// (root, ino) -> FUSE node id.
+    fn node_id(&self, root: u64, ino: u64) -> Result<u64, FsError> {
+        if ino >> SLOT_SHIFT != 0 {
+            return Err(FsError::Overflow(ino));
+        }
+        if root == self.fs.mount_root {
+            return Ok(if ino == self.mount_root_dir() {
+                FUSE_ROOT_ID
+            } else {
+                ino
+            });
+        }
+        if let Some(s) = self.slots.read().0.get(&root) {
+            return Ok((s << SLOT_SHIFT) | ino);
+        }
+        let mut w = self.slots.write();
+        let slot = match w.0.get(&root) {
+            Some(s) => *s,
+            None => {
+                let s = w.1.len() as u64;
+                if s >= 1 << (64 - SLOT_SHIFT) {
+                    return Err(FsError::Overflow(root));
+                }
+                w.0.insert(root, s);
+                w.1.push(root);
+                s
+            }
+        };
+        Ok((slot << SLOT_SHIFT) | ino)
+    }
+
+    /// FUSE node id -> (root, ino).
+    fn resolve(&self, node: u64) -> Result<(u64, u64), FsError> {
+        if node == FUSE_ROOT_ID {
+            return Ok((self.fs.mount_root, self.mount_root_dir()));
+        }
+        let slot = node >> SLOT_SHIFT;
+        let ino = node & ((1 << SLOT_SHIFT) - 1);
+        let root = *self
+            .slots
+            .read()
+            .1
+            .get(slot as usize)
+            .ok_or(FsError::NotFound)?;
+        Ok((root, ino))
+    }
+
+    fn attr(&self, node: u64, ii: &InodeItem) -> FileAttr {
+        let ss = u64::from(self.fs.sectorsize());
+        let st_ino = if node == FUSE_ROOT_ID {
+            self.mount_root_dir()
+        } else {
+            node
+        };
+        FileAttr {
+            ino: INodeNo(st_ino),
+            size: ii.size,
+            blocks: ii.nbytes.div_ceil(ss) * ss / 512,
+            atime: time(&ii.atime),
+            mtime: time(&ii.mtime),
+            ctime: time(&ii.ctime),
+            crtime: time(&ii.otime),
+            kind: file_type(ii.mode),
+            perm: (ii.mode & 0o7777) as u16,
+            nlink: ii.nlink,
+            uid: ii.uid,
+            gid: ii.gid,
+            rdev: fuse_rdev(ii.rdev),
+            blksize: ss as u32,
+            flags: 0,
+        }
+    }
+
+    /// The inode item of a node (cached while the kernel holds the node).
+    fn inode_of(&self, node: u64) -> Result<(u64, u64, InodeItem), FsError> {
+        if let Some(n) = self.nodes.lock().get(&node) {
+            return Ok((n.root, n.ino, n.inode));
+        }
+        let (root, ino) = self.resolve(node)?;
+        let ii = ubtrfs_fs::inode::read_inode(&self.fs, root, ino)?;
+        Ok((root, ino, ii))
+    }
+
+    /// Account one kernel lookup of (root, ino) and return its node id and attributes.
+    fn remember(&self, root: u64, ino: u64, ii: InodeItem) -> Result<u64, FsError> {
+        let node = self.node_id(root, ino)?;
+        let mut nodes = self.nodes.lock();
+        let n = nodes.entry(node).or_insert(Node {
+            root,
+            ino,
+            inode: ii,
+            nlookup: 0,
+            em: None,
+        });
+        n.nlookup += 1;
+        Ok(node)
+    }
+
+    fn target_inode(&self, t: Target) -> Result<(u64, u64, InodeItem), FsError> {
+        let (root, ino) = match t {
+            Target::Inode { root, ino } => (root, ino),
+            Target::EmptySubvolPlaceholder { root } => (root, EMPTY_SUBVOL_DIR_OBJECTID),
+        };
+        let ii = ubtrfs_fs::inode::read_inode(&self.fs, root, ino)?;
+        Ok((root, ino, ii))
+    }
+
+    fn do_lookup(&self, parent: u64, name: &[u8]) -> Result<(u64, InodeItem), FsError> {
+        let (root, dir, pii) = self.inode_of(parent)?;
+        if pii.mode & S_IFMT != ubtrfs_fs::inode::S_IFDIR {
+            return Err(FsError::NotDir);
+        }
+        let t = ubtrfs_fs::dir_item::lookup(&self.fs, root, dir, name)?;
+        let (r, i, ii) = self.target_inode(t)?;
+        let node = self.remember(r, i, ii)?;
+        Ok((node, ii))
+    }
+
+    fn extent_maps(&self, node: u64, root: u64, ino: u64) -> Arc<BtrfsInode> {
+        let mut nodes = self.nodes.lock();
+        if let Some(n) = nodes.get_mut(&node) {
+            return n
+                .em
+                .get_or_insert_with(|| self.fs.ems.inode(root, ino))
+                .clone();
+        }
+        drop(nodes);
+        self.fs.ems.inode(root, ino)
+    }
+
+    /// The `..` entry's inode: the parent from the INODE_REF (the mount root is its own parent).
+    fn parent_node(&self, node: u64, root: u64, ino: u64) -> u64 {
+        if node == FUSE_ROOT_ID {
+            return FUSE_ROOT_ID;
+        }
+        ubtrfs_fs::inode::inode_refs(&self.fs, root, ino)
+            .ok()
+            .and_then(|refs| refs.first().map(|r| r.0))
+            .and_then(|p| self.node_id(root, p).ok())
+            .unwrap_or(node)
+    }
+
+    fn entry_kind(&self, t: &Target, file_type: u8) -> FileType {
+        match t {
+            Target::EmptySubvolPlaceholder { .. } => FileType::Directory,
+            Target::Inode { .. } => match file_type {
+                2 => FileType::Directory,
+                3 => FileType::CharDevice,
+                4 => FileType::BlockDevice,
+                5 => FileType::NamedPipe,
+                6 => FileType::Socket,
+                7 => FileType::Symlink,
+                _ => FileType::RegularFile,
+            },
+        }
+    }
+}
+
+impl Filesystem for UbtrfsFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS;
+        let _ = config.add_capabilities(wanted & config.capabilities());
+        let _ = config.set_max_write(1 << 20);
+        if let Err(max) = config.set_max_readahead(1 << 20) {
+            let _ = config.set_max_readahead(max);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.do_lookup(parent.0, name.as_bytes()) {
+            Ok((node, ii)) => reply.entry(&TTL, &self.attr(node, &ii), Generation(ii.generation)),
+            Err(e) => {
+                log_error("lookup", &e);
+                reply.error(errno_of(&e))
+            }
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let mut nodes = self.nodes.lock();
+        if let Some(n) = nodes.get_mut(&ino.0) {
+            n.nlookup = n.nlookup.saturating_sub(nlookup);
+            if n.nlookup == 0 {
+                let n = nodes.remove(&ino.0).expect("present");
+                drop(nodes);
+                if n.em.is_some() {
+                    // Inode eviction drops its extent maps, as the kernel's evict does.
+                    self.fs.ems.evict_inode(n.root, n.ino);
+                }
+            }
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.inode_of(ino.0) {
+            Ok((_, _, ii)) => reply.attr(&TTL, &self.attr(ino.0, &ii)),
+            Err(e) => {
+                log_error("getattr", &e);
+                reply.error(errno_of(&e))
+            }
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let r = self.inode_of(ino.0).and_then(|(root, i, ii)| {
+            if ii.mode & S_IFMT != ubtrfs_fs::inode::S_IFLNK {
+                return Err(FsError::Invalid("not a symlink".into()));
+            }
+            ubtrfs_fs::file::readlink(&self.fs, root, i, &ii)
+        });
+        match r {
+            Ok(d) => reply.data(&d),
+            Err(e) => {
+                log_error("readlink", &e);
+                reply.error(errno_of(&e))
+            }
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        match self.inode_of(ino.0) {
+            Ok((_, _, ii)) if ii.mode & S_IFMT == ubtrfs_fs::inode::S_IFDIR => {
+                reply.error(Errno::EISDIR)
+            }
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let r = self.inode_of(ino.0).and_then(|(root, i, ii)| {
+            if ii.mode & S_IFMT == ubtrfs_fs::inode::S_IFDIR {
+                return Err(FsError::IsDir);
+            }
+            let em = self.extent_maps(ino.0, root, i);
+            ubtrfs_fs::file::read(&self.fs, root, i, &ii, &em, offset, size)
+        });
+        match r {
+            Ok(d) => reply.data(&d),
+            Err(e) => {
+                log_error("read", &e);
+                reply.error(errno_of(&e))
+            }
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.inode_of(ino.0) {
+            Ok((_, _, ii)) if ii.mode & S_IFMT != ubtrfs_fs::inode::S_IFDIR => {
+                reply.error(Errno::ENOTDIR)
+            }
+            Ok(_) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let (root, dir, _) = match self.inode_of(ino.0) {
+            Ok(x) => x,
+            Err(e) => return reply.error(errno_of(&e)),
+        };
+        // Cookies: "." is 0 -> 1, ".." is 1 -> 2, entries carry DIR_INDEX + 1 (kernel readdir).
+        if offset == 0 && reply.add(ino, 1, FileType::Directory, ".") {
+            return reply.ok();
+        }
+        if offset <= 1 {
+            let p = self.parent_node(ino.0, root, dir);
+            if reply.add(INodeNo(p), 2, FileType::Directory, "..") {
+                return reply.ok();
+            }
+        }
+        let mut next = offset.max(2);
+        loop {
+            let batch = match ubtrfs_fs::dir_item::readdir(&self.fs, root, dir, next, READDIR_BATCH)
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    log_error("readdir", &e);
+                    return reply.error(errno_of(&e));
+                }
+            };
+            if batch.is_empty() {
+                return reply.ok();
+            }
+            for d in &batch {
+                let (r, i) = match d.target {
+                    Target::Inode { root, ino } => (root, ino),
+                    Target::EmptySubvolPlaceholder { root } => (root, EMPTY_SUBVOL_DIR_OBJECTID),
+                };
+                let node = match self.node_id(r, i) {
+                    Ok(n) => n,
+                    Err(e) => return reply.error(errno_of(&e)),
+                };
+                let kind = self.entry_kind(&d.target, d.file_type);
+                if reply.add(INodeNo(node), d.index + 1, kind, OsStr::from_bytes(&d.name)) {
+                    return reply.ok();
+                }
+                next = d.index + 1;
+            }
+            if batch.len() < READDIR_BATCH {
+                return reply.ok();
+            }
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let (root, dir, dii) = match self.inode_of(ino.0) {
+            Ok(x) => x,
+            Err(e) => return reply.error(errno_of(&e)),
+        };
+        if offset == 0
+            && reply.add(
+                ino,
+                1,
+                ".",
+                &TTL,
+                &self.attr(ino.0, &dii),
+                Generation(dii.generation),
+            )
+        {
+            return reply.ok();
+        }
+        if offset <= 1 {
+            let p = self.parent_node(ino.0, root, dir);
+            let pattr = match self.inode_of(p) {
+                Ok((_, _, pii)) => self.attr(p, &pii),
+                Err(_) => self.attr(ino.0, &dii),
+            };
+            if reply.add(INodeNo(p), 2, "..", &TTL, &pattr, Generation(0)) {
+                return reply.ok();
+            }
+        }
+        let mut next = offset.max(2);
+        loop {
+            let batch = match ubtrfs_fs::dir_item::readdir(&self.fs, root, dir, next, READDIR_BATCH)
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    log_error("readdirplus", &e);
+                    return reply.error(errno_of(&e));
+                }
+            };
+            if batch.is_empty() {
+                return reply.ok();
+            }
+            for d in &batch {
+                let (r, i, ii) = match self.target_inode(d.target) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        log_error("readdirplus", &e);
+                        return reply.error(errno_of(&e));
+                    }
+                };
+                let node = match self.node_id(r, i) {
+                    Ok(n) => n,
+                    Err(e) => return reply.error(errno_of(&e)),
+                };
+                let attr = self.attr(node, &ii);
+                if reply.add(
+                    INodeNo(node),
+                    d.index + 1,
+                    OsStr::from_bytes(&d.name),
+                    &TTL,
+                    &attr,
+                    Generation(ii.generation),
+                ) {
+                    return reply.ok();
+                }
+                // The entry was sent: the kernel now holds a lookup reference to it.
+                if let Err(e) = self.remember(r, i, ii) {
+                    log_error("readdirplus", &e);
+                }
+                next = d.index + 1;
+            }
+            if batch.len() < READDIR_BATCH {
+                return reply.ok();
+            }
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Read-only: nothing is ever dirty.
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = self.fs.statfs();
+        reply.statfs(
+            s.blocks,
+            s.bfree,
+            s.bavail,
+            0,
+            0,
+            s.bsize as u32,
+            s.namelen,
+            s.bsize as u32,
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let r = self
+            .inode_of(ino.0)
+            .and_then(|(root, i, _)| ubtrfs_fs::xattr::get(&self.fs, root, i, name.as_bytes()));
+        match r {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => {
+                log_error("getxattr", &e);
+                reply.error(errno_of(&e))
+            }
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let r = self
+            .inode_of(ino.0)
+            .and_then(|(root, i, _)| ubtrfs_fs::xattr::list(&self.fs, root, i));
+        match r {
+            Ok(names) => {
+                let mut buf = Vec::new();
+                for n in names {
+                    buf.extend_from_slice(&n);
+                    buf.push(0);
+                }
+                if size == 0 {
+                    reply.size(buf.len() as u32)
+                } else if buf.len() > size as usize {
+                    reply.error(Errno::ERANGE)
+                } else {
+                    reply.data(&buf)
+                }
+            }
+            Err(e) => {
+                log_error("listxattr", &e);
+                reply.error(errno_of(&e))
+            }
+        }
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let ii = match self.inode_of(ino.0) {
+            Ok((_, _, ii)) => ii,
+            Err(e) => return reply.error(errno_of(&e)),
+        };
+        if mask.contains(AccessFlags::W_OK) {
+            return reply.error(Errno::EROFS);
+        }
+        let uid = req.uid();
+        if uid == 0 {
+            // Root may read anything; execute needs one x bit (or a directory).
+            if mask.contains(AccessFlags::X_OK)
+                && ii.mode & 0o111 == 0
+                && ii.mode & S_IFMT != ubtrfs_fs::inode::S_IFDIR
+            {
+                return reply.error(Errno::EACCES);
+            }
+            return reply.ok();
+        }
+        let shift = if uid == ii.uid {
+            6
+        } else if req.gid() == ii.gid {
+            3
+        } else {
+            0
+        };
+        let bits = (ii.mode >> shift) & 7;
+        let need = (if mask.contains(AccessFlags::R_OK) {
+            4
+        } else {
+            0
+        }) | (if mask.contains(AccessFlags::X_OK) {
+            1
+        } else {
+            0
+        });
+        if bits & need == need {
+            reply.ok()
+        } else {
+            reply.error(Errno::EACCES)
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Mount option parsing. The ordinary VFS options are accepted, btrfs's own are honoured where
+//! implemented, anything else is refused by name (ARCHITECTURE.md "FUSE specifics").
+
+use ubtrfs_extent_map::Policy;
+use ubtrfs_fs::MountOptions;
+
+/// Everything `-o` can say, split into what the filesystem needs and what FUSE needs.
+#[derive(Clone, Debug)]
+pub struct ParsedOptions {
+    pub fs: MountOptions,
+    /// Source shown in /proc/mounts (default: the image path).
+    pub fsname: Option<String>,
+    /// Subtype shown as `fuse.SUBTYPE` (default `ubtrfs`; empty for plain `fuse`).
+    pub subtype: String,
+    pub noatime: bool,
+    pub nodev: bool,
+    pub nosuid: bool,
+    pub noexec: bool,
+    pub sync: bool,
+    pub dirsync: bool,
+    pub allow_other: bool,
+    /// Whether `rw` was asked for explicitly (or implied by no `ro`).
+    pub rw_requested: bool,
+}
+
+/// VFS and mount(8) options that need nothing from us beyond acceptance.
+const ACCEPTED_NOOP: &[&str] = &[
+    "relatime",
+    "strictatime",
+    "lazytime",
+    "nolazytime",
+    "atime",
+    "diratime",
+    "nodiratime",
+    "dev",
+    "suid",
+    "exec",
+    "async",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "nofail",
+    "_netdev",
+    "defaults",
+    "default_permissions",
+    "norelatime",
+    "nostrictatime",
+    "loop",
+    "silent",
+    "loud",
+    "iversion",
+    "noiversion",
+    "mand",
+    "nomand",
+];
+
+/// btrfs options that do not change a read-only mount's behaviour (accepted as the kernel would).
+const BTRFS_NOOP: &[&str] = &[
+    "ssd",
+    "nossd",
+    "ssd_spread",
+    "nossd_spread",
+    "discard",
+    "nodiscard",
+    "space_cache",
+    "nospace_cache",
+    "autodefrag",
+    "noautodefrag",
+    "barrier",
+    "nobarrier",
+    "datasum",
+    "datacow",
+    "treelog",
+    "notreelog",
+    "flushoncommit",
+    "noflushoncommit",
+    "acl",
+    "noacl",
+    "enospc_debug",
+    "noenospc_debug",
+    "user_subvol_rm_allowed",
+    "skip_balance",
+    "norecovery",
+];
+
+const BTRFS_NOOP_PREFIX: &[&str] = &[
+    "space_cache=",
+    "discard=",
+    "compress=",
+    "compress-force=",
+    "thread_pool=",
+    "max_inline=",
+    "device=",
+    "fatal_errors=",
+    "check_int",
+    "metadata_ratio=",
+];
+
+pub fn parse(opts: &[String]) -> Result<ParsedOptions, String> {
+    let mut p = ParsedOptions {
+        fs: MountOptions::default(),
+        fsname: None,
+        subtype: "ubtrfs".into(),
+        noatime: false,
+        nodev: false,
+        nosuid: false,
+        noexec: false,
+        sync: false,
+        dirsync: false,
+        allow_other: true,
+        rw_requested: true,
+    };
+    for group in opts {
+        for o in group.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            let (name, value) = match o.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (o, None),
+            };
+            match (name, value) {
+                ("ro", None) => {
+                    p.fs.readonly = true;
+                    p.rw_requested = false;
+                }
+                ("rw", None) => p.rw_requested = true,
+                ("noatime", None) => p.noatime = true,
+                ("nodev", None) => p.nodev = true,
+                ("nosuid", None) => p.nosuid = true,
+                ("noexec", None) => p.noexec = true,
+                ("sync", None) => p.sync = true,
+                ("dirsync", None) => p.dirsync = true,
+                ("allow_other", None) => p.allow_other = true,
+                ("fsname", Some(v)) => p.fsname = Some(v.to_string()),
+                ("subtype", Some(v)) => p.subtype = v.to_string(),
+                ("nosubtype", None) => p.subtype.clear(),
+                ("subvolid", Some(v)) => {
+                    p.fs.subvolid = Some(v.parse().map_err(|_| format!("invalid subvolid={v}"))?)
+                }
+                ("subvol", Some(v)) => p.fs.subvol = Some(v.to_string()),
+                ("rescue", Some(v)) => {
+                    for r in v.split(':') {
+                        match r {
+                            "nologreplay" => p.fs.nologreplay = true,
+                            "usebackuproot" | "ignorebadroots" | "ignoredatacsums" | "all" => {
+                                return Err(format!("rescue={r} is not supported by ubtrfs"))
+                            }
+                            other => return Err(format!("unknown rescue option {other}")),
+                        }
+                    }
+                }
+                ("nologreplay", None) => p.fs.nologreplay = true,
+                ("shrinker", Some(v)) => {
+                    p.fs.policy = v.parse::<Policy>().map_err(|_| {
+                        format!(
+                        "invalid shrinker={v} (kernel, fixed-split, fixed-shrinker, fixed-both)"
+                    )
+                    })?
+                }
+                ("block_cache", Some(v)) => {
+                    p.fs.block_cache_bytes =
+                        parse_size(v).ok_or_else(|| format!("invalid block_cache={v}"))?
+                }
+                (n, None) if ACCEPTED_NOOP.contains(&n) || BTRFS_NOOP.contains(&n) => {}
+                (n, Some(_)) if n.starts_with("x-") || n == "context" || n.ends_with("context") => {
+                }
+                _ if BTRFS_NOOP_PREFIX.iter().any(|pre| o.starts_with(pre)) => {}
+                _ => return Err(format!("unknown mount option '{o}'")),
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// Parse sizes like 4096, 64K, 256M, 1G.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last()? {
+        'k' | 'K' => (&s[..s.len() - 1], 1u64 << 10),
+        'm' | 'M' => (&s[..s.len() - 1], 1 << 20),
+        'g' | 'G' => (&s[..s.len() - 1], 1 << 30),
+        't' | 'T' => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Test scenario: VFS options are accepted, btrfs's known ones honoured, unknown refused by name.
+    #[test]
+    fn accepts_and_refuses() {
+        let p = parse(&["ro,relatime,nodev,subvolid=256,fsname=/dev/loop0".into()]).unwrap();
+        assert!(p.fs.readonly && p.nodev);
+        assert_eq!(p.fs.subvolid, Some(256));
+        assert_eq!(p.fsname.as_deref(), Some("/dev/loop0"));
+        let e = parse(&["ro,frobnicate".into()]).unwrap_err();
+        assert!(e.contains("frobnicate"), "{e}");
+        assert!(parse(&["shrinker=fixed-both".into()]).is_ok());
+        assert!(parse(&["shrinker=nope".into()]).is_err());
+        assert_eq!(parse_size("64M"), Some(64 << 20));
+    }
+}
