@@ -108,6 +108,19 @@ pub struct FsInfo {
     /// Kept open for the lifetime of the mount: holds the image lock.
     _lock_file: Arc<Device>,
     pub(crate) extent_cache: crate::file::DecompressedCache,
+    space: SpaceInfo,
+    /// When the filesystem was opened: the times of the kernel's fake (placeholder) inodes.
+    pub mount_time: ubtrfs_format::items::Timespec,
+}
+
+fn now_timespec() -> ubtrfs_format::items::Timespec {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    ubtrfs_format::items::Timespec {
+        sec: d.as_secs(),
+        nsec: d.subsec_nanos(),
+    }
 }
 
 fn open_device(path: &Path, readonly: bool) -> Result<Device> {
@@ -297,6 +310,8 @@ impl FsInfo {
             roots: RwLock::new(HashMap::new()),
             _lock_file: dev,
             extent_cache: crate::file::DecompressedCache::default(),
+            space: SpaceInfo::default(),
+            mount_time: now_timespec(),
         };
         fs.csum_root = fs
             .read_root_item(objectid::CSUM_TREE)
@@ -308,6 +323,10 @@ impl FsInfo {
         fs.mount_root = fs
             .choose_mount_root()
             .map_err(|e| FsError::Mount(format!("choosing the subvolume: {e}")))?;
+        match fs.load_space() {
+            Ok(sp) => fs.space = sp,
+            Err(e) => tracing::warn!("{}: reading block groups for statfs: {e}", path.display()),
+        }
         if fs.sb.log_root != 0 {
             tracing::warn!(
                 "{}: the filesystem has a log tree (fsync'd data since generation {}) that ubtrfs \
@@ -415,25 +434,84 @@ impl FsInfo {
         self.sb.sectorsize
     }
 
-    /// statfs figures as the kernel computes them roughly: total and used from the superblock,
-    /// free from unallocated device space plus free space inside data block groups.
+    /// statfs figures as `btrfs_statfs` computes them: blocks from the device size, free from
+    /// the bytes used by every block group weighted by its profile's copies, available from the
+    /// free space of data block groups plus unallocated device space. The global block reserve,
+    /// which the kernel also subtracts from f_bfree, is not modelled (a few MiB on small
+    /// filesystems).
     pub fn statfs(&self) -> StatFs {
         let bsize = u64::from(self.sb.sectorsize);
-        let total = self.sb.total_bytes;
-        let used = self.sb.bytes_used;
-        let free = total.saturating_sub(used);
+        let s = &self.space;
+        let factor = s.data_factor.max(1);
+        let blocks = self.sb.total_bytes / factor / bsize;
+        let used_blocks = s.total_used_disk / factor / bsize;
+        let avail = (s.data_free + s.unallocated / factor) / bsize;
         StatFs {
             bsize,
-            blocks: total / bsize,
-            bfree: free / bsize,
-            bavail: free / bsize,
+            blocks,
+            bfree: blocks.saturating_sub(used_blocks),
+            bavail: avail,
             namelen: 255,
         }
+    }
+
+    /// Block-group space figures for statfs (read once at mount; the mount is read-only).
+    fn load_space(&self) -> Result<SpaceInfo> {
+        use ubtrfs_format::items::{bg_flags, BlockGroupItem};
+        let bg_root = if self.sb.compat_ro_flags & compat_ro::BLOCK_GROUP_TREE != 0 {
+            self.read_root_item(objectid::BLOCK_GROUP_TREE)?
+                .map(|(p, _)| p)
+        } else {
+            self.read_root_item(objectid::EXTENT_TREE)?.map(|(p, _)| p)
+        };
+        let Some(bg_root) = bg_root else {
+            return Ok(SpaceInfo::default());
+        };
+        let mut sp = SpaceInfo::default();
+        let chunks: Vec<_> = self.reader.chunks().iter().cloned().collect();
+        let mut allocated = 0u64;
+        for c in &chunks {
+            let copies = |flags: u64| -> u64 {
+                match flags & bg_flags::PROFILE_MASK {
+                    bg_flags::DUP | bg_flags::RAID1 | bg_flags::RAID10 => 2,
+                    bg_flags::RAID1C3 => 3,
+                    bg_flags::RAID1C4 => 4,
+                    _ => 1,
+                }
+            };
+            allocated =
+                allocated.saturating_add(c.item.length.saturating_mul(copies(c.item.chunk_type)));
+            let key = Key::new(c.logical, item::BLOCK_GROUP_ITEM, c.item.length);
+            let Some(data) = lookup_item(&self.reader, &bg_root, &key)? else {
+                continue;
+            };
+            let bg = BlockGroupItem::parse(&data)
+                .map_err(|e| FsError::corrupt(format!("block group {key}: {e}")))?;
+            let f = copies(bg.flags);
+            sp.total_used_disk = sp.total_used_disk.saturating_add(bg.used.saturating_mul(f));
+            if bg.flags & bg_flags::DATA != 0 {
+                sp.data_factor = f;
+                sp.data_free = sp
+                    .data_free
+                    .saturating_add(c.item.length.saturating_sub(bg.used));
+            }
+        }
+        sp.unallocated = self.sb.dev_item.total_bytes.saturating_sub(allocated);
+        Ok(sp)
     }
 
     pub fn note_bytes_read(&self, n: u64) {
         self.counters.bytes_read.fetch_add(n, Ordering::Relaxed);
     }
+}
+
+/// Space figures of the block groups.
+#[derive(Clone, Copy, Debug, Default)]
+struct SpaceInfo {
+    total_used_disk: u64,
+    data_free: u64,
+    data_factor: u64,
+    unallocated: u64,
 }
 
 #[derive(Clone, Copy, Debug)]

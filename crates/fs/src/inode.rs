@@ -18,7 +18,7 @@ pub const S_IFLNK: u32 = 0o120000;
 /// Read the INODE_ITEM of `ino` in subvolume `root`.
 pub fn read_inode(fs: &FsInfo, root: u64, ino: u64) -> Result<InodeItem> {
     if ino == EMPTY_SUBVOL_DIR_OBJECTID {
-        return Ok(empty_subvol_dir(fs, root));
+        return Ok(empty_subvol_dir(fs));
     }
     let r = fs.root(root)?;
     let data = lookup_item(&fs.reader, &r.ptr, &Key::new(ino, item::INODE_ITEM, 0))?
@@ -29,11 +29,9 @@ pub fn read_inode(fs: &FsInfo, root: u64, ino: u64) -> Result<InodeItem> {
 }
 
 /// The kernel's `new_fake_inode`: an empty, read-only-looking directory.
-fn empty_subvol_dir(fs: &FsInfo, root: u64) -> InodeItem {
-    let t = fs
-        .root(root)
-        .map(|r| r.item.inode.ctime)
-        .unwrap_or_default();
+/// Its times are the mount time (the kernel uses the time the inode is made).
+fn empty_subvol_dir(fs: &FsInfo) -> InodeItem {
+    let t = fs.mount_time;
     InodeItem {
         generation: 0,
         nlink: 1,
