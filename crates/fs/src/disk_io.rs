@@ -323,6 +323,14 @@ impl FsInfo {
         fs.mount_root = fs
             .choose_mount_root()
             .map_err(|e| FsError::Mount(format!("choosing the subvolume: {e}")))?;
+        // btrfs_fill_super reads the root directory inode: a mount whose root cannot be read fails.
+        let root_dir = fs.root(fs.mount_root).map(|r| r.item.root_dirid)?;
+        crate::inode::read_inode(&fs, fs.mount_root, root_dir).map_err(|e| {
+            FsError::Mount(format!(
+                "reading the root directory of subvolume {}: {e}",
+                fs.mount_root
+            ))
+        })?;
         match fs.load_space() {
             Ok(sp) => fs.space = sp,
             Err(e) => tracing::warn!("{}: reading block groups for statfs: {e}", path.display()),
