@@ -193,6 +193,60 @@ fn spawn_daemon(image: &Path, mountpoint: &Path, opts: &[String]) -> Result<(), 
     Err(format!("mount failed (daemon exited with {status})"))
 }
 
+/// Mount the FUSE filesystem ourselves so that /proc/mounts shows `fuse.SUBTYPE` with the image
+/// as source (fuser's own mount path always says plain `fuse`). Returns the /dev/fuse descriptor
+/// the session serves. Needs CAP_SYS_ADMIN; callers fall back to fuser's mount otherwise.
+fn kernel_mount(
+    fsname: &str,
+    mountpoint: &Path,
+    p: &options::ParsedOptions,
+    readonly: bool,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use nix::mount::{mount, MsFlags};
+    use std::os::fd::AsRawFd;
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
+    let mut flags = MsFlags::empty();
+    for (on, f) in [
+        (readonly, MsFlags::MS_RDONLY),
+        (p.nodev, MsFlags::MS_NODEV),
+        (p.nosuid, MsFlags::MS_NOSUID),
+        (p.noexec, MsFlags::MS_NOEXEC),
+        (p.noatime, MsFlags::MS_NOATIME),
+        (p.sync, MsFlags::MS_SYNCHRONOUS),
+        (p.dirsync, MsFlags::MS_DIRSYNC),
+    ] {
+        if on {
+            flags |= f;
+        }
+    }
+    let mut data = format!(
+        "fd={},rootmode=40000,user_id={},group_id={},default_permissions",
+        dev.as_raw_fd(),
+        nix::unistd::getuid(),
+        nix::unistd::getgid()
+    );
+    if p.allow_other {
+        data.push_str(",allow_other");
+    }
+    let fstype = if p.subtype.is_empty() {
+        "fuse".to_string()
+    } else {
+        format!("fuse.{}", p.subtype)
+    };
+    mount(
+        Some(fsname),
+        mountpoint,
+        Some(fstype.as_str()),
+        flags,
+        Some(data.as_str()),
+    )
+    .map_err(std::io::Error::from)?;
+    Ok(dev.into())
+}
+
 fn serve(
     fs: Arc<ubtrfs_fs::FsInfo>,
     image: &Path,
@@ -207,16 +261,19 @@ fn serve(
             .display()
             .to_string()
     });
-    cfg.mount_options.push(M::FSName(fsname));
+    cfg.mount_options.push(M::FSName(fsname.clone()));
     if !p.subtype.is_empty() {
         cfg.mount_options.push(M::Subtype(p.subtype.clone()));
     }
     cfg.mount_options.push(M::RO);
     cfg.mount_options.push(M::DefaultPermissions);
+    // fuser defaults to nodev,nosuid; a kernel mount defaults to dev,suid.
+    cfg.mount_options
+        .push(if p.nodev { M::NoDev } else { M::Dev });
+    cfg.mount_options
+        .push(if p.nosuid { M::NoSuid } else { M::Suid });
     for (flag, opt) in [
         (p.noatime, M::NoAtime),
-        (p.nodev, M::NoDev),
-        (p.nosuid, M::NoSuid),
         (p.noexec, M::NoExec),
         (p.sync, M::Sync),
         (p.dirsync, M::DirSync),
@@ -235,8 +292,15 @@ fn serve(
         * 2;
     cfg.n_threads = Some(threads);
     cfg.clone_fd = true;
-    let session = fuser::Session::new(fuse::UbtrfsFuse::new(fs.clone()), mountpoint, &cfg)
-        .map_err(|e| format!("mounting on {}: {e}", mountpoint.display()))?;
+    let fuse_fs = fuse::UbtrfsFuse::new(fs.clone());
+    let session = match kernel_mount(&fsname, mountpoint, p, true) {
+        Ok(fd) => fuser::Session::from_fd(fuse_fs, fd, cfg.acl, cfg),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            fuser::Session::new(fuse_fs, mountpoint, &cfg)
+        }
+        Err(e) => Err(e),
+    }
+    .map_err(|e| format!("mounting on {}: {e}", mountpoint.display()))?;
     if std::env::var_os(READY_ENV).is_some() {
         let mut out = std::io::stdout();
         let _ = writeln!(out, "ready");
