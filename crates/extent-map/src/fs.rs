@@ -259,6 +259,11 @@ impl FsExtentMaps {
         self.core.spare_alloc_failures.store(n, Ordering::Relaxed);
     }
 
+    /// Injected spare-allocation failures not consumed yet.
+    pub fn pending_spare_alloc_failures(&self) -> u32 {
+        self.core.spare_alloc_failures.load(Ordering::Relaxed)
+    }
+
     /// Installs (or removes) the scheduling hook ([`crate::sched`]).
     #[cfg(feature = "sched-points")]
     pub fn set_sched_hook(&self, hook: Option<SchedHook>) {
