@@ -415,6 +415,13 @@ impl Problems {
         self.sections.is_empty()
     }
 
+    /// Take over another collection's problems, prefixing their titles.
+    pub fn merge(&mut self, prefix: &str, other: Problems) {
+        for (title, lines) in other.sections {
+            self.sections.push((format!("{prefix}: {title}"), lines));
+        }
+    }
+
     /// Panic listing every problem (at most 200 lines per section).
     pub fn check(self, what: &str) {
         if self.sections.is_empty() {
@@ -441,4 +448,22 @@ pub fn seed_of(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     })
+}
+
+/// True for a line written by the daemon's logger (tracing: optional timestamp, then the level).
+pub fn is_log_line(line: &str) -> bool {
+    const LEVELS: [&str; 5] = ["ERROR", "WARN", "INFO", "DEBUG", "TRACE"];
+    let mut w = line.split_whitespace();
+    let first = w.next().unwrap_or("");
+    let second = w.next().unwrap_or("");
+    LEVELS.contains(&first) || LEVELS.contains(&second)
+}
+
+/// The non-empty lines of a daemon's stderr that are not log lines: the error message(s) a
+/// user reads when a mount fails. A clean refusal has exactly one.
+pub fn message_lines(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !is_log_line(l))
+        .collect()
 }
