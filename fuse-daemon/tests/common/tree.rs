@@ -17,7 +17,7 @@ pub struct Rng(u64);
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x5eed_0f_b7_7f5)
+        Rng(seed ^ 0x005e_ed0f_b77f)
     }
 
     pub fn next_u64(&mut self) -> u64 {
