@@ -43,8 +43,6 @@ use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use crate::em::{flags, EmError, ExtentMap, EXTENT_MAP_INLINE, EXTENT_MAP_LAST_BYTE};
 use crate::fs::FsCore;
-#[cfg(feature = "sched-points")]
-use crate::sched::SchedPoint;
 use crate::stats::{Counters, Invariant};
 use crate::treap::{self, Link};
 
@@ -71,7 +69,7 @@ pub struct EmNode {
 }
 
 impl EmNode {
-    fn new(prio: u32) -> Arc<Self> {
+    pub(crate) fn new(prio: u32) -> Arc<Self> {
         Arc::new(EmNode {
             prio,
             refs: AtomicU32::new(1),

@@ -259,3 +259,78 @@ pub(crate) fn check(t: &Link) -> bool {
     }
     rec(t, None, None, u32::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::extent_map::EmNode;
+    use crate::ExtentMap;
+
+    fn slot(key: u64, prio: u32) -> Slot {
+        Slot {
+            em: ExtentMap::regular(key, 1, key, 1),
+            node: EmNode::new(prio),
+        }
+    }
+
+    fn keys(t: &Link) -> Vec<u64> {
+        Iter::new(t, 0).map(|s| s.em.start).collect()
+    }
+
+    #[test]
+    fn persistent_treap_ops() {
+        // Test scenario: 5000 inserts in pseudo-random order, removal of every third key, the
+        // neighbour searches, and an old version left untouched by later changes.
+        let mut x = 12345u64;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut t: Link = None;
+        let mut want = std::collections::BTreeSet::new();
+        for _ in 0..5000 {
+            let k = rnd() % 100_000 * 2;
+            if want.insert(k) {
+                insert(&mut t, slot(k, rnd() as u32));
+            }
+        }
+        assert!(check(&t));
+        assert!(depth(&t) < 64, "depth {}", depth(&t));
+        let old = t.clone();
+        let old_keys = keys(&old);
+        let all: Vec<u64> = want.iter().copied().collect();
+        for k in all.iter().step_by(3) {
+            assert!(remove(&mut t, *k).is_some());
+            want.remove(k);
+        }
+        assert!(check(&t));
+        assert_eq!(keys(&t), want.iter().copied().collect::<Vec<_>>());
+        assert_eq!(keys(&old), old_keys, "old version unchanged");
+        for probe in [0u64, 1, 777, 150_001, 199_998, 250_000] {
+            assert_eq!(
+                floor(&t, probe).map(|s| s.em.start),
+                want.range(..=probe).next_back().copied()
+            );
+            assert_eq!(
+                next_after(&t, probe).map(|s| s.em.start),
+                want.range(probe + 1..).next().copied()
+            );
+            assert_eq!(
+                prev_before(&t, probe).map(|s| s.em.start),
+                want.range(..probe).next_back().copied()
+            );
+            assert_eq!(
+                Iter::new(&t, probe).next().map(|s| s.em.start),
+                want.range(probe..).next().copied()
+            );
+        }
+        assert_eq!(first(&t).map(|s| s.em.start), want.first().copied());
+        let k = *want.iter().nth(10).unwrap();
+        get_mut(&mut t, k).unwrap().em.generation = 99;
+        assert_eq!(get(&t, k).unwrap().em.generation, 99);
+        assert_eq!(get(&old, k).unwrap().em.generation, 1);
+        assert!(remove(&mut t, 1).is_none());
+    }
+}

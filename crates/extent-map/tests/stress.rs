@@ -51,7 +51,7 @@ impl Rng {
 
 /// Checks a map against the writers' layout. Returns a description of the problem.
 fn check_map(m: &ExtentMap) -> Option<String> {
-    if m.len == 0 || m.start % K != 0 || m.len % K != 0 {
+    if m.len == 0 || m.start & (K - 1) != 0 || m.len & (K - 1) != 0 {
         return Some(format!("misaligned {m:?}"));
     }
     if m.disk_bytenr == EXTENT_MAP_HOLE {
@@ -61,7 +61,7 @@ fn check_map(m: &ExtentMap) -> Option<String> {
         return Some(format!("unexpected special map {m:?}"));
     }
     let delta = m.block_start().wrapping_sub(m.start);
-    if delta % BASE != 0 || delta == 0 {
+    if delta & (BASE - 1) != 0 || delta == 0 {
         return Some(format!("map {m:?} does not follow the layout"));
     }
     None
@@ -247,6 +247,8 @@ fn shrinker(sh: &Shared, seed: u64) {
     }
 }
 
+type Worker = fn(&Shared, u64);
+
 fn run(policy: Policy, secs: f64) -> Stats {
     let fs = FsExtentMaps::new(policy);
     fs.set_generation(1);
@@ -258,7 +260,7 @@ fn run(policy: Policy, secs: f64) -> Stats {
         logged_passes: AtomicU64::new(0),
         transid: AtomicU64::new(2),
     });
-    let workers: [(&str, fn(&Shared, u64)); 7] = [
+    let workers: [(&str, Worker); 7] = [
         ("reader", reader),
         ("reader", reader),
         ("locked_writer", locked_writer),
