@@ -1,8 +1,10 @@
 //! Devices and the logical-to-physical chunk map (the read side of the kernel's volumes.c).
 //!
 //! Invariants of [`ChunkMap`]: chunks never overlap in logical space; every chunk has at least
-//! one stripe, a power-of-two stripe length, and a stripe count that fits its profile.
-//! Violations are refused when the chunk is added, so mapping never meets them.
+//! one stripe, a power-of-two stripe length, and a stripe count that fits its profile; no
+//! stripe's physical range (offset + chunk length, an upper bound for every profile) wraps past
+//! the end of the u64 space. Violations are refused when the chunk is added, so mapping never
+//! meets them and its arithmetic cannot overflow.
 
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
@@ -132,9 +134,19 @@ impl ChunkMap {
         if !ok {
             return bad(format!("{n} stripes do not fit profile {profile:#x}"));
         }
+        if let Some(s) = item
+            .stripes
+            .iter()
+            .find(|s| s.offset.checked_add(item.length).is_none())
+        {
+            return bad(format!(
+                "stripe on device {} at physical {} overflows with length {}",
+                s.devid, s.offset, item.length
+            ));
+        }
         let end = logical
             .checked_add(item.length)
-            .ok_or_else(|| Error::corrupt("chunk end overflows"))?;
+            .ok_or_else(|| Error::corrupt(format!("chunk at logical {logical}: end overflows")))?;
         if let Some(existing) = self.chunks.get(&logical) {
             if existing.item == item {
                 return Ok(());
@@ -322,5 +334,31 @@ mod tests {
             )
             .is_err());
         assert!(m.insert(4 << 30, chunk(0, &[(1, 0)], 0), 4096).is_err());
+    }
+
+    // Test scenario: a stripe whose physical offset plus the chunk length passes u64::MAX (a
+    // fuzzed sys_chunk_array) is refused at insert, so mapping any address in it cannot
+    // overflow.
+    #[test]
+    fn stripe_offset_overflow_is_refused() {
+        let mut m = ChunkMap::new();
+        let e = m
+            .insert(
+                1 << 30,
+                chunk(bg_flags::SYSTEM, &[(1, u64::MAX - 4095)], 0),
+                4096,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("overflows"), "{e}");
+        assert!(m.is_empty());
+        // The largest offset that still fits is accepted and maps without overflow.
+        m.insert(
+            1 << 30,
+            chunk(bg_flags::SYSTEM, &[(1, u64::MAX - (1 << 30))], 0),
+            4096,
+        )
+        .unwrap();
+        let p = m.map((2 << 30) - 4096, 4096).unwrap();
+        assert_eq!(p[0].mirrors, vec![(1, u64::MAX - 4096)]);
     }
 }
