@@ -118,6 +118,9 @@ pub struct BlockReader {
     pub max_generation: u64,
     cache: Mutex<BlockCache>,
     cache_budget: u64,
+    /// Blocks created or changed by the running transaction, not yet written. Looked up before
+    /// the device: they are ours and were validated when built.
+    dirty: RwLock<HashMap<u64, Arc<TreeBlock>>>,
     hits: AtomicU64,
     misses: AtomicU64,
     csum_errors: AtomicU64,
@@ -126,21 +129,44 @@ pub struct BlockReader {
 
 impl BlockReader {
     pub fn new(devices: Vec<Arc<Device>>, sb: &SuperBlock, cache_budget: u64) -> Result<Self> {
-        Ok(BlockReader {
+        let csum_type = sb.csum_type().map_err(|e| Error::format("superblock", e))?;
+        Ok(Self::with_geometry(
+            devices,
+            sb.nodesize,
+            sb.sectorsize,
+            csum_type,
+            sb.metadata_fsid(),
+            sb.generation.saturating_add(1),
+            cache_budget,
+        ))
+    }
+
+    /// A reader for the given geometry (tools and tests that build filesystems).
+    pub fn with_geometry(
+        devices: Vec<Arc<Device>>,
+        nodesize: u32,
+        sectorsize: u32,
+        csum_type: CsumType,
+        metadata_fsid: [u8; 16],
+        max_generation: u64,
+        cache_budget: u64,
+    ) -> Self {
+        BlockReader {
             devices: devices.into_iter().map(|d| (d.devid, d)).collect(),
             chunks: RwLock::new(ChunkMap::new()),
-            nodesize: sb.nodesize,
-            sectorsize: sb.sectorsize,
-            csum_type: sb.csum_type().map_err(|e| Error::format("superblock", e))?,
-            metadata_fsid: sb.metadata_fsid(),
-            max_generation: sb.generation.saturating_add(1),
+            nodesize,
+            sectorsize,
+            csum_type,
+            metadata_fsid,
+            max_generation,
             cache: Mutex::new(BlockCache::default()),
             cache_budget,
+            dirty: RwLock::new(HashMap::new()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             csum_errors: AtomicU64::new(0),
             bad_copies: AtomicU64::new(0),
-        })
+        }
     }
 
     pub fn chunks(&self) -> parking_lot::RwLockReadGuard<'_, ChunkMap> {
@@ -204,13 +230,18 @@ impl BlockReader {
     /// Read and verify one tree block. Each mirror is tried in turn; the first that passes every
     /// check is cached and returned.
     pub fn read_tree_block(&self, bytenr: u64, expect: BlockExpect) -> Result<Arc<TreeBlock>> {
+        if let Some(b) = self.dirty.read().get(&bytenr) {
+            let b = b.clone();
+            self.check_expect(&b, bytenr, &expect)?;
+            return Ok(b);
+        }
         if let Some(b) = self.cache_get(bytenr) {
             // A cached block was verified on read; re-check what the new parent expects.
             self.check_expect(&b, bytenr, &expect)?;
             return Ok(b);
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        if bytenr == 0 || bytenr % u64::from(self.sectorsize) != 0 {
+        if bytenr == 0 || !bytenr.is_multiple_of(u64::from(self.sectorsize)) {
             return Err(Error::corrupt(format!(
                 "tree block bytenr {bytenr} is not sector aligned"
             )));
@@ -350,6 +381,79 @@ impl BlockReader {
                 c.bytes -= e.block.data.len() as u64;
             }
         }
+    }
+
+    /// A dirty block of the running transaction, if `bytenr` is one.
+    pub fn dirty_get(&self, bytenr: u64) -> Option<Arc<TreeBlock>> {
+        self.dirty.read().get(&bytenr).cloned()
+    }
+
+    /// Publish a new version of a dirty block.
+    pub fn dirty_put(&self, block: Arc<TreeBlock>) {
+        let bytenr = block.header.bytenr;
+        self.cache_forget(bytenr);
+        self.dirty.write().insert(bytenr, block);
+    }
+
+    /// Change a dirty block in place (cloning it only if a reader still holds this version).
+    pub fn dirty_modify<R>(&self, bytenr: u64, f: impl FnOnce(&mut TreeBlock) -> R) -> Option<R> {
+        let mut d = self.dirty.write();
+        let arc = d.get_mut(&bytenr)?;
+        Some(f(Arc::make_mut(arc)))
+    }
+
+    /// Forget a dirty block that was freed before being written.
+    pub fn dirty_remove(&self, bytenr: u64) -> Option<Arc<TreeBlock>> {
+        self.dirty.write().remove(&bytenr)
+    }
+
+    /// Number of dirty blocks.
+    pub fn dirty_count(&self) -> usize {
+        self.dirty.read().len()
+    }
+
+    /// Take every dirty block for write-out, moving them into the clean cache.
+    pub fn take_dirty(&self) -> Vec<Arc<TreeBlock>> {
+        let blocks: Vec<_> = self.dirty.write().drain().map(|(_, b)| b).collect();
+        for b in &blocks {
+            self.cache_put(b.header.bytenr, b.clone());
+        }
+        blocks
+    }
+
+    /// Write `buf` at `logical` to every copy (every stripe of mirrored profiles).
+    pub fn write_logical(&self, logical: u64, buf: &[u8]) -> Result<()> {
+        let pieces = self.chunks.read().map(logical, buf.len() as u64)?;
+        let mut done = 0usize;
+        for p in pieces {
+            let n = p.len as usize;
+            for &(devid, phys) in &p.mirrors {
+                let dev = self.devices.get(&devid).ok_or_else(|| {
+                    Error::Unsupported(format!(
+                        "device {devid} holding logical {} is missing",
+                        p.logical
+                    ))
+                })?;
+                dev.write_all_at(&buf[done..done + n], phys)?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Flush every device (the barrier between data/metadata and the superblock).
+    pub fn flush_devices(&self) -> Result<()> {
+        for d in self.devices.values() {
+            d.file
+                .sync_all()
+                .map_err(|e| Error::io(format!("flushing {}", d.path.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// All devices.
+    pub fn devices(&self) -> impl Iterator<Item = &Arc<Device>> {
+        self.devices.values()
     }
 
     /// Drop a block from the cache (its address was freed or rewritten).

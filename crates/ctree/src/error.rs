@@ -22,6 +22,9 @@ pub enum Error {
     /// A feature or profile ubtrfs does not handle.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// An item with this key already exists.
+    #[error("already exists: {0}")]
+    Exists(String),
     /// A requested item does not exist.
     #[error("not found: {0}")]
     NotFound(String),

@@ -35,10 +35,8 @@ pub fn check_block(b: &TreeBlock, sectorsize: u32, max_generation: u64) -> Resul
 fn check_item(key: &Key, data: &[u8], sectorsize: u32) -> Result<(), String> {
     let ss = u64::from(sectorsize);
     match key.item_type {
-        item::INODE_ITEM => {
-            if data.len() != InodeItem::SIZE {
-                return Err(format!("inode item size {}", data.len()));
-            }
+        item::INODE_ITEM if data.len() != InodeItem::SIZE => {
+            return Err(format!("inode item size {}", data.len()));
         }
         item::ROOT_ITEM => {
             if data.len() != RootItem::SIZE && data.len() != RootItem::SIZE_V1 {
@@ -83,7 +81,7 @@ fn check_item(key: &Key, data: &[u8], sectorsize: u32) -> Result<(), String> {
             InodeExtref::parse_all(data).map_err(|e| e.to_string())?;
         }
         item::EXTENT_DATA => {
-            if key.offset % ss != 0 {
+            if !key.offset.is_multiple_of(ss) {
                 return Err("unaligned file offset".into());
             }
             let fe = FileExtentItem::parse(data).map_err(|e| e.to_string())?;
@@ -129,10 +127,8 @@ fn check_item(key: &Key, data: &[u8], sectorsize: u32) -> Result<(), String> {
                 }
             }
         }
-        item::BLOCK_GROUP_ITEM => {
-            if data.len() != ubtrfs_format::items::BlockGroupItem::SIZE {
-                return Err(format!("block group item size {}", data.len()));
-            }
+        item::BLOCK_GROUP_ITEM if data.len() != ubtrfs_format::items::BlockGroupItem::SIZE => {
+            return Err(format!("block group item size {}", data.len()));
         }
         item::CHUNK_ITEM => {
             ubtrfs_format::items::ChunkItem::parse(data).map_err(|e| e.to_string())?;

@@ -94,10 +94,10 @@ impl ChunkMap {
     /// a no-op (the sys_chunk_array chunks appear again in the chunk tree).
     pub fn insert(&mut self, logical: u64, item: ChunkItem, sectorsize: u32) -> Result<()> {
         let bad = |why: String| Err(Error::corrupt(format!("chunk at logical {logical}: {why}")));
-        if item.length == 0 || item.length % u64::from(sectorsize) != 0 {
+        if item.length == 0 || !item.length.is_multiple_of(u64::from(sectorsize)) {
             return bad(format!("invalid length {}", item.length));
         }
-        if logical % u64::from(sectorsize) != 0 {
+        if !logical.is_multiple_of(u64::from(sectorsize)) {
             return bad("unaligned logical start".into());
         }
         if !item.stripe_len.is_power_of_two()
