@@ -37,8 +37,7 @@ pub fn lookup_csums(fs: &FsInfo, start: u64, nr: usize) -> Result<Vec<Option<Vec
     } else if !path.normalize(&fs.reader)? {
         return Ok(out);
     }
-    loop {
-        let Some((k, d)) = path.item()? else { break };
+    while let Some((k, d)) = path.item()? {
         if k.objectid != objectid::EXTENT_CSUM
             || k.item_type != item::EXTENT_CSUM
             || k.offset >= end
