@@ -5,6 +5,7 @@
 //! [`ctree`] (search paths and item iteration), [`tree_checker`] (per-block validation).
 #![forbid(unsafe_code)]
 
+pub mod block_group;
 pub mod cow;
 pub mod ctree;
 pub mod disk_io;
