@@ -12,6 +12,7 @@
 pub mod bytes;
 pub mod csum;
 pub mod error;
+pub mod extent_items;
 pub mod items;
 pub mod key;
 pub mod super_block;

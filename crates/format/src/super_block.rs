@@ -1,6 +1,6 @@
 //! The superblock (`struct btrfs_super_block`, 4096 bytes) and its feature flags.
 
-use crate::bytes::{array_at, slice, u16_at, u32_at, u64_at, u8_at};
+use crate::bytes::{array_at, put_u16, put_u32, put_u64, slice, u16_at, u32_at, u64_at, u8_at};
 use crate::csum::{CsumType, CSUM_FIELD_SIZE};
 use crate::error::{CorruptKind, Result};
 use crate::items::DevItem;
@@ -161,6 +161,40 @@ impl RootBackup {
             dev_root_level: l(4)?,
             csum_root_level: l(5)?,
         })
+    }
+
+    /// Write the 168 on-disk bytes at `o` (the unused tail is zeroed).
+    pub fn encode(&self, b: &mut [u8], o: usize) {
+        let q = [
+            self.tree_root,
+            self.tree_root_gen,
+            self.chunk_root,
+            self.chunk_root_gen,
+            self.extent_root,
+            self.extent_root_gen,
+            self.fs_root,
+            self.fs_root_gen,
+            self.dev_root,
+            self.dev_root_gen,
+            self.csum_root,
+            self.csum_root_gen,
+            self.total_bytes,
+            self.bytes_used,
+            self.num_devices,
+        ];
+        b[o..o + Self::SIZE].fill(0);
+        for (i, v) in q.iter().enumerate() {
+            put_u64(b, o + i * 8, *v);
+        }
+        let levels = [
+            self.tree_root_level,
+            self.chunk_root_level,
+            self.extent_root_level,
+            self.fs_root_level,
+            self.dev_root_level,
+            self.csum_root_level,
+        ];
+        b[o + 152..o + 158].copy_from_slice(&levels);
     }
 }
 
@@ -363,6 +397,135 @@ impl SuperBlock {
         Ok(out)
     }
 
+    /// A superblock with every field zero (and a zeroed `raw`), for writers that fill it in
+    /// field by field (mkfs).
+    pub fn blank() -> Self {
+        SuperBlock {
+            csum: [0; CSUM_FIELD_SIZE],
+            fsid: [0; 16],
+            bytenr: 0,
+            flags: 0,
+            generation: 0,
+            root: 0,
+            chunk_root: 0,
+            log_root: 0,
+            total_bytes: 0,
+            bytes_used: 0,
+            root_dir_objectid: 0,
+            num_devices: 0,
+            sectorsize: 0,
+            nodesize: 0,
+            stripesize: 0,
+            sys_chunk_array_size: 0,
+            chunk_root_generation: 0,
+            compat_flags: 0,
+            compat_ro_flags: 0,
+            incompat_flags: 0,
+            csum_type_raw: 0,
+            root_level: 0,
+            chunk_root_level: 0,
+            log_root_level: 0,
+            dev_item: DevItem::default(),
+            label: String::new(),
+            cache_generation: 0,
+            uuid_tree_generation: 0,
+            metadata_uuid: [0; 16],
+            sys_chunk_array: vec![0; SYSTEM_CHUNK_ARRAY_SIZE],
+            backups: [RootBackup::default(); NUM_BACKUP_ROOTS],
+            raw: vec![0; SUPER_INFO_SIZE],
+        }
+    }
+
+    /// Append one system chunk to `sys_chunk_array` (`btrfs_add_system_chunk`): the key
+    /// followed by the chunk item bytes. Refused when the array would overflow its 2048 bytes.
+    pub fn add_sys_chunk(&mut self, key: Key, chunk: &[u8]) -> Result<()> {
+        let start = self.sys_chunk_array_size as usize;
+        let end = start + Key::SIZE + chunk.len();
+        if end > SYSTEM_CHUNK_ARRAY_SIZE {
+            return Err(CorruptKind::OutOfBounds {
+                what: "sys_chunk_array",
+                offset: start,
+                len: Key::SIZE + chunk.len(),
+                available: SYSTEM_CHUNK_ARRAY_SIZE,
+            }
+            .into());
+        }
+        self.sys_chunk_array.resize(SYSTEM_CHUNK_ARRAY_SIZE, 0);
+        key.encode(&mut self.sys_chunk_array, start);
+        self.sys_chunk_array[start + Key::SIZE..end].copy_from_slice(chunk);
+        self.sys_chunk_array_size = end as u32;
+        Ok(())
+    }
+
+    /// Serialize every parsed field over a copy of `raw` (so fields this struct does not model,
+    /// such as `nr_global_roots` and the reserved words, keep their bytes), set the magic and
+    /// the deprecated leafsize (= nodesize, as every writer does) and store the checksum.
+    /// The label must be at most 255 bytes and the csum type known.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let t = self.csum_type()?;
+        let label = self.label.as_bytes();
+        if label.len() >= LABEL_SIZE {
+            return Err(CorruptKind::BadField {
+                what: "label length",
+                value: label.len() as u64,
+            }
+            .into());
+        }
+        let mut b = if self.raw.len() == SUPER_INFO_SIZE {
+            self.raw.clone()
+        } else {
+            vec![0u8; SUPER_INFO_SIZE]
+        };
+        b[32..48].copy_from_slice(&self.fsid);
+        put_u64(&mut b, 48, self.bytenr);
+        put_u64(&mut b, 56, self.flags);
+        b[64..72].copy_from_slice(&MAGIC);
+        put_u64(&mut b, 72, self.generation);
+        put_u64(&mut b, 80, self.root);
+        put_u64(&mut b, 88, self.chunk_root);
+        put_u64(&mut b, 96, self.log_root);
+        put_u64(&mut b, 112, self.total_bytes);
+        put_u64(&mut b, 120, self.bytes_used);
+        put_u64(&mut b, 128, self.root_dir_objectid);
+        put_u64(&mut b, 136, self.num_devices);
+        put_u32(&mut b, 144, self.sectorsize);
+        put_u32(&mut b, 148, self.nodesize);
+        put_u32(&mut b, 152, self.nodesize);
+        put_u32(&mut b, 156, self.stripesize);
+        put_u32(&mut b, 160, self.sys_chunk_array_size);
+        put_u64(&mut b, 164, self.chunk_root_generation);
+        put_u64(&mut b, 172, self.compat_flags);
+        put_u64(&mut b, 180, self.compat_ro_flags);
+        put_u64(&mut b, 188, self.incompat_flags);
+        put_u16(&mut b, 196, self.csum_type_raw);
+        b[198] = self.root_level;
+        b[199] = self.chunk_root_level;
+        b[200] = self.log_root_level;
+        self.dev_item.encode(&mut b[201..201 + DevItem::SIZE]);
+        b[299..299 + LABEL_SIZE].fill(0);
+        b[299..299 + label.len()].copy_from_slice(label);
+        put_u64(&mut b, 555, self.cache_generation);
+        put_u64(&mut b, 563, self.uuid_tree_generation);
+        b[571..587].copy_from_slice(&self.metadata_uuid);
+        let arr = &mut b[811..811 + SYSTEM_CHUNK_ARRAY_SIZE];
+        arr.fill(0);
+        let n = self.sys_chunk_array.len().min(SYSTEM_CHUNK_ARRAY_SIZE);
+        arr[..n].copy_from_slice(&self.sys_chunk_array[..n]);
+        for (i, bk) in self.backups.iter().enumerate() {
+            bk.encode(&mut b, 2859 + i * RootBackup::SIZE);
+        }
+        Self::update_csum_in_raw(&mut b, t);
+        Ok(b)
+    }
+
+    /// The bytes of superblock copy `mirror` (`write_dev_supers`): as [`SuperBlock::to_bytes`]
+    /// with `bytenr` set to that copy's own offset, checksummed.
+    pub fn to_bytes_for_mirror(&self, mirror: usize) -> Result<Vec<u8>> {
+        let mut copy = self.clone();
+        copy.bytenr = sb_offset(mirror);
+        copy.to_bytes()
+    }
+
     /// Recompute the checksum into `raw` after fields in `raw` were changed.
     pub fn update_csum_in_raw(raw: &mut [u8], t: CsumType) {
         let c = t.compute(&raw[CSUM_FIELD_SIZE..SUPER_INFO_SIZE]);
@@ -392,6 +555,111 @@ mod tests {
         let sb = SuperBlock::parse(&b).unwrap();
         assert!(sb.verify_csum().is_err());
         assert!(sb.validate().is_err());
+    }
+
+    // Test scenario: a superblock built field by field serializes, parses back with every
+    // field equal (sys chunk, backups, dev item, label), verifies its checksum for each csum
+    // type, and each mirror copy carries its own bytenr.
+    #[test]
+    fn encode_roundtrip() {
+        use crate::items::{bg_flags, ChunkItem, Stripe};
+        for t in [
+            CsumType::Crc32c,
+            CsumType::Xxhash64,
+            CsumType::Sha256,
+            CsumType::Blake2b,
+        ] {
+            let mut sb = SuperBlock::blank();
+            sb.fsid = [1; 16];
+            sb.metadata_uuid = [1; 16];
+            sb.bytenr = SUPER_INFO_OFFSET;
+            sb.flags = 1;
+            sb.generation = 1;
+            sb.root = 30 << 20;
+            sb.chunk_root = 21 << 20;
+            sb.chunk_root_generation = 1;
+            sb.total_bytes = 1 << 30;
+            sb.bytes_used = 9 * 16384;
+            sb.root_dir_objectid = 6;
+            sb.num_devices = 1;
+            sb.sectorsize = 4096;
+            sb.nodesize = 16384;
+            sb.stripesize = 4096;
+            sb.compat_ro_flags = compat_ro::FREE_SPACE_TREE | compat_ro::FREE_SPACE_TREE_VALID;
+            sb.incompat_flags = incompat::MIXED_BACKREF | incompat::NO_HOLES;
+            sb.csum_type_raw = t.to_disk();
+            sb.uuid_tree_generation = 1;
+            sb.label = "a label".into();
+            sb.dev_item.devid = 1;
+            sb.dev_item.uuid = [2; 16];
+            sb.dev_item.fsid = [1; 16];
+            sb.backups[0] = RootBackup {
+                tree_root: 30 << 20,
+                tree_root_gen: 1,
+                total_bytes: 1 << 30,
+                num_devices: 1,
+                csum_root_level: 2,
+                ..Default::default()
+            };
+            let chunk = ChunkItem {
+                length: 8 << 20,
+                owner: 2,
+                stripe_len: 65536,
+                chunk_type: bg_flags::SYSTEM | bg_flags::DUP,
+                io_align: 65536,
+                io_width: 65536,
+                sector_size: 4096,
+                num_stripes: 2,
+                sub_stripes: 1,
+                stripes: vec![
+                    Stripe {
+                        devid: 1,
+                        offset: 21 << 20,
+                        dev_uuid: [2; 16],
+                    };
+                    2
+                ],
+            };
+            let key = Key::new(256, crate::key::item::CHUNK_ITEM, 21 << 20);
+            sb.add_sys_chunk(key, &chunk.to_bytes()).unwrap();
+            assert_eq!(sb.sys_chunk_array_size, 129);
+
+            let b = sb.to_bytes().unwrap();
+            let p = SuperBlock::parse(&b).unwrap();
+            p.verify_csum().unwrap();
+            p.validate().unwrap();
+            assert_eq!(p.fsid, sb.fsid);
+            assert_eq!(p.generation, 1);
+            assert_eq!(p.nodesize, 16384);
+            assert_eq!(u32_at(&b, 152, "leafsize").unwrap(), 16384);
+            assert_eq!(p.label, "a label");
+            assert_eq!(p.dev_item, sb.dev_item);
+            assert_eq!(p.backups, sb.backups);
+            assert_eq!(p.uuid_tree_generation, 1);
+            assert_eq!(p.csum_type().unwrap(), t);
+            let chunks = p.sys_chunks().unwrap();
+            assert_eq!(chunks.len(), 1);
+            assert_eq!(chunks[0].0, key);
+            assert_eq!(ChunkItem::parse(&chunks[0].1).unwrap(), chunk);
+            // Re-encoding the parsed copy is byte-identical.
+            assert_eq!(p.to_bytes().unwrap(), b);
+
+            let m1 = SuperBlock::parse(&sb.to_bytes_for_mirror(1).unwrap()).unwrap();
+            m1.verify_csum().unwrap();
+            assert_eq!(m1.bytenr, 64 << 20);
+        }
+    }
+
+    // Test scenario: an over-long label and an overflowing sys_chunk_array are refused.
+    #[test]
+    fn encode_refusals() {
+        let mut sb = SuperBlock::blank();
+        sb.label = "x".repeat(256);
+        assert!(sb.to_bytes().is_err());
+        sb.label = "x".repeat(255);
+        assert!(sb.to_bytes().is_ok());
+        let big = vec![0u8; SYSTEM_CHUNK_ARRAY_SIZE];
+        assert!(sb.add_sys_chunk(Key::new(256, 228, 0), &big).is_err());
     }
 
     // Test scenario: unknown feature bits are reported as a remainder.
