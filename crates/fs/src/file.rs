@@ -324,13 +324,14 @@ fn compressed_extent(
     if let Some(d) = fs.extent_cache.get(em.disk_bytenr) {
         return Ok(d);
     }
-    let mut raw = vec![0u8; em.disk_num_bytes as usize];
+    // Check the on-disk size before allocating for it: it comes from the disk.
     if em.disk_num_bytes > crate::compression::BTRFS_MAX_COMPRESSED as u64 {
         return Err(FsError::corrupt(format!(
             "root {root} ino {ino} off {}: compressed extent of {} bytes on disk",
             em.start, em.disk_num_bytes
         )));
     }
+    let mut raw = vec![0u8; em.disk_num_bytes as usize];
     fs.reader.read_logical(em.disk_bytenr, &mut raw, 0)?;
     if datasum {
         // Compressed extents are summed over their on-disk bytes.
@@ -434,9 +435,20 @@ pub fn read(
             copy_padded(&mut out, &data, pos, n);
         } else if em.is_compressed() {
             let data = compressed_extent(fs, root, ino, datasum, &em)?;
-            copy_padded(&mut out, &data, em.offset + (pos - em.start), n);
+            // Past the decompressed data (a corrupt extent offset) reads as zeros.
+            let from = em.offset.saturating_add(pos - em.start);
+            copy_padded(&mut out, &data, from, n);
         } else {
-            let logical = em.block_start() + (pos - em.start);
+            let logical = em
+                .block_start()
+                .checked_add(pos - em.start)
+                .ok_or_else(|| {
+                    FsError::corrupt(format!(
+                        "root {root} ino {ino} off {pos}: extent at disk_bytenr {} offset {} \
+                     overflows the address space",
+                        em.disk_bytenr, em.offset
+                    ))
+                })?;
             out.extend_from_slice(&read_data(fs, root, ino, datasum, logical, n as u64, pos)?);
         }
         pos = piece_end;
