@@ -45,6 +45,34 @@ enum Cmd {
         image: Option<PathBuf>,
         mountpoint: Option<PathBuf>,
     },
+    /// Make a new btrfs filesystem on IMAGE (file or block device) with mkfs.btrfs's default
+    /// features. A missing IMAGE is created as a sparse file of --size (default 1 GiB).
+    Mkfs {
+        /// Filesystem size (bytes, or with a K/M/G/T suffix). Default: the size of IMAGE.
+        #[arg(long, short = 'b', value_parser = ubtrfs_fs::mkfs::parse_size)]
+        size: Option<u64>,
+        /// Checksum algorithm: crc32c, xxhash, sha256 or blake2.
+        #[arg(long, default_value = "crc32c", value_parser = parse_csum)]
+        csum: ubtrfs_format::CsumType,
+        /// Tree block size: a power of two from 4096 to 65536.
+        #[arg(long, short = 'n', default_value_t = ubtrfs_fs::mkfs::DEFAULT_NODESIZE)]
+        nodesize: u32,
+        /// Filesystem label (at most 255 bytes).
+        #[arg(long, short = 'L', default_value = "")]
+        label: String,
+        /// Comma-separated features to add: block-group-tree.
+        #[arg(long, short = 'O', value_delimiter = ',')]
+        features: Vec<String>,
+        /// Print nothing on success.
+        #[arg(long, short = 'q')]
+        quiet: bool,
+        image: PathBuf,
+    },
+}
+
+fn parse_csum(s: &str) -> Result<ubtrfs_format::CsumType, String> {
+    ubtrfs_fs::mkfs::parse_csum_type(s)
+        .ok_or_else(|| format!("unknown checksum type '{s}' (crc32c, xxhash, sha256, blake2)"))
 }
 
 fn init_tracing() {
@@ -63,7 +91,9 @@ fn main() -> ExitCode {
     init_tracing();
     let mut args: Vec<String> = std::env::args().collect();
     // mount(8) helper form: ubtrfs IMAGE MOUNTPOINT [-o OPTS]
-    if args.len() >= 3 && !args[1].starts_with('-') && !matches!(args[1].as_str(), "mount" | "help")
+    if args.len() >= 3
+        && !args[1].starts_with('-')
+        && !matches!(args[1].as_str(), "mount" | "mkfs" | "help")
     {
         args.insert(1, "mount".into());
     }
@@ -85,6 +115,15 @@ fn main() -> ExitCode {
             image,
             mountpoint,
         } => cmd_mount(options, foreground, image, mountpoint),
+        Cmd::Mkfs {
+            size,
+            csum,
+            nodesize,
+            label,
+            features,
+            quiet,
+            image,
+        } => cmd_mkfs(size, csum, nodesize, label, features, quiet, &image),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -115,6 +154,69 @@ fn create_default_image(path: &Path) -> Result<(), String> {
         ));
     }
     eprintln!("ubtrfs: created {} (1 GiB, mkfs.btrfs)", path.display());
+    Ok(())
+}
+
+fn cmd_mkfs(
+    size: Option<u64>,
+    csum: ubtrfs_format::CsumType,
+    nodesize: u32,
+    label: String,
+    features: Vec<String>,
+    quiet: bool,
+    image: &Path,
+) -> Result<(), String> {
+    use ubtrfs_fs::mkfs::{format_uuid, mkfs, MkfsOptions};
+    let mut opts = MkfsOptions {
+        size,
+        csum,
+        nodesize,
+        label,
+        ..Default::default()
+    };
+    for f in features.iter().filter(|f| !f.is_empty()) {
+        match f.as_str() {
+            "block-group-tree" | "bgt" => opts.block_group_tree = true,
+            "^block-group-tree" | "^bgt" => opts.block_group_tree = false,
+            other => {
+                return Err(format!(
+                    "unknown feature '{other}' (known: block-group-tree)"
+                ))
+            }
+        }
+    }
+    let r = mkfs(image, &opts).map_err(|e| e.to_string())?;
+    if !quiet {
+        println!("Label:              {}", r.label);
+        println!("UUID:               {}", format_uuid(&r.fsid));
+        println!("Node size:          {}", r.nodesize);
+        println!("Sector size:        {}", r.sectorsize);
+        println!("Filesystem size:    {}", r.total_bytes);
+        println!("Checksum:           {}", r.csum.name());
+        println!("Block group profiles:");
+        for c in &r.chunks {
+            use ubtrfs_format::items::bg_flags;
+            let kind = match c.flags & bg_flags::TYPE_MASK {
+                bg_flags::DATA => "Data",
+                bg_flags::METADATA => "Metadata",
+                _ => "System",
+            };
+            let profile = if c.flags & bg_flags::DUP != 0 {
+                "DUP"
+            } else {
+                "single"
+            };
+            println!(
+                "  {kind:<16}  {profile:<8} {:>12} at {}",
+                c.length, c.logical
+            );
+        }
+        println!(
+            "Device:             {} (uuid {})",
+            image.display(),
+            format_uuid(&r.dev_uuid)
+        );
+    }
     Ok(())
 }
 

@@ -22,6 +22,7 @@ pub mod error;
 pub mod file;
 pub mod file_item;
 pub mod inode;
+pub mod mkfs;
 pub mod xattr;
 
 pub use disk_io::{FsInfo, FsRoot, MountOptions};
