@@ -69,7 +69,17 @@ impl Ours {
         fs.set_generation(TRANSID);
         let target = fs.inode(5, 257);
         let others: Vec<_> = (0..OTHERS).map(|i| fs.inode(5, 300 + i)).collect();
-        for o in &others {
+        // The other inodes' maps are built on another thread, as FUSE worker threads would
+        // build them in the daemon (not by the fsync thread, whose malloc arena would
+        // otherwise receive every free the shrinker does).
+        std::thread::scope(|s| {
+            s.spawn(|| Self::fill_others(&others));
+        });
+        Ours { fs, target, others }
+    }
+
+    fn fill_others(others: &[Arc<BtrfsInode>]) {
+        for o in others {
             for i in 0..OTHER_MAPS {
                 let em = other_map(i);
                 if em.has(flags::PINNED) {
@@ -79,7 +89,6 @@ impl Ours {
                 }
             }
         }
-        Ours { fs, target, others }
     }
 
     /// One fsync of a freshly written batch; returns the time of the logging pass.
@@ -104,10 +113,16 @@ impl Ours {
 
     fn shrinker_loop(&self, stop: &AtomicBool) {
         let mut n = 0u64;
+        if std::env::var_os("SPIN").is_some() {
+            while !stop.load(Ordering::Relaxed) {
+                n = black_box(n.wrapping_add(1));
+            }
+            return;
+        }
         while !stop.load(Ordering::Relaxed) {
             self.fs.btrfs_free_extent_maps(4096);
             n += 1;
-            if n & 7 == 0 {
+            if std::env::var_os("NOREFILL").is_none() && n & 7 == 0 {
                 // Readers bring back the dropped maps of one inode.
                 let o = &self.others[(n / 8 % OTHERS) as usize];
                 for i in (1..OTHER_MAPS).step_by(2) {
@@ -215,16 +230,21 @@ impl Base {
     fn new() -> Self {
         let target = Arc::new(BInode::default());
         let mut inodes = vec![target.clone()];
-        for _ in 0..OTHERS {
-            let o = Arc::new(BInode::default());
-            {
-                let mut t = o.tree.write();
-                for i in 0..OTHER_MAPS {
-                    t.insert(other_map(i), false);
+        // Built on another thread, as for `Ours`.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for _ in 0..OTHERS {
+                    let o = Arc::new(BInode::default());
+                    {
+                        let mut t = o.tree.write();
+                        for i in 0..OTHER_MAPS {
+                            t.insert(other_map(i), false);
+                        }
+                    }
+                    inodes.push(o);
                 }
-            }
-            inodes.push(o);
-        }
+            });
+        });
         Base { target, inodes }
     }
 
@@ -383,7 +403,56 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
+/// Per-round wall-clock quantiles (median, p90, max) of `rounds` fsyncs, for a quick look at
+/// the distribution on a loaded machine (`UBTRFS_BENCH_QUANTILES=1`).
+fn quantiles(name: &str, rounds: usize, mut f: impl FnMut(u64) -> Duration) {
+    let mut v: Vec<Duration> = (0..rounds as u64).map(&mut f).collect();
+    v.sort();
+    println!(
+        "{name}: median {:?} p90 {:?} max {:?}",
+        v[v.len() / 2],
+        v[v.len() * 9 / 10],
+        v[v.len() - 1]
+    );
+}
+
+fn quick() {
+    let ours = Arc::new(Ours::new());
+    let only_busy = std::env::var_os("ONLY_BUSY").is_some();
+    if !only_busy {
+        quantiles("idle", 2000, |r| ours.fsync_round(r));
+    }
+    if std::env::var_os("ONLY_IDLE").is_some() {
+        return;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let h = {
+        let (o, s) = (ours.clone(), stop.clone());
+        std::thread::spawn(move || o.shrinker_loop(&s))
+    };
+    quantiles("busy", 2000, |r| ours.fsync_round(r + 10_000));
+    stop.store(true, Ordering::Relaxed);
+    h.join().expect("shrinker");
+    if only_busy {
+        return;
+    }
+    let base = Arc::new(Base::new());
+    quantiles("idle_rwlock", 2000, |r| base.fsync_round(r));
+    let stop = Arc::new(AtomicBool::new(false));
+    let h = {
+        let (o, s) = (base.clone(), stop.clone());
+        std::thread::spawn(move || o.shrinker_loop(&s))
+    };
+    quantiles("busy_rwlock", 2000, |r| base.fsync_round(r + 10_000));
+    stop.store(true, Ordering::Relaxed);
+    h.join().expect("shrinker");
+}
+
 fn main() {
+    if std::env::var_os("UBTRFS_BENCH_QUANTILES").is_some() {
+        quick();
+        return;
+    }
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3))

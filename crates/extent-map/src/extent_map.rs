@@ -57,21 +57,18 @@ const DROP_ALL_BATCH: usize = 1024;
 
 /// Identity and kernel bookkeeping of one map (the non-value part of `struct extent_map`).
 ///
-/// All fields except `prio` change only under the owning tree's write lock; they are atomics
-/// only because the node is shared (`Arc`) with readers, which never read them.
+/// All fields change only under the owning tree's write lock; they are atomics only because
+/// the node is shared (`Arc`) with readers, which never read them.
 #[derive(Debug)]
 pub struct EmNode {
-    /// Treap priority (fixed at allocation).
-    pub(crate) prio: u32,
     refs: AtomicU32,
     state: AtomicU32,
     list_seq: AtomicU64,
 }
 
 impl EmNode {
-    pub(crate) fn new(prio: u32) -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(EmNode {
-            prio,
             refs: AtomicU32::new(1),
             state: AtomicU32::new(0),
             list_seq: AtomicU64::new(0),
@@ -138,6 +135,11 @@ pub(crate) struct ExtentMapTree {
     published: Atomic<Version>,
     writer: Mutex<TreeW>,
     waiters: AtomicU32,
+    /// Retired versions whose grace period has ended, waiting to be freed by this tree's next
+    /// writer (or the shrinker): the epoch collector, which may run on any thread (a reader, an
+    /// unrelated inode's fsync), only moves them here, so the cost of freeing a version stays
+    /// with the threads that change this tree.
+    reclaim: Arc<Mutex<Vec<Version>>>,
 }
 
 impl ExtentMapTree {
@@ -154,7 +156,18 @@ impl ExtentMapTree {
                 next_pass: 1,
             }),
             waiters: AtomicU32::new(0),
+            reclaim: Arc::new(Mutex::new(Vec::new())),
         }
+    }
+
+    /// Frees the retired versions whose grace period has ended (see `publish`). Called by the
+    /// tree's writers and the shrinker before they take the tree lock.
+    fn reclaim(&self) {
+        let ready = match self.reclaim.try_lock() {
+            Some(mut q) if !q.is_empty() => std::mem::take(&mut *q),
+            _ => return,
+        };
+        drop(ready);
     }
 
     /// Runs `f` on the current version under an epoch guard (the read side: no lock).
@@ -180,12 +193,17 @@ impl ExtentMapTree {
         let old = self.published.swap(new, Ordering::AcqRel, &guard);
         w.dirty = false;
         if !old.is_null() {
-            // SAFETY: `old` was just unlinked from `published`, the only place a version is
-            // reachable from, by a swap done under the tree lock (held by our caller: `w` is
-            // the guarded writer state), so no other thread can retire it a second time.
-            // Readers that loaded it are pinned; crossbeam-epoch runs the destructor only after
-            // every thread pinned at this point has unpinned.
-            unsafe { guard.defer_destroy(old) };
+            let ptr = old.as_raw() as usize;
+            let queue = self.reclaim.clone();
+            guard.defer(move || {
+                // SAFETY: `ptr` is the version just unlinked from `published` (the only place a
+                // version is reachable from) by a swap done under the tree lock, so it is retired
+                // exactly once, here. crossbeam-epoch runs this closure only after every thread
+                // that was pinned when it was deferred (every reader that could have loaded the
+                // pointer) has unpinned, so nobody can still reach it: taking ownership is sound.
+                let owned = unsafe { Owned::<Version>::from_raw(ptr as *mut Version) };
+                queue.lock().push(*owned.into_box());
+            });
         }
     }
 }
@@ -362,7 +380,7 @@ impl<'a> Locked<'a> {
     }
 
     fn new_node(&self) -> Arc<EmNode> {
-        EmNode::new(self.inode.core.next_prio())
+        EmNode::new()
     }
 
     /// Takes a kernel reference (`refcount_inc`).
@@ -551,15 +569,14 @@ impl<'a> Locked<'a> {
                         merge_ondisk_extents(&prev.em, &orig, &mut em);
                     }
                     em.flags |= flags::MERGED;
-                    treap::remove(&mut self.w.root, prev.em.start);
+                    // em takes prev's place (same key, so the treap shape is unchanged).
                     treap::remove(&mut self.w.root, key);
-                    treap::insert(
-                        &mut self.w.root,
-                        Slot {
+                    if let Some(slot) = treap::get_mut(&mut self.w.root, prev.em.start) {
+                        *slot = Slot {
                             em,
                             node: s.node.clone(),
-                        },
-                    );
+                        };
+                    }
                     prev.node.clear(IN_TREE);
                     self.w.nr -= 1;
                     self.w.dirty = true;
@@ -624,20 +641,26 @@ impl<'a> Locked<'a> {
         node: &Arc<EmNode>,
         modified: bool,
     ) -> u64 {
-        if let Some(cur) = treap::remove(&mut self.w.root, cur_key) {
-            self.after_tree_removal(&cur);
+        let slot = Slot {
+            em: new,
+            node: node.clone(),
+        };
+        let cur = if new.start == cur_key {
+            // rb_replace_node: same position, in place.
+            treap::get_mut(&mut self.w.root, cur_key).map(|s| std::mem::replace(s, slot.clone()))
+        } else {
+            treap::remove(&mut self.w.root, cur_key)
+        };
+        if let Some(cur) = &cur {
+            self.after_tree_removal(cur);
         }
         if node.st() & IN_TREE != 0 {
             self.violation(Invariant::DoubleMembership, &new);
         }
         node.set(IN_TREE);
-        treap::insert(
-            &mut self.w.root,
-            Slot {
-                em: new,
-                node: node.clone(),
-            },
-        );
+        if new.start != cur_key || cur.is_none() {
+            treap::insert(&mut self.w.root, slot);
+        }
         self.w.dirty = true;
         self.setup_extent_mapping(new.start, modified)
     }
@@ -763,6 +786,7 @@ impl BtrfsInode {
     /// Takes the tree write lock, counting waiters so that the shrinker can notice contention
     /// (`rwlock_needbreak`).
     pub(crate) fn lock_tree(&self) -> Locked<'_> {
+        self.tree.reclaim();
         let w = match self.tree.writer.try_lock() {
             Some(w) => w,
             None => {
@@ -777,6 +801,7 @@ impl BtrfsInode {
 
     /// `write_trylock` of the tree lock.
     pub(crate) fn try_lock_tree(&self) -> Option<Locked<'_>> {
+        self.tree.reclaim();
         self.tree
             .writer
             .try_lock()
@@ -941,7 +966,7 @@ impl BtrfsInode {
             return Err(EmError::Invalid("zero-length extent map"));
         }
         let end = em.start.saturating_add(em.len - 1);
-        let node = EmNode::new(self.core.next_prio());
+        let node = EmNode::new();
         // The kernel loops until the insert succeeds; bound it so a livelock is reported.
         const MAX_TRIES: u32 = 1 << 20;
         let mut tries = 0;

@@ -36,15 +36,26 @@ pub const MAP_FOOTPRINT_BYTES: u64 = (std::mem::size_of::<crate::treap::TNode>()
     + std::mem::size_of::<crate::extent_map::EmNode>()
     + 4 * std::mem::size_of::<usize>()) as u64;
 
+/// Keeps a hot atomic on its own cache line.
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 /// State shared by the filesystem and every inode.
 pub(crate) struct FsCore {
     policy: AtomicU8,
     generation: AtomicU64,
-    pub(crate) evictable: AtomicI64,
+    /// `evictable_extent_maps` (a percpu counter in the kernel): on its own cache line.
+    pub(crate) evictable: Padded<AtomicI64>,
     closing: AtomicBool,
     pub(crate) counters: Counters,
     spare_alloc_failures: AtomicU32,
-    prio: AtomicU64,
     budget_maps: AtomicU64,
     budget_bytes: AtomicU64,
     owner: Weak<FsExtentMaps>,
@@ -69,17 +80,6 @@ impl FsCore {
 
     pub(crate) fn closing(&self) -> bool {
         self.closing.load(Ordering::Acquire)
-    }
-
-    /// A treap priority (splitmix64 of a counter: deterministic for a given allocation order).
-    pub(crate) fn next_prio(&self) -> u32 {
-        let mut z = self
-            .prio
-            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
-            .wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) as u32
     }
 
     /// Allocation of a spare map (`btrfs_alloc_extent_map`); fails while injected failures
@@ -165,11 +165,10 @@ impl FsExtentMaps {
             core: Arc::new(FsCore {
                 policy: AtomicU8::new(policy as u8),
                 generation: AtomicU64::new(0),
-                evictable: AtomicI64::new(0),
+                evictable: Padded(AtomicI64::new(0)),
                 closing: AtomicBool::new(false),
                 counters: Counters::default(),
                 spare_alloc_failures: AtomicU32::new(0),
-                prio: AtomicU64::new(0),
                 budget_maps: AtomicU64::new(0),
                 budget_bytes: AtomicU64::new(0),
                 owner: owner.clone(),
@@ -456,25 +455,28 @@ impl FsExtentMaps {
             Counters::inc(&counters.shrinker_skipped_inode_busy);
             return 0;
         };
+        // Counted locally and published once per inode (keeps the shared counters' cache
+        // lines quiet while scanning).
+        let (mut scanned, mut pinned, mut logging, mut full_sync) = (0u64, 0u64, 0u64, 0u64);
         let mut nr_dropped = 0;
         let mut key = l.first_key();
         while let Some(k) = key {
             let next = l.next_key(k);
             ctx.scanned += 1;
-            Counters::inc(&counters.shrinker_scanned);
+            scanned += 1;
             if let Some(s) = l.slot(k).cloned() {
                 if s.em.has(flags::PINNED) {
-                    Counters::inc(&counters.shrinker_skipped_pinned);
+                    pinned += 1;
                 } else if s.em.has(flags::LOGGING) && skip_logging {
                     l.violation(Invariant::ShrinkerMetLogging, &s.em);
-                    Counters::inc(&counters.shrinker_skipped_logging);
+                    logging += 1;
                 } else {
                     if s.em.has(flags::LOGGING) {
                         l.violation(Invariant::ShrinkerMetLogging, &s.em);
                     }
                     if Locked::node_is_listed(&s.node) && s.em.generation >= cur_fs_gen {
                         inode.btrfs_set_inode_full_sync();
-                        Counters::inc(&counters.shrinker_full_sync_set);
+                        full_sync += 1;
                     }
                     if let Some(r) = l.remove_extent_mapping(k) {
                         tracing::trace!(
@@ -487,7 +489,6 @@ impl FsExtentMaps {
                         );
                         l.put(&r.node, &r.em);
                         nr_dropped += 1;
-                        Counters::inc(&counters.shrinker_dropped);
                     }
                 }
             }
@@ -499,6 +500,16 @@ impl FsExtentMaps {
             }
             key = next;
         }
+        let add = |c: &AtomicU64, n: u64| {
+            if n > 0 {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        };
+        add(&counters.shrinker_scanned, scanned);
+        add(&counters.shrinker_skipped_pinned, pinned);
+        add(&counters.shrinker_skipped_logging, logging);
+        add(&counters.shrinker_full_sync_set, full_sync);
+        add(&counters.shrinker_dropped, nr_dropped);
         nr_dropped
     }
 

@@ -8,9 +8,10 @@
 //! complete when it was published (see `extent_map.rs`), so they need neither locks nor
 //! reference counts: they borrow the version for the duration of an epoch guard.
 //!
-//! Heap order uses the priority stored in each map's node (`EmNode::prio`), so the shape of a
-//! tree is a function of its keys and priorities only. Expected depth is O(log n); every
-//! recursion here is bounded by the depth.
+//! Heap order uses a priority derived from the key (a splitmix64 hash of `start`), so the shape
+//! of a tree is a function of its key set only (deterministic across runs), and a slot can be
+//! replaced in place by another map with the same start (merges, head pieces) without
+//! restructuring. Expected depth is O(log n); every recursion here is bounded by the depth.
 
 use std::sync::Arc;
 
@@ -32,8 +33,16 @@ impl TNode {
         self.slot.em.start
     }
     fn prio(&self) -> u32 {
-        self.slot.node.prio
+        prio(self.key())
     }
+}
+
+/// Treap priority of a key.
+fn prio(key: u64) -> u32 {
+    let mut z = key.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) as u32
 }
 
 /// The slot with exactly this key.
@@ -103,7 +112,8 @@ pub(crate) fn first(mut t: &Link) -> Option<&Slot> {
 }
 
 /// Mutable access to the slot with exactly this key (copies the path if shared). The caller
-/// must not change `slot.em.start` or `slot.node` (that would break the search or heap order).
+/// must not change `slot.em.start` (that would break the search and heap order); replacing the
+/// whole slot by one with the same start is fine.
 pub(crate) fn get_mut(mut t: &mut Link, key: u64) -> Option<&mut Slot> {
     loop {
         let n = Arc::make_mut(t.as_mut()?);
@@ -158,7 +168,7 @@ fn join(l: Link, r: Link) -> Link {
 /// Inserts `slot`; its key must not be present (the caller checked for overlap).
 pub(crate) fn insert(t: &mut Link, slot: Slot) {
     match t {
-        Some(a) if a.prio() >= slot.node.prio => {
+        Some(a) if a.prio() >= prio(slot.em.start) => {
             let n = Arc::make_mut(a);
             if slot.em.start < n.key() {
                 insert(&mut n.left, slot);
@@ -266,10 +276,10 @@ mod tests {
     use crate::extent_map::EmNode;
     use crate::ExtentMap;
 
-    fn slot(key: u64, prio: u32) -> Slot {
+    fn slot(key: u64) -> Slot {
         Slot {
             em: ExtentMap::regular(key, 1, key, 1),
-            node: EmNode::new(prio),
+            node: EmNode::new(),
         }
     }
 
@@ -293,7 +303,7 @@ mod tests {
         for _ in 0..5000 {
             let k = rnd() % 100_000 * 2;
             if want.insert(k) {
-                insert(&mut t, slot(k, rnd() as u32));
+                insert(&mut t, slot(k));
             }
         }
         assert!(check(&t));
