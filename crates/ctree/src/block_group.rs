@@ -225,10 +225,17 @@ impl SpaceInfo {
                 .item_data(slot)
                 .map_err(|e| Error::format("free space tree", e))?;
             let bad = |why: &str| Error::corrupt(format!("free space tree item {key:?}: {why}"));
+            // Entries of block groups that no longer exist (mkfs.btrfs before 6.3 leaves the
+            // ones of its temporary chunks behind) are ignored, as the kernel ignores them.
             let Some((_, bg)) = self.groups.range_mut(..=key.objectid).next_back() else {
-                return Err(bad("outside every block group"));
+                tracing::debug!("free space tree item {key:?} outside every block group: ignored");
+                continue;
             };
             let end = bg.start + bg.length;
+            if key.objectid >= end {
+                tracing::debug!("free space tree item {key:?} outside every block group: ignored");
+                continue;
+            }
             match key.item_type {
                 item::FREE_SPACE_INFO => {
                     if key.objectid != bg.start || key.offset != bg.length {

@@ -115,7 +115,7 @@ pub struct BlockReader {
     pub csum_type: CsumType,
     pub metadata_fsid: [u8; 16],
     /// Highest generation any block may carry (super generation + 1, for log trees).
-    pub max_generation: u64,
+    max_generation: AtomicU64,
     cache: Mutex<BlockCache>,
     cache_budget: u64,
     /// Blocks created or changed by the running transaction, not yet written. Looked up before
@@ -158,7 +158,7 @@ impl BlockReader {
             sectorsize,
             csum_type,
             metadata_fsid,
-            max_generation,
+            max_generation: AtomicU64::new(max_generation),
             cache: Mutex::new(BlockCache::default()),
             cache_budget,
             dirty: RwLock::new(HashMap::new()),
@@ -167,6 +167,16 @@ impl BlockReader {
             csum_errors: AtomicU64::new(0),
             bad_copies: AtomicU64::new(0),
         }
+    }
+
+    /// Highest generation a block read from disk may carry.
+    pub fn max_generation(&self) -> u64 {
+        self.max_generation.load(Ordering::Relaxed)
+    }
+
+    /// After a commit: blocks of the new generation (and log blocks one above) are valid.
+    pub fn set_max_generation(&self, g: u64) {
+        self.max_generation.store(g, Ordering::Relaxed);
     }
 
     pub fn chunks(&self) -> parking_lot::RwLockReadGuard<'_, ChunkMap> {
@@ -296,7 +306,7 @@ impl BlockReader {
             )));
         }
         self.check_expect(&block, bytenr, expect)?;
-        tree_checker::check_block(&block, self.sectorsize, self.max_generation)
+        tree_checker::check_block(&block, self.sectorsize, self.max_generation())
             .map_err(|e| Error::corrupt(format!("tree block {bytenr} (owner {}): {e}", h.owner)))?;
         Ok(block)
     }

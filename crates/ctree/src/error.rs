@@ -22,6 +22,9 @@ pub enum Error {
     /// A feature or profile ubtrfs does not handle.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// No free space for an allocation.
+    #[error("no space: {0}")]
+    NoSpace(String),
     /// An item with this key already exists.
     #[error("already exists: {0}")]
     Exists(String),

@@ -10,6 +10,8 @@ pub mod cow;
 pub mod ctree;
 pub mod disk_io;
 pub mod error;
+pub mod extent_tree;
+pub mod transaction;
 pub mod tree_checker;
 pub mod volumes;
 

@@ -39,7 +39,7 @@ fn resolve(fs: &FsInfo, root: u64, dir: u64, d: &DirItem) -> Result<Target> {
         item::ROOT_ITEM => {
             // fixup_tree_root_location: the entry is ours only if a ROOT_REF says so.
             let sub = d.location.objectid;
-            let tree_root = fs.tree_root;
+            let tree_root = fs.tree_root();
             let key = Key::new(root, item::ROOT_REF, sub);
             let owned = match lookup_item(&fs.reader, &tree_root, &key)? {
                 Some(data) => {
@@ -76,6 +76,7 @@ pub fn lookup(fs: &FsInfo, root: u64, dir: u64, name: &[u8]) -> Result<Target> {
     if name.len() > 255 {
         return Err(FsError::NotFound);
     }
+    let _g = fs.read_guard();
     let r = fs.root(root)?;
     let key = Key::new(dir, item::DIR_ITEM, name_hash(name));
     let data = lookup_item(&fs.reader, &r.ptr, &key)?.ok_or(FsError::NotFound)?;
@@ -100,6 +101,7 @@ pub fn readdir(
     if dir == crate::inode::EMPTY_SUBVOL_DIR_OBJECTID {
         return Ok(out);
     }
+    let _g = fs.read_guard();
     let r = fs.root(root)?;
     for it in TreeIter::new(
         &fs.reader,
@@ -130,4 +132,62 @@ pub fn readdir(
         }
     }
     Ok(out)
+}
+
+/// `btrfs_insert_dir_item`: the DIR_ITEM (appended to a hash-collision item when one exists)
+/// and the DIR_INDEX entry of `name` in `dir`.
+#[allow(clippy::too_many_arguments)]
+pub fn insert_dir_item(
+    c: &mut crate::transaction::WriteCtx<'_>,
+    root: u64,
+    dir: u64,
+    name: &[u8],
+    location: Key,
+    file_type: u8,
+    index: u64,
+) -> Result<()> {
+    let transid = c.transid();
+    let entry = DirItem {
+        location,
+        transid,
+        file_type,
+        name: name.to_vec(),
+        data: Vec::new(),
+    };
+    let key = Key::new(dir, item::DIR_ITEM, name_hash(name));
+    match c.lookup(root, &key)? {
+        Some(existing) => {
+            let items = DirItem::parse_all(&existing)
+                .map_err(|e| FsError::corrupt(format!("root {root} {key}: {e}")))?;
+            if items.iter().any(|d| d.name == name) {
+                return Err(FsError::Exists);
+            }
+            let mut data = existing;
+            data.extend_from_slice(&entry.to_bytes());
+            c.update(root, &key, &data)?;
+        }
+        None => c.insert(root, key, &entry.to_bytes())?,
+    }
+    c.insert(
+        root,
+        Key::new(dir, item::DIR_INDEX, index),
+        &entry.to_bytes(),
+    )
+}
+
+/// Whether `name` exists in `dir` (transaction view).
+pub fn name_exists(
+    c: &crate::transaction::WriteCtx<'_>,
+    root: u64,
+    dir: u64,
+    name: &[u8],
+) -> Result<bool> {
+    let key = Key::new(dir, item::DIR_ITEM, name_hash(name));
+    Ok(match c.lookup(root, &key)? {
+        Some(d) => DirItem::parse_all(&d)
+            .map_err(|e| FsError::corrupt(format!("root {root} {key}: {e}")))?
+            .iter()
+            .any(|x| x.name == name),
+        None => false,
+    })
 }

@@ -7,6 +7,7 @@
 //! the middle of an fsid/csum change are refused with a message that says so.
 
 use crate::error::{FsError, Result};
+use parking_lot::Mutex;
 use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -15,8 +16,11 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use ubtrfs_ctree::block_group::SpaceInfo;
+use ubtrfs_ctree::cow::BlockTemplate;
 use ubtrfs_ctree::ctree::{lookup_item, RootPtr, TreeIter};
 use ubtrfs_ctree::disk_io::{read_super, BlockReader};
+use ubtrfs_ctree::transaction::Transaction;
 use ubtrfs_ctree::Device;
 use ubtrfs_extent_map::{FsExtentMaps, Policy};
 use ubtrfs_format::csum::name_hash;
@@ -96,8 +100,8 @@ pub struct FsCounters {
 pub struct FsInfo {
     pub reader: BlockReader,
     pub sb: SuperBlock,
-    pub tree_root: RootPtr,
-    pub csum_root: Option<RootPtr>,
+    tree_root: RwLock<RootPtr>,
+    csum_root: RwLock<Option<RootPtr>>,
     /// The subvolume served at the mount root.
     pub mount_root: u64,
     pub options: MountOptions,
@@ -108,12 +112,29 @@ pub struct FsInfo {
     /// Kept open for the lifetime of the mount: holds the image lock.
     _lock_file: Arc<Device>,
     pub(crate) extent_cache: crate::file::DecompressedCache,
-    space: SpaceInfo,
+    space: StatSpace,
+    /// Serialises tree modification against tree searches: searches hold it shared (recursive),
+    /// a write operation holds it exclusive from its first tree change until the roots are
+    /// published. Outermost lock of every tree access.
+    pub(crate) tree_lock: RwLock<()>,
+    /// The running transaction of a read-write mount.
+    pub trans: Option<Mutex<Transaction>>,
+    /// Next free inode number per subvolume (`btrfs_init_root_free_objectid`, then counted).
+    pub(crate) next_ino: Mutex<HashMap<u64, u64>>,
+    /// Next directory index per (subvolume, directory) (`btrfs_set_inode_index_count`).
+    pub(crate) next_index: Mutex<HashMap<(u64, u64), u64>>,
+    /// The superblock as the last commit wrote it (read-write mounts update it).
+    pub sb_live: Mutex<SuperBlock>,
     /// When the filesystem was opened: the times of the kernel's fake (placeholder) inodes.
     pub mount_time: ubtrfs_format::items::Timespec,
 }
 
-fn now_timespec() -> ubtrfs_format::items::Timespec {
+thread_local! {
+    /// Set while this thread runs a write operation (holding `tree_lock` exclusively).
+    static IN_WRITE_OP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+pub(crate) fn now_timespec() -> ubtrfs_format::items::Timespec {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -297,11 +318,12 @@ impl FsInfo {
         };
         let ems = FsExtentMaps::new(options.policy);
         ems.set_generation(sb.generation);
+        let sb_live = Mutex::new(sb.clone());
         let mut fs = FsInfo {
             reader,
             sb,
-            tree_root,
-            csum_root: None,
+            tree_root: RwLock::new(tree_root),
+            csum_root: RwLock::new(None),
             mount_root: objectid::FS_TREE,
             options,
             ems,
@@ -310,10 +332,15 @@ impl FsInfo {
             roots: RwLock::new(HashMap::new()),
             _lock_file: dev,
             extent_cache: crate::file::DecompressedCache::default(),
-            space: SpaceInfo::default(),
+            space: StatSpace::default(),
+            tree_lock: RwLock::new(()),
+            trans: None,
+            next_ino: Mutex::new(HashMap::new()),
+            next_index: Mutex::new(HashMap::new()),
+            sb_live,
             mount_time: now_timespec(),
         };
-        fs.csum_root = fs
+        *fs.csum_root.get_mut() = fs
             .read_root_item(objectid::CSUM_TREE)
             .map_err(|e| FsError::Mount(format!("reading the csum tree root: {e}")))?
             .map(|(ptr, _)| ptr);
@@ -335,6 +362,12 @@ impl FsInfo {
             Ok(sp) => fs.space = sp,
             Err(e) => tracing::warn!("{}: reading block groups for statfs: {e}", path.display()),
         }
+        if !fs.options.readonly {
+            let t = fs
+                .start_rw()
+                .map_err(|e| FsError::Mount(format!("cannot mount read-write: {e}")))?;
+            fs.trans = Some(Mutex::new(t));
+        }
         if fs.sb.log_root != 0 {
             tracing::warn!(
                 "{}: the filesystem has a log tree (fsync'd data since generation {}) that ubtrfs \
@@ -348,9 +381,10 @@ impl FsInfo {
 
     /// The ROOT_ITEM of tree `id` (any key offset, as snapshots carry their otransid there).
     pub fn read_root_item(&self, id: u64) -> Result<Option<(RootPtr, RootItem)>> {
+        let _g = self.read_guard();
         let mut it = TreeIter::new(
             &self.reader,
-            self.tree_root,
+            self.tree_root(),
             Key::new(id, item::ROOT_ITEM, 0),
         );
         let Some(r) = it.next() else { return Ok(None) };
@@ -403,7 +437,7 @@ impl FsInfo {
                 item::DIR_ITEM,
                 name_hash(b"default"),
             );
-            if let Some(data) = lookup_item(&self.reader, &self.tree_root, &key)? {
+            if let Some(data) = lookup_item(&self.reader, &self.tree_root(), &key)? {
                 let items = DirItem::parse_all(&data)
                     .map_err(|e| FsError::corrupt(format!("default dir item: {e}")))?;
                 if let Some(d) = items.iter().find(|d| d.name == b"default") {
@@ -438,6 +472,214 @@ impl FsInfo {
         Ok(root)
     }
 
+    /// The root tree's current root.
+    pub fn tree_root(&self) -> RootPtr {
+        *self.tree_root.read()
+    }
+
+    /// The csum tree's current root.
+    pub fn csum_root(&self) -> Option<RootPtr> {
+        *self.csum_root.read()
+    }
+
+    pub fn is_readonly(&self) -> bool {
+        self.trans.is_none()
+    }
+
+    /// Refuse-or-handle list of ONDISK-NOTES.md B.13, then the running transaction.
+    fn start_rw(&self) -> Result<Transaction> {
+        use ubtrfs_format::super_block::incompat as inc;
+        let sb = &self.sb;
+        let refuse = |why: String| Err(FsError::Mount(why));
+        if sb.flags & sb_flags::ERROR != 0 {
+            return refuse("the superblock carries the ERROR flag (run btrfs check)".into());
+        }
+        if sb.incompat_flags & inc::SKINNY_METADATA == 0 {
+            return refuse("only skinny-metadata filesystems are written".into());
+        }
+        if sb.incompat_flags & (inc::MIXED_GROUPS | inc::RAID56 | inc::SIMPLE_QUOTA) != 0 {
+            return refuse("mixed block groups, raid56 and simple quotas are not written".into());
+        }
+        if sb.compat_ro_flags & compat_ro::FREE_SPACE_TREE == 0
+            || sb.compat_ro_flags & compat_ro::FREE_SPACE_TREE_VALID == 0
+        {
+            return refuse(
+                "the free space tree is missing or not valid (v1 space cache is not maintained)"
+                    .into(),
+            );
+        }
+        if sb.compat_ro_flags & !KNOWN_COMPAT_RO != 0 {
+            return refuse(format!(
+                "unknown compat_ro features {:#x}",
+                sb.compat_ro_flags & !KNOWN_COMPAT_RO
+            ));
+        }
+        if sb.log_root != 0 && !self.options.nologreplay {
+            return refuse(
+                "a log tree is pending and ubtrfs cannot replay it yet (mount -o ro to look)"
+                    .into(),
+            );
+        }
+        let g = self.read_guard();
+        let mut roots = std::collections::BTreeMap::new();
+        for r in TreeIter::new(&self.reader, self.tree_root(), Key::new(0, 0, 0)) {
+            let (key, block, slot) = r?;
+            match (key.objectid, key.item_type) {
+                (objectid::BALANCE, _) => return refuse("a balance is paused or pending".into()),
+                (objectid::TREE_RELOC, _) => return refuse("relocation trees are present".into()),
+                (objectid::ORPHAN, item::ORPHAN_ITEM) => {
+                    return refuse("a deleted subvolume is still being cleaned up".into())
+                }
+                (objectid::FREE_SPACE, _) => {
+                    return refuse("a v1 free space cache is present".into())
+                }
+                (id, item::ROOT_ITEM) => {
+                    let data = block
+                        .item_data(slot)
+                        .map_err(|e| FsError::corrupt(format!("root item {key}: {e}")))?;
+                    let ri = RootItem::parse(data)
+                        .map_err(|e| FsError::corrupt(format!("root item {key}: {e}")))?;
+                    if ubtrfs_format::key::is_fstree(id)
+                        && (ri.last_snapshot != 0 || ri.parent_uuid != [0; 16])
+                    {
+                        return refuse(format!(
+                            "subvolume {id} takes part in a snapshot: shared tree blocks are not written yet"
+                        ));
+                    }
+                    if ri.refs == 0 {
+                        return refuse(format!("subvolume {id} is being deleted"));
+                    }
+                    roots.insert(
+                        id,
+                        RootPtr {
+                            bytenr: ri.bytenr,
+                            level: ri.level,
+                            generation: ri.generation,
+                            owner: id,
+                        },
+                    );
+                }
+                _ => {}
+            }
+        }
+        roots.insert(objectid::ROOT_TREE, self.tree_root());
+        let chunk_root = RootPtr {
+            bytenr: sb.chunk_root,
+            level: sb.chunk_root_level,
+            generation: sb.chunk_root_generation,
+            owner: objectid::CHUNK_TREE,
+        };
+        roots.insert(objectid::CHUNK_TREE, chunk_root);
+        let bg_tree = if sb.compat_ro_flags & compat_ro::BLOCK_GROUP_TREE != 0 {
+            objectid::BLOCK_GROUP_TREE
+        } else {
+            objectid::EXTENT_TREE
+        };
+        let bg_root = *roots
+            .get(&bg_tree)
+            .ok_or_else(|| FsError::Mount("no block group tree".into()))?;
+        let fst_root = *roots
+            .get(&objectid::FREE_SPACE_TREE)
+            .ok_or_else(|| FsError::Mount("no free space tree".into()))?;
+        let space = SpaceInfo::load(&self.reader, &bg_root, &fst_root)?;
+        let chunk_block = self
+            .reader
+            .read_tree_block(chunk_root.bytenr, Default::default())?;
+        drop(g);
+        let template = BlockTemplate {
+            nodesize: sb.nodesize,
+            fsid: sb.metadata_fsid(),
+            chunk_tree_uuid: chunk_block.header.chunk_tree_uuid,
+        };
+        Ok(Transaction::new(
+            sb.generation + 1,
+            space,
+            roots,
+            template,
+            bg_tree,
+        ))
+    }
+
+    /// Shared tree lock for a search, unless this thread runs a write operation (which holds
+    /// the lock exclusively and searches its own transaction's roots).
+    pub(crate) fn read_guard(&self) -> Option<parking_lot::RwLockReadGuard<'_, ()>> {
+        if IN_WRITE_OP.with(|c| c.get()) {
+            None
+        } else {
+            Some(self.tree_lock.read_recursive())
+        }
+    }
+
+    /// Run one write operation: exclusive tree lock, the running transaction, then publish the
+    /// new tree roots to readers.
+    pub fn write_op<R>(
+        &self,
+        f: impl FnOnce(&mut crate::transaction::WriteCtx<'_>) -> Result<R>,
+    ) -> Result<R> {
+        let trans = self.trans.as_ref().ok_or(FsError::ReadOnly)?;
+        let _g = self.tree_lock.write();
+        let mut t = trans.lock();
+        IN_WRITE_OP.with(|c| c.set(true));
+        let r = {
+            let mut ctx = crate::transaction::WriteCtx {
+                fs: self,
+                t: &mut t,
+            };
+            f(&mut ctx)
+        };
+        IN_WRITE_OP.with(|c| c.set(false));
+        self.publish_roots(&t);
+        r
+    }
+
+    /// Make the transaction's roots the ones readers search.
+    fn publish_roots(&self, t: &Transaction) {
+        if let Some(r) = t.root(objectid::ROOT_TREE) {
+            *self.tree_root.write() = r;
+        }
+        *self.csum_root.write() = t.root(objectid::CSUM_TREE);
+        let mut roots = self.roots.write();
+        for (id, cached) in roots.iter_mut() {
+            if let Some(p) = t.root(*id) {
+                if p != cached.ptr {
+                    let mut n = (**cached).clone();
+                    n.ptr = p;
+                    *cached = Arc::new(n);
+                }
+            }
+        }
+    }
+
+    /// Commit the running transaction (`btrfs_commit_transaction`); a no-op when nothing
+    /// changed. An error aborts: the mount turns read-only, the committed state stays intact.
+    pub fn commit(&self) -> Result<Option<ubtrfs_ctree::transaction::CommitStats>> {
+        let Some(trans) = self.trans.as_ref() else {
+            return Ok(None);
+        };
+        let _g = self.tree_lock.write();
+        let mut t = trans.lock();
+        if t.changes == 0 && t.refs.is_empty() {
+            return Ok(None);
+        }
+        let mut sb = self.sb_live.lock();
+        let r = t.commit(&self.reader, &mut sb);
+        self.publish_roots(&t);
+        match r {
+            Ok(st) => {
+                self.ems.set_generation(st.transid);
+                Ok(Some(st))
+            }
+            Err(e) => {
+                tracing::error!(
+                    "{}: transaction {} aborted: {e}",
+                    self.path.display(),
+                    t.transid
+                );
+                Err(e.into())
+            }
+        }
+    }
+
     pub fn sectorsize(&self) -> u32 {
         self.sb.sectorsize
     }
@@ -464,7 +706,7 @@ impl FsInfo {
     }
 
     /// Block-group space figures for statfs (read once at mount; the mount is read-only).
-    fn load_space(&self) -> Result<SpaceInfo> {
+    fn load_space(&self) -> Result<StatSpace> {
         use ubtrfs_format::items::{bg_flags, BlockGroupItem};
         let bg_root = if self.sb.compat_ro_flags & compat_ro::BLOCK_GROUP_TREE != 0 {
             self.read_root_item(objectid::BLOCK_GROUP_TREE)?
@@ -473,9 +715,9 @@ impl FsInfo {
             self.read_root_item(objectid::EXTENT_TREE)?.map(|(p, _)| p)
         };
         let Some(bg_root) = bg_root else {
-            return Ok(SpaceInfo::default());
+            return Ok(StatSpace::default());
         };
-        let mut sp = SpaceInfo::default();
+        let mut sp = StatSpace::default();
         let chunks: Vec<_> = self.reader.chunks().iter().cloned().collect();
         let mut allocated = 0u64;
         for c in &chunks {
@@ -490,6 +732,7 @@ impl FsInfo {
             allocated =
                 allocated.saturating_add(c.item.length.saturating_mul(copies(c.item.chunk_type)));
             let key = Key::new(c.logical, item::BLOCK_GROUP_ITEM, c.item.length);
+            let _g = self.read_guard();
             let Some(data) = lookup_item(&self.reader, &bg_root, &key)? else {
                 continue;
             };
@@ -515,7 +758,7 @@ impl FsInfo {
 
 /// Space figures of the block groups.
 #[derive(Clone, Copy, Debug, Default)]
-struct SpaceInfo {
+struct StatSpace {
     total_used_disk: u64,
     data_free: u64,
     data_factor: u64,

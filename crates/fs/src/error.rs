@@ -24,6 +24,9 @@ pub enum FsError {
     /// No such name, inode or subvolume.
     #[error("not found")]
     NotFound,
+    /// The name already exists.
+    #[error("file exists")]
+    Exists,
     /// The operation wants a directory.
     #[error("not a directory")]
     NotDir,

@@ -139,6 +139,7 @@ pub fn btrfs_get_extent(
         }
     }
     let ss = u64::from(fs.sectorsize());
+    let _g = fs.read_guard();
     let r = fs.root(root)?;
     let (mut path, found) =
         Path::search(&fs.reader, &r.ptr, &Key::new(ino, item::EXTENT_DATA, start))?;
@@ -359,6 +360,7 @@ fn compressed_extent(
 
 /// The content of an inline extent (`read_inline_extent`), zero-padded to a sector.
 pub fn read_inline(fs: &FsInfo, root: u64, ino: u64) -> Result<Vec<u8>> {
+    let _g = fs.read_guard();
     let r = fs.root(root)?;
     let key = Key::new(ino, item::EXTENT_DATA, 0);
     let data = lookup_item(&fs.reader, &r.ptr, &key)?.ok_or_else(|| {

@@ -13,7 +13,8 @@ use ubtrfs_format::key::{item, objectid, Key};
 /// sector.
 pub fn lookup_csums(fs: &FsInfo, start: u64, nr: usize) -> Result<Vec<Option<Vec<u8>>>> {
     let mut out = vec![None; nr];
-    let Some(root) = fs.csum_root else {
+    let _g = fs.read_guard();
+    let Some(root) = fs.csum_root() else {
         return Ok(out);
     };
     let ss = u64::from(fs.sectorsize());

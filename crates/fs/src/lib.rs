@@ -9,10 +9,12 @@
 //! Lock order (outermost first), kept by every path of this crate:
 //! 1. per-inode `inode_lock` (i_rwsem counterpart, in ubtrfs-extent-map's `BtrfsInode`);
 //! 2. per-inode `mmap_lock` (i_mmap_lock);
-//! 3. the inode's extent-map tree lock (internal to ubtrfs-extent-map);
-//! 4. `FsInfo::roots` (subvolume root cache), `FsInfo` small caches;
-//! 5. the tree-block cache lock inside `ubtrfs_ctree::BlockReader` (leaf lock, never held across
-//!    a call out).
+//! 3. `FsInfo::tree_lock`: shared for every tree search, exclusive for a write operation
+//!    (`FsInfo::write_op`) and for commit; then the running transaction's mutex;
+//! 4. the inode's extent-map tree lock (internal to ubtrfs-extent-map);
+//! 5. `FsInfo::roots` (subvolume root cache), `FsInfo` small caches (`next_ino`, ...);
+//! 6. the tree-block cache and dirty-overlay locks inside `ubtrfs_ctree::BlockReader` (leaf
+//!    locks, never held across a call out).
 #![forbid(unsafe_code)]
 
 pub mod compression;
@@ -23,6 +25,7 @@ pub mod file;
 pub mod file_item;
 pub mod inode;
 pub mod mkfs;
+pub mod transaction;
 pub mod xattr;
 
 pub use disk_io::{FsInfo, FsRoot, MountOptions};

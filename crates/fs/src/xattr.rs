@@ -13,6 +13,7 @@ pub fn get(fs: &FsInfo, root: u64, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
     if ino == crate::inode::EMPTY_SUBVOL_DIR_OBJECTID {
         return Err(FsError::NoXattr);
     }
+    let _g = fs.read_guard();
     let r = fs.root(root)?;
     let key = Key::new(ino, item::XATTR_ITEM, name_hash(name));
     let data = lookup_item(&fs.reader, &r.ptr, &key)?.ok_or(FsError::NoXattr)?;
@@ -31,6 +32,7 @@ pub fn list(fs: &FsInfo, root: u64, ino: u64) -> Result<Vec<Vec<u8>>> {
     if ino == crate::inode::EMPTY_SUBVOL_DIR_OBJECTID {
         return Ok(out);
     }
+    let _g = fs.read_guard();
     let r = fs.root(root)?;
     for it in TreeIter::new(&fs.reader, r.ptr, Key::new(ino, item::XATTR_ITEM, 0)) {
         let (key, block, slot) = it?;

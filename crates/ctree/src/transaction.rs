@@ -1,0 +1,524 @@
+//! Transactions and commit (the kernel's transaction.c `btrfs_commit_transaction` and
+//! disk-io.c `write_all_supers`).
+//!
+//! # Definitions
+//! - The *running transaction* has id `transid = superblock generation + 1`. Every tree block
+//!   it creates carries that generation; changes accumulate as dirty blocks, delayed refs and
+//!   dirty block groups until commit.
+//!
+//! # Commit order (ONDISK-NOTES.md B.11), each step to a fixed point
+//! 1. Run delayed refs (extent tree), update block group items and the free space tree of
+//!    changed groups, update the ROOT_ITEM of every tree whose root moved. Each of these changes
+//!    trees, which allocates and frees blocks, which queues refs and dirties groups: repeat
+//!    until a pass changes nothing.
+//! 2. Run the tree-checker on every dirty block, checksum it, write it to every copy.
+//! 3. Flush the devices.
+//! 4. Write the superblock (generation, root tree, chunk tree, bytes_used, device bytes used,
+//!    a rotated backup root slot) to every copy that fits the device, then flush.
+//! 5. Unpin the space freed by the transaction.
+//!
+//! A crash before step 4 completes leaves the previous superblock, whose trees were never
+//! overwritten (COW + pinning), so the committed state is intact.
+
+use crate::block_group::{BlockGroup, SpaceInfo, FREE_SPACE_USING_BITMAPS};
+use crate::cow::{BlockTemplate, TreeWriter};
+use crate::ctree::{lookup_item, RootPtr, TreeIter};
+use crate::disk_io::BlockReader;
+use crate::error::{Error, Result};
+use crate::extent_tree::{run_delayed_refs, DelayedRefs, TransAlloc};
+use std::collections::{BTreeMap, BTreeSet};
+use ubtrfs_format::bytes::{put_u64, u64_at};
+use ubtrfs_format::csum::CsumType;
+use ubtrfs_format::items::BlockGroupItem;
+use ubtrfs_format::key::{item, objectid, Key};
+use ubtrfs_format::super_block::{
+    sb_offset, RootBackup, SuperBlock, SUPER_INFO_SIZE, SUPER_MIRROR_MAX,
+};
+
+/// Bound on commit fixed-point passes; more means a bug (something changes on every pass).
+const MAX_COMMIT_PASSES: usize = 64;
+
+/// State of the running transaction.
+#[derive(Debug)]
+pub struct Transaction {
+    pub transid: u64,
+    pub space: SpaceInfo,
+    pub refs: DelayedRefs,
+    /// Every tree root by tree id, including the root tree (1) and the chunk tree (3).
+    pub roots: BTreeMap<u64, RootPtr>,
+    dirty_roots: BTreeSet<u64>,
+    pub template: BlockTemplate,
+    /// Where block group items live: the extent tree or the block group tree.
+    pub bg_tree: u64,
+    /// Number of metadata changes made in this transaction (0 = nothing to commit).
+    pub changes: u64,
+}
+
+/// What a commit did, for counters and logs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CommitStats {
+    pub transid: u64,
+    pub blocks_written: usize,
+    pub passes: usize,
+}
+
+impl Transaction {
+    pub fn new(
+        transid: u64,
+        space: SpaceInfo,
+        roots: BTreeMap<u64, RootPtr>,
+        template: BlockTemplate,
+        bg_tree: u64,
+    ) -> Self {
+        Transaction {
+            transid,
+            space,
+            refs: DelayedRefs::default(),
+            roots,
+            dirty_roots: BTreeSet::new(),
+            template,
+            bg_tree,
+            changes: 0,
+        }
+    }
+
+    pub fn root(&self, id: u64) -> Option<RootPtr> {
+        self.roots.get(&id).copied()
+    }
+
+    /// Run `f` with a tree writer on tree `id`; records the root change.
+    pub fn modify_tree<R>(
+        &mut self,
+        reader: &BlockReader,
+        id: u64,
+        f: impl FnOnce(&mut TreeWriter<'_, TransAlloc<'_>>, &mut RootPtr) -> Result<R>,
+    ) -> Result<R> {
+        let mut root = self
+            .roots
+            .get(&id)
+            .copied()
+            .ok_or_else(|| Error::NotFound(format!("tree {id}")))?;
+        let nodesize = self.template.nodesize;
+        let mut alloc = TransAlloc {
+            space: &mut self.space,
+            refs: &mut self.refs,
+            nodesize,
+        };
+        let mut w = TreeWriter::new(reader, &mut alloc, self.transid, self.template);
+        let r = f(&mut w, &mut root);
+        if self.roots.get(&id) != Some(&root) {
+            self.roots.insert(id, root);
+            self.dirty_roots.insert(id);
+        }
+        self.changes += 1;
+        r
+    }
+
+    /// Register a tree created in this transaction (its ROOT_ITEM is written by the caller).
+    pub fn add_root(&mut self, id: u64, root: RootPtr) {
+        self.roots.insert(id, root);
+        self.dirty_roots.insert(id);
+    }
+
+    fn tree2(
+        &mut self,
+        reader: &BlockReader,
+        a: u64,
+        b: u64,
+        f: impl FnOnce(&mut TreeWriter<'_, TransAlloc<'_>>, &mut RootPtr, &mut RootPtr) -> Result<bool>,
+    ) -> Result<bool> {
+        let mut ra = self
+            .roots
+            .get(&a)
+            .copied()
+            .ok_or_else(|| Error::NotFound(format!("tree {a}")))?;
+        let mut rb = self
+            .roots
+            .get(&b)
+            .copied()
+            .ok_or_else(|| Error::NotFound(format!("tree {b}")))?;
+        let nodesize = self.template.nodesize;
+        let mut alloc = TransAlloc {
+            space: &mut self.space,
+            refs: &mut self.refs,
+            nodesize,
+        };
+        let mut w = TreeWriter::new(reader, &mut alloc, self.transid, self.template);
+        let r = f(&mut w, &mut ra, &mut rb)?;
+        for (id, root) in [(a, ra), (b, rb)] {
+            if self.roots.get(&id) != Some(&root) {
+                self.roots.insert(id, root);
+                self.dirty_roots.insert(id);
+            }
+        }
+        Ok(r)
+    }
+
+    /// One pass of delayed refs. True if anything was applied.
+    fn pass_delayed_refs(&mut self, reader: &BlockReader) -> Result<bool> {
+        if self.refs.is_empty() {
+            return Ok(false);
+        }
+        let mut batch = std::mem::take(&mut self.refs);
+        let mut freed = Vec::new();
+        let csum_tree = if self.roots.contains_key(&objectid::CSUM_TREE) {
+            objectid::CSUM_TREE
+        } else {
+            objectid::EXTENT_TREE
+        };
+        self.tree2(
+            reader,
+            objectid::EXTENT_TREE,
+            csum_tree,
+            |w, extent_root, csum_root| {
+                run_delayed_refs(w, &mut batch, extent_root, csum_root, &mut freed)
+            },
+        )?;
+        for (s, l) in freed {
+            self.space.free_extent(s, l)?;
+        }
+        Ok(true)
+    }
+
+    /// Rewrite block group items whose `used` changed. True if anything was written.
+    fn pass_block_groups(&mut self, reader: &BlockReader) -> Result<bool> {
+        let dirty: Vec<BlockGroup> = self
+            .space
+            .groups
+            .values()
+            .filter(|g| g.dirty)
+            .cloned()
+            .collect();
+        let mut changed = false;
+        for g in dirty {
+            let key = Key::new(g.start, item::BLOCK_GROUP_ITEM, g.length);
+            let root = self.roots[&self.bg_tree];
+            let cur = lookup_item(reader, &root, &key)?
+                .ok_or_else(|| Error::corrupt(format!("block group item {key:?} missing")))?;
+            let mut want = cur.clone();
+            put_u64(&mut want, 0, g.used);
+            if want != cur {
+                self.modify_tree(reader, self.bg_tree, |w, r| w.update_item(r, &key, &want))?;
+                changed = true;
+            }
+            let _ =
+                BlockGroupItem::parse(&want).map_err(|e| Error::format("block group item", e))?;
+        }
+        Ok(changed)
+    }
+
+    /// Bring the free space tree of every dirty group in line with `free ∪ pinned`.
+    fn pass_free_space_tree(&mut self, reader: &BlockReader) -> Result<bool> {
+        let Some(fst) = self.root(objectid::FREE_SPACE_TREE) else {
+            return Ok(false);
+        };
+        let _ = fst;
+        let ss = self.space.sectorsize;
+        let starts: Vec<u64> = self
+            .space
+            .groups
+            .values()
+            .filter(|g| g.dirty)
+            .map(|g| g.start)
+            .collect();
+        let mut changed = false;
+        for start in starts {
+            let g = self.space.groups[&start].clone();
+            let free = g.committed_free();
+            let (high, low) = g.bitmap_thresholds(ss);
+            let count = free.len() as u64;
+            let bitmaps = if g.fst_bitmaps {
+                count >= low
+            } else {
+                count > high
+            };
+            let mut want: BTreeMap<Key, Vec<u8>> = BTreeMap::new();
+            let mut info = Vec::with_capacity(8);
+            info.extend_from_slice(&(count as u32).to_le_bytes());
+            info.extend_from_slice(
+                &(if bitmaps { FREE_SPACE_USING_BITMAPS } else { 0 }).to_le_bytes(),
+            );
+            want.insert(Key::new(g.start, item::FREE_SPACE_INFO, g.length), info);
+            if bitmaps {
+                let range = u64::from(ss) * crate::block_group::FREE_SPACE_BITMAP_BITS;
+                let mut s = g.start;
+                while s < g.start + g.length {
+                    let len = range.min(g.start + g.length - s);
+                    let bits = len / u64::from(ss);
+                    let mut bm = vec![0u8; bits.div_ceil(8) as usize];
+                    for (&fs, &fl) in free.range(..s + len) {
+                        let lo = fs.max(s);
+                        let hi = (fs + fl).min(s + len);
+                        let mut p = lo;
+                        while p < hi {
+                            let i = (p - s) / u64::from(ss);
+                            bm[(i / 8) as usize] |= 1 << (i % 8);
+                            p += u64::from(ss);
+                        }
+                    }
+                    want.insert(Key::new(s, item::FREE_SPACE_BITMAP, len), bm);
+                    s += len;
+                }
+            } else {
+                for (&fs, &fl) in &free {
+                    want.insert(Key::new(fs, item::FREE_SPACE_EXTENT, fl), Vec::new());
+                }
+            }
+            // What the tree holds now for this group.
+            let root = self.roots[&objectid::FREE_SPACE_TREE];
+            let mut have: BTreeMap<Key, Vec<u8>> = BTreeMap::new();
+            for r in TreeIter::new(reader, root, Key::new(g.start, 0, 0)) {
+                let (k, b, slot) = r?;
+                if k.objectid >= g.start + g.length {
+                    break;
+                }
+                have.insert(
+                    k,
+                    b.item_data(slot)
+                        .map_err(|e| Error::format("free space tree", e))?
+                        .to_vec(),
+                );
+            }
+            if have == want {
+                continue;
+            }
+            changed = true;
+            self.modify_tree(reader, objectid::FREE_SPACE_TREE, |w, r| {
+                for (k, v) in &have {
+                    match want.get(k) {
+                        Some(wv) if wv == v => {}
+                        Some(wv) => w.update_item(r, k, wv)?,
+                        None => w.delete_item(r, k)?,
+                    }
+                }
+                for (k, v) in &want {
+                    if !have.contains_key(k) {
+                        w.insert_item(r, *k, v)?;
+                    }
+                }
+                Ok(())
+            })?;
+            if let Some(gm) = self.space.groups.get_mut(&start) {
+                gm.fst_bitmaps = bitmaps;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Update the ROOT_ITEM of every tree whose root moved (not the root and chunk trees,
+    /// which the superblock points to).
+    fn pass_root_items(&mut self, reader: &BlockReader) -> Result<bool> {
+        let ids: Vec<u64> = self
+            .dirty_roots
+            .iter()
+            .copied()
+            .filter(|&id| id != objectid::ROOT_TREE && id != objectid::CHUNK_TREE)
+            .collect();
+        let mut changed = false;
+        for id in ids {
+            let ptr = self.roots[&id];
+            let root_tree = self.roots[&objectid::ROOT_TREE];
+            let mut it = TreeIter::new(reader, root_tree, Key::new(id, item::ROOT_ITEM, 0));
+            let (key, data) = match it.next() {
+                Some(r) => {
+                    let (k, b, s) = r?;
+                    (
+                        k,
+                        b.item_data(s)
+                            .map_err(|e| Error::format("root item", e))?
+                            .to_vec(),
+                    )
+                }
+                None => return Err(Error::corrupt(format!("tree {id} has no ROOT_ITEM"))),
+            };
+            drop(it);
+            if key.objectid != id || key.item_type != item::ROOT_ITEM {
+                return Err(Error::corrupt(format!("tree {id} has no ROOT_ITEM")));
+            }
+            let mut want = data.clone();
+            put_u64(&mut want, 160, ptr.generation);
+            put_u64(&mut want, 176, ptr.bytenr);
+            want[238] = ptr.level;
+            if want.len() >= 247 {
+                put_u64(&mut want, 239, ptr.generation);
+            }
+            if want != data {
+                self.modify_tree(reader, objectid::ROOT_TREE, |w, r| {
+                    w.update_item(r, &key, &want)
+                })?;
+                changed = true;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Commit: see the module documentation for the order. `sb` is updated in place.
+    pub fn commit(&mut self, reader: &BlockReader, sb: &mut SuperBlock) -> Result<CommitStats> {
+        let mut passes = 0;
+        loop {
+            passes += 1;
+            if passes > MAX_COMMIT_PASSES {
+                return Err(Error::corrupt(format!(
+                    "transaction {}: commit did not converge",
+                    self.transid
+                )));
+            }
+            let mut changed = self.pass_delayed_refs(reader)?;
+            changed |= self.pass_block_groups(reader)?;
+            changed |= self.pass_free_space_tree(reader)?;
+            changed |= self.pass_root_items(reader)?;
+            if !changed && self.refs.is_empty() {
+                break;
+            }
+        }
+        // Write every dirty block, verified and checksummed.
+        let blocks = reader.take_dirty();
+        let csum_type = reader.csum_type;
+        for b in &blocks {
+            let mut b = (**b).clone();
+            crate::tree_checker::check_block(&b, reader.sectorsize, self.transid).map_err(|e| {
+                Error::corrupt(format!(
+                    "tree-checker refused writing block {} (owner {}): {e}",
+                    b.header.bytenr, b.header.owner
+                ))
+            })?;
+            b.update_csum(csum_type);
+            reader.write_logical(b.header.bytenr, &b.data)?;
+        }
+        reader.flush_devices()?;
+        self.write_supers(reader, sb)?;
+        reader.flush_devices()?;
+        self.space.unpin_all();
+        for g in self.space.groups.values_mut() {
+            g.dirty = false;
+        }
+        self.dirty_roots.clear();
+        reader.set_max_generation(self.transid + 1);
+        let stats = CommitStats {
+            transid: self.transid,
+            blocks_written: blocks.len(),
+            passes,
+        };
+        self.transid += 1;
+        self.changes = 0;
+        Ok(stats)
+    }
+
+    fn write_supers(&self, reader: &BlockReader, sb: &mut SuperBlock) -> Result<()> {
+        let raw = &mut sb.raw;
+        let root = self.roots[&objectid::ROOT_TREE];
+        put_u64(raw, 72, self.transid);
+        put_u64(raw, 80, root.bytenr);
+        raw[198] = root.level;
+        put_u64(raw, 96, 0); // log_root
+        raw[200] = 0;
+        if let Some(c) = self.roots.get(&objectid::CHUNK_TREE) {
+            put_u64(raw, 88, c.bytenr);
+            raw[199] = c.level;
+            put_u64(raw, 164, c.generation);
+        }
+        put_u64(raw, 120, self.space.bytes_used());
+        // uuid_tree_generation follows the generation while the UUID tree is maintained.
+        if u64_at(raw, 563, "uuid_tree_generation").unwrap_or(0) + 1 == self.transid {
+            put_u64(raw, 563, self.transid);
+        }
+        // Rotate one backup root slot (the one after the newest).
+        let newest = sb
+            .backups
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, b)| b.tree_root_gen)
+            .map(|(i, _)| i)
+            .unwrap_or(3);
+        let slot = (newest + 1) % 4;
+        let get = |id: u64| {
+            self.roots.get(&id).copied().unwrap_or(RootPtr {
+                bytenr: 0,
+                level: 0,
+                generation: 0,
+                owner: id,
+            })
+        };
+        let (ext, fs5, dev, csum, chunk) = (get(2), get(5), get(4), get(7), get(3));
+        let bk = RootBackup {
+            tree_root: root.bytenr,
+            tree_root_gen: self.transid,
+            chunk_root: chunk.bytenr,
+            chunk_root_gen: chunk.generation,
+            extent_root: ext.bytenr,
+            extent_root_gen: ext.generation,
+            fs_root: fs5.bytenr,
+            fs_root_gen: fs5.generation,
+            dev_root: dev.bytenr,
+            dev_root_gen: dev.generation,
+            csum_root: csum.bytenr,
+            csum_root_gen: csum.generation,
+            total_bytes: u64_at(raw, 112, "total_bytes").unwrap_or(0),
+            bytes_used: self.space.bytes_used(),
+            num_devices: u64_at(raw, 136, "num_devices").unwrap_or(1),
+            tree_root_level: root.level,
+            chunk_root_level: chunk.level,
+            extent_root_level: ext.level,
+            fs_root_level: fs5.level,
+            dev_root_level: dev.level,
+            csum_root_level: csum.level,
+        };
+        let o = 2859 + slot * RootBackup::SIZE;
+        for (i, v) in [
+            bk.tree_root,
+            bk.tree_root_gen,
+            bk.chunk_root,
+            bk.chunk_root_gen,
+            bk.extent_root,
+            bk.extent_root_gen,
+            bk.fs_root,
+            bk.fs_root_gen,
+            bk.dev_root,
+            bk.dev_root_gen,
+            bk.csum_root,
+            bk.csum_root_gen,
+            bk.total_bytes,
+            bk.bytes_used,
+            bk.num_devices,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            put_u64(raw, o + i * 8, v);
+        }
+        for (i, l) in [
+            bk.tree_root_level,
+            bk.chunk_root_level,
+            bk.extent_root_level,
+            bk.fs_root_level,
+            bk.dev_root_level,
+            bk.csum_root_level,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            raw[o + 152 + i] = l;
+        }
+        sb.backups[slot] = bk;
+        let csum_type: CsumType = sb.csum_type().map_err(|e| Error::format("superblock", e))?;
+        for dev in reader.devices() {
+            for m in 0..SUPER_MIRROR_MAX {
+                let off = sb_offset(m);
+                if off + SUPER_INFO_SIZE as u64 > dev.size {
+                    break;
+                }
+                let mut copy = sb.raw.clone();
+                put_u64(&mut copy, 48, off);
+                SuperBlock::update_csum_in_raw(&mut copy, csum_type);
+                dev.write_all_at(&copy, off)?;
+            }
+        }
+        // Keep the parsed view in sync with the bytes.
+        let mut primary = sb.raw.clone();
+        put_u64(&mut primary, 48, sb_offset(0));
+        SuperBlock::update_csum_in_raw(&mut primary, csum_type);
+        *sb =
+            SuperBlock::parse(&primary).map_err(|e| Error::format("superblock after commit", e))?;
+        Ok(())
+    }
+}
