@@ -2,16 +2,19 @@
 //! panics (STYLE.md habit 2: disk data is untrusted).
 //!
 //! Two kinds of input: arbitrary bytes, and valid structures built by hand (a superblock with a
-//! system chunk, leaves holding one item of each kind the read path parses, a node) with
-//! arbitrary byte mutations and truncations applied. The second kind gets past the magic and
-//! the first length checks, so the deeper parsing paths are exercised too.
+//! system chunk, leaves holding one item of each kind the read path parses, an extent tree leaf,
+//! a node) with arbitrary byte mutations and truncations applied. The second kind gets past the
+//! magic and the first length checks, so the deeper parsing paths are exercised too.
 
 use proptest::prelude::*;
 use ubtrfs_format::bytes::{put_u16, put_u32, put_u64};
 use ubtrfs_format::csum::{CsumType, CSUM_FIELD_SIZE};
+use ubtrfs_format::extent_items::{
+    shared_data_ref_parse, ExtentDataRef, ExtentItem, ExtentRecord, InlineRef, TreeBlockInfo,
+};
 use ubtrfs_format::items::{
-    BlockGroupItem, ChunkItem, DevItem, DirItem, FileExtentItem, InodeExtref, InodeItem, InodeRef,
-    RootItem, RootRef, Timespec,
+    uuid_item_parse, BlockGroupItem, ChunkItem, DevExtent, DevItem, DirItem, FileExtentItem,
+    FreeSpaceInfo, InodeExtref, InodeItem, InodeRef, RootItem, RootRef, Timespec,
 };
 use ubtrfs_format::key::{item, objectid, Key};
 use ubtrfs_format::super_block::{SuperBlock, MAGIC, SUPER_INFO_OFFSET, SUPER_INFO_SIZE};
@@ -33,6 +36,16 @@ fn parse_every_item(b: &[u8]) {
     let _ = ChunkItem::parse(b);
     let _ = DevItem::parse(b);
     let _ = BlockGroupItem::parse(b);
+    let _ = DevExtent::parse(b);
+    let _ = FreeSpaceInfo::parse(b);
+    let _ = uuid_item_parse(b);
+    let _ = ExtentItem::parse(b);
+    let _ = TreeBlockInfo::parse(b, 0);
+    let _ = ExtentDataRef::parse(b, 0);
+    let _ = shared_data_ref_parse(b);
+    let _ = InlineRef::parse(b, 0);
+    let _ = ExtentRecord::parse(b, item::EXTENT_ITEM);
+    let _ = ExtentRecord::parse(b, item::METADATA_ITEM);
 }
 
 /// Everything a reader does with a tree block: structure check, every accessor on every slot
@@ -68,7 +81,10 @@ fn exercise_super(data: &[u8]) {
     let _ = sb.verify_csum();
     let _ = sb.csum_type();
     let _ = sb.metadata_fsid();
-    let _ = sb.validate();
+    if sb.validate().is_ok() {
+        // A writer re-encodes the superblock it mounted.
+        let _ = sb.to_bytes();
+    }
     if let Ok(chunks) = sb.sys_chunks() {
         for (_, c) in chunks {
             let _ = ChunkItem::parse(&c);
@@ -238,6 +254,52 @@ fn valid_root_leaf() -> Vec<u8> {
     ])
 }
 
+/// A leaf of the extent tree: a skinny tree block ref, a non-skinny tree block extent with its
+/// tree block info, and a data extent with an inline data ref and a shared data ref.
+fn valid_extent_leaf() -> Vec<u8> {
+    use ubtrfs_format::extent_items::extent_flags;
+    let skinny = ExtentRecord::skinny_tree_block(5, 9).to_bytes();
+    let fat = ExtentRecord {
+        item: ExtentItem {
+            refs: 1,
+            generation: 9,
+            flags: extent_flags::TREE_BLOCK,
+        },
+        tree_block_info: Some(TreeBlockInfo {
+            key: Key::new(256, item::INODE_ITEM, 0),
+            level: 0,
+        }),
+        inline_refs: vec![InlineRef::TreeBlock { root: 5 }],
+    }
+    .to_bytes();
+    let data = ExtentRecord {
+        item: ExtentItem {
+            refs: 2,
+            generation: 9,
+            flags: extent_flags::DATA,
+        },
+        tree_block_info: None,
+        inline_refs: vec![
+            InlineRef::ExtentData(ExtentDataRef {
+                root: 5,
+                objectid: 259,
+                offset: 0,
+                count: 1,
+            }),
+            InlineRef::SharedData {
+                parent: 30_441_472,
+                count: 1,
+            },
+        ],
+    }
+    .to_bytes();
+    leaf_with(&[
+        (Key::new(13 << 20, item::EXTENT_ITEM, 8192), data),
+        (Key::new(30_425_088, item::METADATA_ITEM, 0), skinny),
+        (Key::new(30_441_472, item::EXTENT_ITEM, 4096), fat),
+    ])
+}
+
 /// A level-1 node with a few key pointers.
 fn valid_node() -> Vec<u8> {
     let mut d = vec![0u8; NODESIZE];
@@ -307,7 +369,7 @@ fn seeds_are_valid() {
     let sys = sb.sys_chunks().unwrap();
     assert_eq!(sys.len(), 1);
     assert_eq!(ChunkItem::parse(&sys[0].1).unwrap().num_stripes, 2);
-    for leaf in [valid_fs_leaf(), valid_root_leaf()] {
+    for leaf in [valid_fs_leaf(), valid_root_leaf(), valid_extent_leaf()] {
         let b = TreeBlock::new(leaf).unwrap();
         b.check_structure().unwrap();
         for slot in 0..b.nritems() {
@@ -326,6 +388,12 @@ fn seeds_are_valid() {
                 item::CHUNK_ITEM => drop(ChunkItem::parse(d).unwrap()),
                 item::DEV_ITEM => drop(DevItem::parse(d).unwrap()),
                 item::BLOCK_GROUP_ITEM => drop(BlockGroupItem::parse(d).unwrap()),
+                item::EXTENT_ITEM | item::METADATA_ITEM => {
+                    assert!(!ExtentRecord::parse(d, k.item_type)
+                        .unwrap()
+                        .inline_refs
+                        .is_empty())
+                }
                 t => panic!("seed leaf has an item of type {t} the test does not parse"),
             }
         }
@@ -390,10 +458,11 @@ proptest! {
     // Test scenario: valid leaves and a node with byte mutations (checksum field untouched,
     // so the structure check and item parsers see the damage) and truncation.
     #[test]
-    fn tree_block_mutated(which in 0usize..3, muts in mutations(), cut in 0usize..200) {
+    fn tree_block_mutated(which in 0usize..4, muts in mutations(), cut in 0usize..200) {
         let seed = match which {
             0 => valid_fs_leaf(),
             1 => valid_root_leaf(),
+            2 => valid_extent_leaf(),
             _ => valid_node(),
         };
         let b = apply(seed, &muts, true);
@@ -405,7 +474,7 @@ proptest! {
     // Test scenario: every item of the valid leaves, mutated and truncated, into every parser.
     #[test]
     fn items_mutated(slot in 0usize..16, muts in mutations(), cut in 0usize..40) {
-        for leaf in [valid_fs_leaf(), valid_root_leaf()] {
+        for leaf in [valid_fs_leaf(), valid_root_leaf(), valid_extent_leaf()] {
             let b = TreeBlock::new(leaf).unwrap();
             let d = b.item_data(slot % b.nritems()).unwrap().to_vec();
             let m = apply(d, &muts, false);
@@ -426,10 +495,11 @@ proptest! {
 
     // Test scenario: nritems and level of valid blocks set to arbitrary values.
     #[test]
-    fn header_counts(which in 0usize..3, nritems in any::<u32>(), level in any::<u8>()) {
+    fn header_counts(which in 0usize..4, nritems in any::<u32>(), level in any::<u8>()) {
         let mut d = match which {
             0 => valid_fs_leaf(),
             1 => valid_root_leaf(),
+            2 => valid_extent_leaf(),
             _ => valid_node(),
         };
         put_u32(&mut d, 96, nritems);
