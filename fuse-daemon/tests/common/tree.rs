@@ -561,3 +561,111 @@ pub fn set_all_times(root: &Path, seed: u64) {
     }
     rec(root, root, seed);
 }
+
+fn open_rw(path: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap_or_else(|e| panic!("opening {path:?}: {e}"))
+}
+
+fn pwrite_content(path: &Path, seed: u64, off: u64, len: u64) {
+    let mut f = open_rw(path);
+    f.seek(SeekFrom::Start(off)).unwrap();
+    write_content(&mut f, seed, len, Content::Random);
+    f.sync_all().unwrap();
+}
+
+fn fallocate(path: &Path, mode: i32, off: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let f = open_rw(path);
+    // SAFETY: the fd is valid for the life of `f`; fallocate takes plain integers.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) };
+    assert_eq!(
+        r,
+        0,
+        "fallocate {path:?} mode {mode:#x}: {}",
+        std::io::Error::last_os_error()
+    );
+    f.sync_all().unwrap();
+}
+
+fn synced_file(path: &Path, seed: u64, len: u64, kind: Content) {
+    make_file(path, seed, len, kind);
+    File::open(path).unwrap().sync_all().unwrap();
+}
+
+/// Files only a kernel writing into a mounted btrfs produces, under `dir` (which must be on a
+/// kernel btrfs mount): partially overwritten (compressed) extents, so that file extent items
+/// point into the middle of extents; preallocated extents inside and beyond EOF; punched
+/// holes; reflinked extents then overwritten; truncation inside an extent; NOCOW (nodatasum,
+/// never compressed) data; inline extents that grew into regular ones; fragmented files.
+/// Every step is fsynced so that extents are allocated (and compressed) before the next one.
+pub fn kernel_extras(dir: &Path, seed: u64) {
+    super::require_tool("cp");
+    super::require_tool("chattr");
+    fs::create_dir_all(dir).unwrap();
+    let mib = 1u64 << 20;
+    let s = |n: u64| seed.wrapping_add(n);
+
+    let ow = dir.join("overwritten");
+    synced_file(&ow, s(1), mib, Content::Mixed);
+    pwrite_content(&ow, s(2), 300_000, 5000);
+    pwrite_content(&ow, s(3), 700_001, 10);
+
+    let pre = dir.join("prealloc");
+    fallocate(&pre, 0, 0, mib);
+    pwrite_content(&pre, s(4), 500_000, 100);
+
+    let pre_eof = dir.join("prealloc-beyond-eof");
+    synced_file(&pre_eof, s(5), 1000, Content::Text);
+    fallocate(&pre_eof, libc::FALLOC_FL_KEEP_SIZE, 0, mib);
+
+    let punched = dir.join("punched");
+    synced_file(&punched, s(6), mib, Content::Mixed);
+    fallocate(
+        &punched,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        5000,
+        200_000,
+    );
+
+    let refl = dir.join("reflinked");
+    super::run_ok(
+        "cp",
+        &[
+            OsStr::new("--reflink=always"),
+            ow.as_os_str(),
+            refl.as_os_str(),
+        ],
+    );
+    pwrite_content(&refl, s(7), 65536, 4096);
+
+    let tr = dir.join("truncated");
+    synced_file(&tr, s(8), mib, Content::Mixed);
+    open_rw(&tr).set_len(200_001).unwrap();
+
+    let nocow = dir.join("nocow");
+    fs::create_dir(&nocow).unwrap();
+    super::run_ok("chattr", &[OsStr::new("+C"), nocow.as_os_str()]);
+    synced_file(&nocow.join("data"), s(9), 300_000, Content::Mixed);
+    synced_file(&nocow.join("small"), s(10), 100, Content::Text);
+
+    let grown = dir.join("inline-grown");
+    synced_file(&grown, s(11), 100, Content::Text);
+    let mut f = OpenOptions::new().append(true).open(&grown).unwrap();
+    write_content(&mut f, s(12), 10_000, Content::Text);
+    f.sync_all().unwrap();
+
+    let sparse = dir.join("inline-then-far-write");
+    synced_file(&sparse, s(13), 100, Content::Text);
+    pwrite_content(&sparse, s(14), mib, 10);
+
+    let frag = dir.join("fragmented");
+    for i in 0..64u64 {
+        pwrite_content(&frag, s(100 + i), i * 8192, 4096);
+    }
+}
