@@ -41,6 +41,8 @@ pub struct Entry {
     pub size: u64,
     pub nlink: u64,
     pub ino: u64,
+    /// st_dev: the kernel gives each subvolume its own, a FUSE mount has one.
+    pub dev: u64,
     pub blocks: u64,
     pub rdev: u64,
     pub atime: (i64, i64),
@@ -206,6 +208,7 @@ pub fn snapshot(root: &Path) -> Snapshot {
             size: md.size(),
             nlink: md.nlink(),
             ino: md.ino(),
+            dev: md.dev(),
             blocks: md.blocks(),
             rdev: md.rdev(),
             atime: (md.atime(), md.atime_nsec()),
@@ -263,9 +266,12 @@ pub struct CompareOptions {
     pub atime_ctime: bool,
     /// Compare the root directory's own attributes (mkfs --rootdir does not copy them).
     pub root_attrs: bool,
-    /// Compare inode numbers, link counts, st_blocks and directory sizes: only meaningful
-    /// when both sides are the same btrfs image.
+    /// Compare link counts, st_blocks and directory sizes: only meaningful when both sides are
+    /// the same btrfs image.
     pub same_image: bool,
+    /// Compare inode numbers (with `same_image`; ubtrfs maps the inode numbers of subvolumes
+    /// other than the mounted one, so trees with subvolumes turn this off).
+    pub inode_numbers: bool,
     /// Compare hard-link groups (paths sharing an inode).
     pub hardlinks: bool,
     /// Compare user.* xattrs.
@@ -283,6 +289,7 @@ impl CompareOptions {
             atime_ctime: false,
             root_attrs: false,
             same_image: false,
+            inode_numbers: false,
             hardlinks: true,
             xattrs: true,
             owners: true,
@@ -305,6 +312,7 @@ impl CompareOptions {
             atime_ctime: true,
             root_attrs: true,
             same_image: true,
+            inode_numbers: true,
             hardlinks: true,
             xattrs: true,
             owners: true,
@@ -330,11 +338,11 @@ fn fmt_time(t: (i64, i64)) -> String {
 
 /// Hard-link groups: for every non-directory path, the set of paths sharing its inode.
 fn link_groups(s: &Snapshot) -> BTreeMap<PathBuf, BTreeSet<PathBuf>> {
-    let mut by_ino: BTreeMap<u64, BTreeSet<PathBuf>> = BTreeMap::new();
+    let mut by_ino: BTreeMap<(u64, u64), BTreeSet<PathBuf>> = BTreeMap::new();
     for (p, e) in &s.entries {
         if let Ok(e) = e {
             if e.kind != Kind::Dir {
-                by_ino.entry(e.ino).or_default().insert(p.clone());
+                by_ino.entry((e.dev, e.ino)).or_default().insert(p.clone());
             }
         }
     }
@@ -412,7 +420,9 @@ pub fn diff(expected: &Snapshot, actual: &Snapshot, o: &CompareOptions) -> Vec<S
             f("size", e.size.to_string(), a.size.to_string());
         }
         if o.same_image {
-            f("inode", e.ino.to_string(), a.ino.to_string());
+            if o.inode_numbers {
+                f("inode", e.ino.to_string(), a.ino.to_string());
+            }
             f("nlink", e.nlink.to_string(), a.nlink.to_string());
             f("blocks", e.blocks.to_string(), a.blocks.to_string());
             f("rdev", e.rdev.to_string(), a.rdev.to_string());
