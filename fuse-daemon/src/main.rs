@@ -52,7 +52,7 @@ enum Cmd {
         #[arg(long, short = 'b', value_parser = ubtrfs_fs::mkfs::parse_size)]
         size: Option<u64>,
         /// Checksum algorithm: crc32c, xxhash, sha256 or blake2.
-        #[arg(long, default_value = "crc32c", value_parser = parse_csum)]
+        #[arg(long, alias = "checksum", default_value = "crc32c", value_parser = parse_csum)]
         csum: ubtrfs_format::CsumType,
         /// Tree block size: a power of two from 4096 to 65536.
         #[arg(long, short = 'n', default_value_t = ubtrfs_fs::mkfs::DEFAULT_NODESIZE)]
@@ -134,26 +134,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// Create the default image with mkfs.btrfs (until ubtrfs has its own mkfs).
+/// Create the default image (1 GiB, sparse) with ubtrfs's own mkfs.
 fn create_default_image(path: &Path) -> Result<(), String> {
-    let f = std::fs::File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
-    f.set_len(DEFAULT_IMAGE_SIZE)
-        .map_err(|e| format!("sizing {}: {e}", path.display()))?;
-    drop(f);
-    let out = Command::new("mkfs.btrfs")
-        .arg("-q")
-        .arg("-f")
-        .arg(path)
-        .output()
-        .map_err(|e| format!("running mkfs.btrfs (install btrfs-progs): {e}"))?;
-    if !out.status.success() {
-        let _ = std::fs::remove_file(path);
-        return Err(format!(
-            "mkfs.btrfs failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    eprintln!("ubtrfs: created {} (1 GiB, mkfs.btrfs)", path.display());
+    let opts = ubtrfs_fs::mkfs::MkfsOptions {
+        size: Some(DEFAULT_IMAGE_SIZE),
+        ..Default::default()
+    };
+    ubtrfs_fs::mkfs::mkfs(path, &opts).map_err(|e| format!("creating {}: {e}", path.display()))?;
+    eprintln!("ubtrfs: created {} (1 GiB, ubtrfs mkfs)", path.display());
     Ok(())
 }
 
