@@ -412,10 +412,11 @@ fn probe_concurrency(root: &Path, obs: &mut Vec<String>) {
 }
 
 type Observations = BTreeMap<&'static str, Vec<String>>;
+type Probe = fn(&Path, &mut Vec<String>);
 
 fn probe_all(root: PathBuf) -> Observations {
     let mut m = Observations::new();
-    let groups: [(&'static str, fn(&Path, &mut Vec<String>)); 7] = [
+    let groups: [(&'static str, Probe); 7] = [
         ("errnos", probe_errnos),
         ("xattrs", probe_xattrs),
         ("readdir", probe_readdir),
