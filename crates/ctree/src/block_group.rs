@@ -97,6 +97,22 @@ impl BlockGroup {
         self.flags & bg_flags::SYSTEM != 0
     }
 
+    /// Remove a superblock copy's range from the free space of a new group
+    /// (`exclude_super_stripes`).
+    pub fn exclude(&mut self, start: u64, len: u64) {
+        let mut carve = Vec::new();
+        for (&s, &l) in &self.free {
+            let lo = s.max(start);
+            let hi = (s + l).min(start + len);
+            if lo < hi {
+                carve.push((lo, hi - lo));
+            }
+        }
+        for (s, l) in carve {
+            range_remove(&mut self.free, s, l);
+        }
+    }
+
     pub fn free_bytes(&self) -> u64 {
         self.free.values().sum()
     }

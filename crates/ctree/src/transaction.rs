@@ -522,3 +522,262 @@ impl Transaction {
         Ok(())
     }
 }
+
+/// Data chunks are at most this large (`BTRFS_MAX_DATA_CHUNK_SIZE` caps the kernel at 10 GiB
+/// with 1 GiB stripes; a single device gets 1 GiB).
+const MAX_DATA_STRIPE: u64 = 1 << 30;
+const MAX_META_STRIPE: u64 = 256 << 20;
+const SYSTEM_STRIPE: u64 = 32 << 20;
+/// `BTRFS_DEVICE_RANGE_RESERVED`: the first MiB of every device is never allocated.
+const DEVICE_RANGE_RESERVED: u64 = 1 << 20;
+const STRIPE_LEN: u64 = 64 << 10;
+
+impl Transaction {
+    /// Free metadata (or system) bytes across groups of that kind.
+    pub fn free_of_kind(&self, kind: crate::block_group::AllocKind) -> (u64, u64) {
+        use crate::block_group::AllocKind;
+        let mut free = 0;
+        let mut total = 0;
+        for g in self.space.groups.values() {
+            let ok = match kind {
+                AllocKind::Data => g.is_data(),
+                AllocKind::Metadata => g.is_metadata(),
+                AllocKind::System => g.is_system(),
+            };
+            if ok {
+                free += g.free_bytes();
+                total += g.length;
+            }
+        }
+        (free, total)
+    }
+
+    /// Allocate metadata or system chunks ahead of need (`btrfs_chunk_alloc` from the
+    /// reservation path): when free metadata falls under a fifth of its groups or 8 MiB, and
+    /// system under 1 MiB. Returns whether a chunk was added. ENOSPC on the device is not an
+    /// error here (the allocation that needs the space reports it).
+    pub fn maybe_alloc_meta_chunks(
+        &mut self,
+        reader: &BlockReader,
+        sb: &mut SuperBlock,
+    ) -> Result<bool> {
+        use crate::block_group::AllocKind;
+        let mut added = false;
+        let (sfree, _) = self.free_of_kind(AllocKind::System);
+        if sfree < (1 << 20) {
+            added |= self.try_alloc_chunk(reader, sb, AllocKind::System)?;
+        }
+        let (mfree, mtotal) = self.free_of_kind(AllocKind::Metadata);
+        if mfree < (8 << 20).min(mtotal / 2) || mfree * 5 < mtotal {
+            added |= self.try_alloc_chunk(reader, sb, AllocKind::Metadata)?;
+        }
+        Ok(added)
+    }
+
+    /// `btrfs_create_chunk` + `btrfs_make_block_group`, tolerating a full device (Ok(false)).
+    pub fn try_alloc_chunk(
+        &mut self,
+        reader: &BlockReader,
+        sb: &mut SuperBlock,
+        kind: crate::block_group::AllocKind,
+    ) -> Result<bool> {
+        match self.alloc_chunk(reader, sb, kind) {
+            Ok(_) => Ok(true),
+            Err(Error::NoSpace(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Allocate a new chunk of `kind` on the (single) device: chunk item, device extents,
+    /// device item bytes_used, block group item, free space (the next commit writes its free
+    /// space tree entries) and, for system chunks, the superblock's sys_chunk_array.
+    pub fn alloc_chunk(
+        &mut self,
+        reader: &BlockReader,
+        sb: &mut SuperBlock,
+        kind: crate::block_group::AllocKind,
+    ) -> Result<u64> {
+        use crate::block_group::{AllocKind, BlockGroup};
+        use ubtrfs_format::items::{bg_flags, ChunkItem, DevExtent, DevItem, Stripe};
+        let flags = self
+            .space
+            .groups
+            .values()
+            .find(|g| match kind {
+                AllocKind::Data => g.is_data(),
+                AllocKind::Metadata => g.is_metadata(),
+                AllocKind::System => g.is_system(),
+            })
+            .map(|g| g.flags)
+            .unwrap_or(match kind {
+                AllocKind::Data => bg_flags::DATA,
+                AllocKind::Metadata => bg_flags::METADATA | bg_flags::DUP,
+                AllocKind::System => bg_flags::SYSTEM | bg_flags::DUP,
+            });
+        let profile = flags & bg_flags::PROFILE_MASK;
+        let num_stripes: u64 = match profile {
+            0 => 1,
+            bg_flags::DUP => 2,
+            _ => {
+                return Err(Error::Unsupported(format!(
+                    "allocating chunks of profile {profile:#x} on one device"
+                )))
+            }
+        };
+        // The device and its current extents.
+        let dev_key = Key::new(objectid::DEV_ITEMS, item::DEV_ITEM, sb.dev_item.devid);
+        let chunk_root = self.roots[&objectid::CHUNK_TREE];
+        let dev_data = lookup_item(reader, &chunk_root, &dev_key)?
+            .ok_or_else(|| Error::corrupt("no DEV_ITEM in the chunk tree"))?;
+        let mut dev = DevItem::parse(&dev_data).map_err(|e| Error::format("dev item", e))?;
+        let dev_root = self.roots[&objectid::DEV_TREE];
+        let mut used: Vec<(u64, u64)> = Vec::new();
+        for r in TreeIter::new(reader, dev_root, Key::new(dev.devid, item::DEV_EXTENT, 0)) {
+            let (k, b, s) = r?;
+            if k.objectid != dev.devid || k.item_type != item::DEV_EXTENT {
+                break;
+            }
+            let de = b.item_data(s).map_err(|e| Error::format("dev extent", e))?;
+            let len =
+                u64_at(de, 24, "dev extent length").map_err(|e| Error::format("dev extent", e))?;
+            used.push((k.offset, len));
+        }
+        let mut holes = Vec::new();
+        let mut pos = DEVICE_RANGE_RESERVED;
+        for &(s, l) in &used {
+            if s > pos {
+                holes.push((pos, s - pos));
+            }
+            pos = pos.max(s + l);
+        }
+        if dev.total_bytes > pos {
+            holes.push((pos, dev.total_bytes - pos));
+        }
+        let total = sb.total_bytes;
+        let want_stripe = match kind {
+            AllocKind::Data => MAX_DATA_STRIPE.min((total / 10).max(16 << 20)),
+            AllocKind::Metadata => MAX_META_STRIPE.min((total / 10).max(16 << 20)),
+            AllocKind::System => SYSTEM_STRIPE.min((total / 10).max(8 << 20)),
+        };
+        let want_stripe = want_stripe / STRIPE_LEN * STRIPE_LEN;
+        // First hole that fits every stripe; otherwise the largest hole, shrunk.
+        let (phys, stripe) = match holes.iter().find(|&&(_, l)| l >= want_stripe * num_stripes) {
+            Some(&(s, _)) => (s, want_stripe),
+            None => {
+                let &(s, l) = holes
+                    .iter()
+                    .max_by_key(|&&(_, l)| l)
+                    .ok_or_else(|| Error::NoSpace("no unallocated device space".into()))?;
+                let st = l / num_stripes / STRIPE_LEN * STRIPE_LEN;
+                if st < (1 << 20) {
+                    return Err(Error::NoSpace("no unallocated device space".into()));
+                }
+                (s, st)
+            }
+        };
+        let logical = reader
+            .chunks()
+            .iter()
+            .map(|c| c.logical + c.item.length)
+            .max()
+            .unwrap_or(0)
+            .max(1 << 20);
+        let stripes: Vec<Stripe> = (0..num_stripes)
+            .map(|i| Stripe {
+                devid: dev.devid,
+                offset: phys + i * stripe,
+                dev_uuid: dev.uuid,
+            })
+            .collect();
+        let chunk = ChunkItem {
+            length: stripe,
+            owner: objectid::EXTENT_TREE,
+            stripe_len: STRIPE_LEN,
+            chunk_type: flags,
+            io_align: reader.sectorsize,
+            io_width: reader.sectorsize,
+            sector_size: reader.sectorsize,
+            num_stripes: num_stripes as u16,
+            sub_stripes: 1,
+            stripes: stripes.clone(),
+        };
+        reader
+            .chunks_mut()
+            .insert(logical, chunk.clone(), reader.sectorsize)?;
+        // Free space of the new group: all of it but the superblock copies it holds.
+        let mut free = BTreeMap::new();
+        free.insert(logical, stripe);
+        let mut group = BlockGroup {
+            start: logical,
+            length: stripe,
+            flags,
+            used: 0,
+            free,
+            pinned: BTreeMap::new(),
+            fst_bitmaps: false,
+            dirty: true,
+        };
+        for m in 0..SUPER_MIRROR_MAX {
+            let off = sb_offset(m);
+            for st in &stripes {
+                if off >= st.offset && off < st.offset + stripe {
+                    let l = logical + (off - st.offset);
+                    let len = STRIPE_LEN.min(logical + stripe - l);
+                    group.exclude(l, len);
+                }
+            }
+        }
+        self.space.groups.insert(logical, group);
+        // Items.
+        let chunk_key = Key::new(objectid::FIRST_CHUNK_TREE, item::CHUNK_ITEM, logical);
+        let chunk_bytes = chunk.to_bytes();
+        self.modify_tree(reader, objectid::CHUNK_TREE, |w, r| {
+            w.insert_item(r, chunk_key, &chunk_bytes)
+        })?;
+        for st in &stripes {
+            let de = DevExtent {
+                chunk_tree: objectid::CHUNK_TREE,
+                chunk_objectid: objectid::FIRST_CHUNK_TREE,
+                chunk_offset: logical,
+                length: stripe,
+                chunk_tree_uuid: self.template.chunk_tree_uuid,
+            };
+            let k = Key::new(dev.devid, item::DEV_EXTENT, st.offset);
+            let b = de.to_bytes();
+            self.modify_tree(reader, objectid::DEV_TREE, |w, r| w.insert_item(r, k, &b))?;
+        }
+        dev.bytes_used += stripe * num_stripes;
+        let dev_bytes = dev.to_bytes();
+        self.modify_tree(reader, objectid::CHUNK_TREE, |w, r| {
+            w.update_item(r, &dev_key, &dev_bytes)
+        })?;
+        let bgi = BlockGroupItem {
+            used: 0,
+            chunk_objectid: objectid::FIRST_CHUNK_TREE,
+            flags,
+        }
+        .to_bytes();
+        let bg_key = Key::new(logical, item::BLOCK_GROUP_ITEM, stripe);
+        let bg_tree = self.bg_tree;
+        self.modify_tree(reader, bg_tree, |w, r| w.insert_item(r, bg_key, &bgi))?;
+        // The superblock's copy of the device item, and the system chunk array.
+        put_u64(&mut sb.raw, 201 + 16, dev.bytes_used);
+        sb.dev_item.bytes_used = dev.bytes_used;
+        if kind == AllocKind::System {
+            let at = 811 + sb.sys_chunk_array_size as usize;
+            let need = ubtrfs_format::key::Key::SIZE + chunk_bytes.len();
+            if at + need > 811 + ubtrfs_format::super_block::SYSTEM_CHUNK_ARRAY_SIZE {
+                return Err(Error::NoSpace("sys_chunk_array is full".into()));
+            }
+            chunk_key.encode(&mut sb.raw, at);
+            sb.raw[at + 17..at + need].copy_from_slice(&chunk_bytes);
+            sb.sys_chunk_array_size += need as u32;
+            ubtrfs_format::bytes::put_u32(&mut sb.raw, 160, sb.sys_chunk_array_size);
+            sb.sys_chunk_array =
+                sb.raw[811..811 + ubtrfs_format::super_block::SYSTEM_CHUNK_ARRAY_SIZE].to_vec();
+        }
+        tracing::info!("allocated {kind:?} chunk at logical {logical}, {stripe} bytes x{num_stripes} at physical {phys}");
+        self.changes += 1;
+        Ok(logical)
+    }
+}

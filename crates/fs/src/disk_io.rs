@@ -119,6 +119,8 @@ pub struct FsInfo {
     pub(crate) tree_lock: RwLock<()>,
     /// The running transaction of a read-write mount.
     pub trans: Option<Mutex<Transaction>>,
+    /// Data written and not yet in extents, per (subvolume, inode).
+    pub(crate) dirty: crate::file_write::DirtyMap,
     /// Next free inode number per subvolume (`btrfs_init_root_free_objectid`, then counted).
     pub(crate) next_ino: Mutex<HashMap<u64, u64>>,
     /// Next directory index per (subvolume, directory) (`btrfs_set_inode_index_count`).
@@ -335,6 +337,7 @@ impl FsInfo {
             space: StatSpace::default(),
             tree_lock: RwLock::new(()),
             trans: None,
+            dirty: Mutex::new(HashMap::new()),
             next_ino: Mutex::new(HashMap::new()),
             next_index: Mutex::new(HashMap::new()),
             sb_live,
@@ -619,6 +622,11 @@ impl FsInfo {
         let trans = self.trans.as_ref().ok_or(FsError::ReadOnly)?;
         let _g = self.tree_lock.write();
         let mut t = trans.lock();
+        // Keep metadata and system space ahead of need (the kernel's reservation path).
+        {
+            let mut sb = self.sb_live.lock();
+            t.maybe_alloc_meta_chunks(&self.reader, &mut sb)?;
+        }
         IN_WRITE_OP.with(|c| c.set(true));
         let r = {
             let mut ctx = crate::transaction::WriteCtx {
@@ -648,6 +656,19 @@ impl FsInfo {
                 }
             }
         }
+    }
+
+    /// `sync_filesystem`: write back every dirty inode, then commit.
+    pub fn sync(&self) -> Result<()> {
+        if self.is_readonly() {
+            return Ok(());
+        }
+        let inodes: Vec<(u64, u64)> = self.dirty.lock().keys().copied().collect();
+        for (root, ino) in inodes {
+            crate::file_write::btrfs_writeback(self, root, ino)?;
+        }
+        self.commit()?;
+        Ok(())
     }
 
     /// Commit the running transaction (`btrfs_commit_transaction`); a no-op when nothing

@@ -8,7 +8,7 @@ use ubtrfs_ctree::Error as TreeError;
 pub enum FsError {
     /// Trees, devices, metadata verification.
     #[error(transparent)]
-    Tree(#[from] TreeError),
+    Tree(TreeError),
     /// A data block failed checksum verification on every copy.
     #[error("csum failed root {root} ino {ino} off {offset}")]
     DataChecksum { root: u64, ino: u64, offset: u64 },
@@ -24,6 +24,9 @@ pub enum FsError {
     /// No such name, inode or subvolume.
     #[error("not found")]
     NotFound,
+    /// No space left for data or metadata.
+    #[error("no space left on device")]
+    NoSpace,
     /// The name already exists.
     #[error("file exists")]
     Exists,
@@ -48,6 +51,15 @@ pub enum FsError {
     /// Refused at mount: unsupported feature or unusable device.
     #[error("{0}")]
     Mount(String),
+}
+
+impl From<TreeError> for FsError {
+    fn from(e: TreeError) -> Self {
+        match e {
+            TreeError::NoSpace(_) => FsError::NoSpace,
+            other => FsError::Tree(other),
+        }
+    }
 }
 
 impl FsError {

@@ -400,8 +400,32 @@ pub fn read_inline(fs: &FsInfo, root: u64, ino: u64) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Read up to `size` bytes at `offset` of a regular file (short at end of file).
+/// Read up to `size` bytes at `offset` of a regular file (short at end of file), including
+/// data written but not yet written back.
 pub fn read(
+    fs: &FsInfo,
+    root: u64,
+    ino: u64,
+    ii: &InodeItem,
+    emi: &BtrfsInode,
+    offset: u64,
+    size: u32,
+) -> Result<Vec<u8>> {
+    let Some(dirty) = crate::file_write::dirty_inode(fs, root, ino) else {
+        return read_disk(fs, root, ino, ii, emi, offset, size);
+    };
+    let d = dirty.lock();
+    let live = InodeItem {
+        size: d.size,
+        ..*ii
+    };
+    let mut out = read_disk(fs, root, ino, &live, emi, offset, size)?;
+    crate::file_write::overlay_dirty(&d, u64::from(fs.sectorsize()), offset, &mut out);
+    Ok(out)
+}
+
+/// Read file content from the trees only (no dirty data), up to `ii.size`.
+pub fn read_disk(
     fs: &FsInfo,
     root: u64,
     ino: u64,

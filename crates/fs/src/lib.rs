@@ -23,6 +23,7 @@ pub mod disk_io;
 pub mod error;
 pub mod file;
 pub mod file_item;
+pub mod file_write;
 pub mod inode;
 pub mod mkfs;
 pub mod transaction;

@@ -81,6 +81,16 @@ impl WriteCtx<'_> {
             .modify_tree(reader, id, |w, r| w.delete_item(r, key))?)
     }
 
+    /// Add a data chunk (the data space is full). False when the device has no room.
+    pub fn alloc_data_chunk(&mut self) -> Result<bool> {
+        let mut sb = self.fs.sb_live.lock();
+        Ok(self.t.try_alloc_chunk(
+            &self.fs.reader,
+            &mut sb,
+            ubtrfs_ctree::block_group::AllocKind::Data,
+        )?)
+    }
+
     /// The inode item of `ino` as this transaction sees it.
     pub fn read_inode(&self, root: u64, ino: u64) -> Result<InodeItem> {
         let d = self
