@@ -6,7 +6,7 @@
 //!   (`refs`), whether it is in a tree (`rb_node` not cleared), which list its `list` head is
 //!   linked on (the tree's modified list or an fsync's private logging list) and whether the
 //!   kernel would have freed it (refs reached zero).
-//! - A *version* is an immutable snapshot of one inode's tree: a persistent treap of
+//! - A *version* is an immutable snapshot of one inode's tree: a persistent B+tree of
 //!   [`Slot`]s (value + identity) keyed by `start`. The tree publishes one version at the end of
 //!   every write-locked critical section that changed it.
 //! - The *writer state* ([`TreeW`]) is what the kernel protects with the tree's write lock: the
@@ -41,10 +41,10 @@ use std::sync::Arc;
 use crossbeam_epoch::{self as epoch, Atomic, Owned};
 use parking_lot::{Mutex, MutexGuard, RwLock};
 
+use crate::btree::{self, Link};
 use crate::em::{flags, EmError, ExtentMap, EXTENT_MAP_INLINE, EXTENT_MAP_LAST_BYTE};
 use crate::fs::FsCore;
 use crate::stats::{Counters, Invariant};
-use crate::treap::{self, Link};
 
 const IN_TREE: u32 = 1 << 0;
 const ON_MODIFIED: u32 = 1 << 1;
@@ -163,11 +163,17 @@ impl ExtentMapTree {
     /// Frees the retired versions whose grace period has ended (see `publish`). Called by the
     /// tree's writers and the shrinker before they take the tree lock.
     fn reclaim(&self) {
-        let ready = match self.reclaim.try_lock() {
-            Some(mut q) if !q.is_empty() => std::mem::take(&mut *q),
-            _ => return,
-        };
-        drop(ready);
+        // One version at a time, outside the queue's lock; the queue keeps its capacity.
+        loop {
+            let v = match self.reclaim.try_lock() {
+                Some(mut q) => q.pop(),
+                None => return,
+            };
+            match v {
+                Some(v) => drop(v),
+                None => return,
+            }
+        }
     }
 
     /// Runs `f` on the current version under an epoch guard (the read side: no lock).
@@ -271,9 +277,9 @@ pub struct MapInfo {
 
 /// `[start, start+len)` search in one version (`__lookup_extent_mapping`).
 fn search_link(root: &Link, start: u64, len: u64, strict: bool) -> Option<&Slot> {
-    let cand = match treap::floor(root, start) {
+    let cand = match btree::floor(root, start) {
         Some(s) if s.em.end() > start => s,
-        prev => match treap::next_after(root, start) {
+        prev => match btree::next_after(root, start) {
             Some(next) => next,
             None => prev?,
         },
@@ -355,15 +361,15 @@ impl<'a> Locked<'a> {
     }
 
     pub(crate) fn slot(&self, key: u64) -> Option<&Slot> {
-        treap::get(&self.w.root, key)
+        btree::get(&self.w.root, key)
     }
 
     pub(crate) fn first_key(&self) -> Option<u64> {
-        treap::first(&self.w.root).map(|s| s.em.start)
+        btree::first(&self.w.root).map(|s| s.em.start)
     }
 
     pub(crate) fn next_key(&self, key: u64) -> Option<u64> {
-        treap::next_after(&self.w.root, key).map(|s| s.em.start)
+        btree::next_after(&self.w.root, key).map(|s| s.em.start)
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -372,7 +378,7 @@ impl<'a> Locked<'a> {
 
     /// Changes the value of the map at `key` in place (start must stay `key`).
     pub(crate) fn update(&mut self, key: u64, f: impl FnOnce(&mut ExtentMap)) {
-        if let Some(s) = treap::get_mut(&mut self.w.root, key) {
+        if let Some(s) = btree::get_mut(&mut self.w.root, key) {
             f(&mut s.em);
             debug_assert_eq!(s.em.start, key);
             self.w.dirty = true;
@@ -490,9 +496,9 @@ impl<'a> Locked<'a> {
         let em = slot.em;
         let end = em.end();
         let overlap_prev =
-            treap::floor(&self.w.root, em.start).is_some_and(|p| p.em.end() > em.start);
+            btree::floor(&self.w.root, em.start).is_some_and(|p| p.em.end() > em.start);
         let overlap_next =
-            treap::next_after(&self.w.root, em.start).is_some_and(|n| n.em.start < end);
+            btree::next_after(&self.w.root, em.start).is_some_and(|n| n.em.start < end);
         if overlap_prev || overlap_next {
             return Err(EmError::Exists {
                 start: em.start,
@@ -504,7 +510,7 @@ impl<'a> Locked<'a> {
             return Err(EmError::Invalid("map already in a tree"));
         }
         slot.node.set(IN_TREE);
-        treap::insert(&mut self.w.root, slot);
+        btree::insert(&mut self.w.root, slot);
         self.w.nr += 1;
         self.w.dirty = true;
         Ok(())
@@ -559,7 +565,7 @@ impl<'a> Locked<'a> {
         }
         let mut em = s.em;
         if em.start != 0 {
-            if let Some(prev) = treap::prev_before(&self.w.root, key).cloned() {
+            if let Some(prev) = btree::prev_before(&self.w.root, key).cloned() {
                 if can_merge(&prev) && mergeable_maps(&prev.em, &em) {
                     let orig = em;
                     em.start = prev.em.start;
@@ -569,9 +575,9 @@ impl<'a> Locked<'a> {
                         merge_ondisk_extents(&prev.em, &orig, &mut em);
                     }
                     em.flags |= flags::MERGED;
-                    // em takes prev's place (same key, so the treap shape is unchanged).
-                    treap::remove(&mut self.w.root, key);
-                    if let Some(slot) = treap::get_mut(&mut self.w.root, prev.em.start) {
+                    // em takes prev's place (same key: an in-place slot update).
+                    btree::remove(&mut self.w.root, key);
+                    if let Some(slot) = btree::get_mut(&mut self.w.root, prev.em.start) {
                         *slot = Slot {
                             em,
                             node: s.node.clone(),
@@ -585,14 +591,14 @@ impl<'a> Locked<'a> {
                 }
             }
         }
-        if let Some(next) = treap::next_after(&self.w.root, em.start).cloned() {
+        if let Some(next) = btree::next_after(&self.w.root, em.start).cloned() {
             if can_merge(&next) && mergeable_maps(&em, &next.em) {
                 let cur = em;
                 em.len = em.len.wrapping_add(next.em.len);
                 if em.disk_bytenr < EXTENT_MAP_LAST_BYTE {
                     merge_ondisk_extents(&cur, &next.em, &mut em);
                 }
-                treap::remove(&mut self.w.root, next.em.start);
+                btree::remove(&mut self.w.root, next.em.start);
                 next.node.clear(IN_TREE);
                 self.w.nr -= 1;
                 em.generation = em.generation.max(next.em.generation);
@@ -608,7 +614,7 @@ impl<'a> Locked<'a> {
     /// `btrfs_remove_extent_mapping`: out of the tree; unlinked from its list unless LOGGING.
     /// Drops no reference. Returns the removed slot.
     pub(crate) fn remove_extent_mapping(&mut self, key: u64) -> Option<Slot> {
-        let slot = treap::remove(&mut self.w.root, key)?;
+        let slot = btree::remove(&mut self.w.root, key)?;
         self.after_tree_removal(&slot);
         self.w.nr -= 1;
         self.w.dirty = true;
@@ -647,9 +653,9 @@ impl<'a> Locked<'a> {
         };
         let cur = if new.start == cur_key {
             // rb_replace_node: same position, in place.
-            treap::get_mut(&mut self.w.root, cur_key).map(|s| std::mem::replace(s, slot.clone()))
+            btree::get_mut(&mut self.w.root, cur_key).map(|s| std::mem::replace(s, slot.clone()))
         } else {
-            treap::remove(&mut self.w.root, cur_key)
+            btree::remove(&mut self.w.root, cur_key)
         };
         if let Some(cur) = &cur {
             self.after_tree_removal(cur);
@@ -659,7 +665,7 @@ impl<'a> Locked<'a> {
         }
         node.set(IN_TREE);
         if new.start != cur_key || cur.is_none() {
-            treap::insert(&mut self.w.root, slot);
+            btree::insert(&mut self.w.root, slot);
         }
         self.w.dirty = true;
         self.setup_extent_mapping(new.start, modified)
@@ -702,14 +708,13 @@ impl<'a> Locked<'a> {
     }
 
     /// Takes every entry off the modified list, head (newest) first.
-    pub(crate) fn take_modified(&mut self) -> Vec<ListEntry> {
-        let list = std::mem::take(&mut self.w.modified);
-        let mut out: Vec<ListEntry> = list.into_values().collect();
-        out.reverse();
-        for e in &out {
-            e.node.clear(ON_MODIFIED);
-        }
-        out
+    pub(crate) fn take_modified(&mut self) -> impl Iterator<Item = ListEntry> {
+        std::mem::take(&mut self.w.modified)
+            .into_values()
+            .rev()
+            .inspect(|e| {
+                e.node.clear(ON_MODIFIED);
+            })
     }
 
     /// Marks a map taken off the modified list as still linked (to a ring detached from the
@@ -837,7 +842,7 @@ impl BtrfsInode {
     /// All maps of the current version, in file order (a snapshot).
     pub fn extent_maps(&self) -> Vec<ExtentMap> {
         self.tree
-            .read(|root| treap::Iter::new(root, 0).map(|s| s.em).collect())
+            .read(|root| btree::Iter::new(root, 0).map(|s| s.em).collect())
     }
 
     /// Number of maps in the current version.
@@ -1245,13 +1250,13 @@ impl Locked<'_> {
         }
         let (prev, next) = if existing.em.start > map_start {
             (
-                treap::prev_before(&self.w.root, existing.em.start).map(|s| s.em),
+                btree::prev_before(&self.w.root, existing.em.start).map(|s| s.em),
                 Some(existing.em),
             )
         } else {
             (
                 Some(existing.em),
-                treap::next_after(&self.w.root, existing.em.start).map(|s| s.em),
+                btree::next_after(&self.w.root, existing.em.start).map(|s| s.em),
             )
         };
         let start = prev.map_or(em.start, |p| p.end()).max(em.start);
@@ -1293,7 +1298,7 @@ impl Locked<'_> {
             let em_end = em.end();
             let mut next = None;
             if em_end < end {
-                if let Some(n) = treap::next_after(&self.w.root, em.start).cloned() {
+                if let Some(n) = btree::next_after(&self.w.root, em.start).cloned() {
                     if n.em.start < end {
                         self.get_ref(&n.node);
                         next = Some(n);

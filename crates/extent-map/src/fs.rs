@@ -30,11 +30,12 @@ use crate::sched::SchedHook;
 use crate::sched::SchedPoint;
 use crate::stats::{Counters, Invariant, Stats};
 
-/// Approximate memory of one cached map: its treap node and its identity node, each with the
-/// `Arc` header, as counted in [`Stats::cached_bytes`].
-pub const MAP_FOOTPRINT_BYTES: u64 = (std::mem::size_of::<crate::treap::TNode>()
+/// Approximate memory of one cached map, as counted in [`Stats::cached_bytes`]: its slot in a
+/// B+tree leaf, its identity node with the `Arc` header, and its share of the tree's nodes
+/// (about one eighth of a leaf's header and of the inner levels).
+pub const MAP_FOOTPRINT_BYTES: u64 = (std::mem::size_of::<crate::extent_map::Slot>()
     + std::mem::size_of::<crate::extent_map::EmNode>()
-    + 4 * std::mem::size_of::<usize>()) as u64;
+    + 3 * std::mem::size_of::<usize>()) as u64;
 
 /// Keeps a hot atomic on its own cache line.
 #[repr(align(128))]

@@ -14,8 +14,8 @@
 //! - [`Policy`]: `kernel` (faithful, default), `fixed-split`, `fixed-shrinker`, `fixed-both`
 //!   (KERNEL-SEMANTICS.md section 5).
 //!
-//! # Reclamation design (why a persistent treap behind `crossbeam_epoch::Atomic`)
-//! Each tree is a persistent (copy-on-write) treap whose current version is published through
+//! # Reclamation design (why a persistent B+tree behind `crossbeam_epoch::Atomic`)
+//! Each tree is a persistent (copy-on-write) B+tree whose current version is published through
 //! a `crossbeam_epoch::Atomic<Version>`. Readers (`btrfs_lookup_extent_mapping`,
 //! `btrfs_search_extent_mapping`) pin an epoch, load the version and search it: no lock, no
 //! reference count, no writes to shared memory, so a reader never waits for a writer or for a
@@ -79,12 +79,12 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod btree;
 mod em;
 mod extent_map;
 mod fs;
 pub mod sched;
 mod stats;
-mod treap;
 mod tree_log;
 
 pub use em::{
@@ -97,12 +97,12 @@ pub use sched::SchedPoint;
 pub use stats::{Invariant, Stats};
 pub use tree_log::{LogError, LoggingPass, MAX_LOGGED_UNITS};
 
-/// Sizes of the types behind one cached map, for the benchmarks' report: (value, treap node,
-/// identity node). The kernel's `struct extent_map` is 104 bytes.
+/// Sizes of the types behind one cached map, for the benchmarks' report: (value, B+tree leaf
+/// slot, identity node). The kernel's `struct extent_map` is 104 bytes.
 pub fn type_sizes() -> (usize, usize, usize) {
     (
         std::mem::size_of::<ExtentMap>(),
-        std::mem::size_of::<treap::TNode>(),
+        std::mem::size_of::<extent_map::Slot>(),
         std::mem::size_of::<extent_map::EmNode>(),
     )
 }

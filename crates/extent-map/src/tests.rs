@@ -32,7 +32,7 @@ fn sizes() {
     // Test scenario: the value type is no larger than the kernel's struct extent_map (104).
     let (v, t, n) = type_sizes();
     assert_eq!(v, 64);
-    assert!(t <= 104, "treap node {t}");
+    assert!(t <= 104, "leaf slot {t}");
     assert!(n <= 32, "identity node {n}");
 }
 

@@ -60,11 +60,10 @@ impl BtrfsInode {
         self.sched(SchedPoint::LogCollect);
         let mut l = self.lock_tree();
         let pass = l.next_pass_id();
-        let entries = l.take_modified();
+        let mut rest = l.take_modified();
         let mut num = 0usize;
         let mut efbig = false;
         let mut collected: Vec<(Arc<EmNode>, ExtentMap)> = Vec::new();
-        let mut rest = entries.into_iter();
         for e in rest.by_ref() {
             if Locked::node_is_freed(&e.node) {
                 // The kernel would walk through freed memory here (list corruption).
