@@ -121,6 +121,8 @@ pub struct FsInfo {
     pub trans: Option<Mutex<Transaction>>,
     /// Data written and not yet in extents, per (subvolume, inode).
     pub(crate) dirty: crate::file_write::DirtyMap,
+    /// Open file handles per (subvolume, inode): an unlinked inode is evicted at its last close.
+    pub(crate) open_files: Mutex<HashMap<(u64, u64), u32>>,
     /// Next free inode number per subvolume (`btrfs_init_root_free_objectid`, then counted).
     pub(crate) next_ino: Mutex<HashMap<u64, u64>>,
     /// Next directory index per (subvolume, directory) (`btrfs_set_inode_index_count`).
@@ -339,6 +341,7 @@ impl FsInfo {
             trans: None,
             dirty: Mutex::new(HashMap::new()),
             next_ino: Mutex::new(HashMap::new()),
+            open_files: Mutex::new(HashMap::new()),
             next_index: Mutex::new(HashMap::new()),
             sb_live,
             mount_time: now_timespec(),
@@ -656,6 +659,36 @@ impl FsInfo {
                 }
             }
         }
+    }
+
+    /// A file handle was opened on (root, ino).
+    pub fn note_open(&self, root: u64, ino: u64) {
+        *self.open_files.lock().entry((root, ino)).or_insert(0) += 1;
+    }
+
+    /// A file handle was released; true if it was the last one.
+    pub fn note_release(&self, root: u64, ino: u64) -> bool {
+        let mut m = self.open_files.lock();
+        match m.get_mut(&(root, ino)) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                m.remove(&(root, ino));
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Open handles of (root, ino).
+    pub fn open_count(&self, root: u64, ino: u64) -> u32 {
+        self.open_files
+            .lock()
+            .get(&(root, ino))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// `sync_filesystem`: write back every dirty inode, then commit.

@@ -211,6 +211,36 @@ fn has_inline_extent(fs: &FsInfo, root: u64, ino: u64) -> Result<bool> {
     )
 }
 
+/// Set the in-memory size of an inode with dirty data to `new_size`, dropping dirty sectors
+/// beyond it and zeroing the tail of the last partial one. No-op without dirty data.
+/// (Truncate first writes back, so this only matters for data written meanwhile.)
+pub fn truncate_dirty(fs: &FsInfo, root: u64, ino: u64, new_size: u64) {
+    let Some(dirty) = dirty_inode(fs, root, ino) else {
+        return;
+    };
+    let ss = u64::from(fs.sectorsize());
+    let mut d = dirty.lock();
+    d.sectors.retain(|&idx, _| idx * ss < new_size);
+    if new_size % ss != 0 {
+        if let Some((_, buf)) = d.sectors.get_mut(&(new_size / ss)) {
+            buf[(new_size % ss) as usize..].fill(0);
+        }
+    }
+    d.size = new_size;
+}
+
+/// The in-memory size and mtime of an inode with dirty data (what getattr reports).
+pub fn live_attrs(fs: &FsInfo, root: u64, ino: u64, ii: &mut InodeItem) {
+    if let Some(dirty) = dirty_inode(fs, root, ino) {
+        let d = dirty.lock();
+        ii.size = d.size;
+        if let Some(m) = d.mtime {
+            ii.mtime = m;
+            ii.ctime = m;
+        }
+    }
+}
+
 /// Bytes `btrfs_drop_extents` removed from the file's allocation (for nbytes).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct DropResult {
