@@ -22,9 +22,17 @@ use std::time::Duration;
 const WALK_LIMIT: Duration = Duration::from_secs(600);
 
 fn compressed_case(alg: &str, type_code: u8) {
+    compressed_case_with("compress-force", alg, type_code, None);
+}
+
+/// `mount_opt`: compress or compress-force; `features`: mkfs -O list.
+fn compressed_case_with(mount_opt: &str, alg: &str, type_code: u8, features: Option<&str>) {
     require_fuse_env();
     require_tool("cp");
-    let name = format!("compress-{alg}");
+    let name = format!(
+        "{mount_opt}-{alg}{}",
+        if features.is_some() { "-features" } else { "" }
+    );
     let t = TestDir::new(&name);
     let src = t.mkdir("src");
     generate_tree(
@@ -35,10 +43,16 @@ fn compressed_case(alg: &str, type_code: u8) {
         },
     );
     let img = t.join("image");
-    mkfs_image(&img, &Mkfs::default());
+    mkfs_image(
+        &img,
+        &Mkfs {
+            features,
+            ..Default::default()
+        },
+    );
     let mnt = t.mkdir("mnt");
     {
-        let w = LoopMount::new(&img, &mnt, &format!("compress-force={alg}"));
+        let w = LoopMount::new(&img, &mnt, &format!("{mount_opt}={alg}"));
         sh(
             "cp",
             &[
@@ -134,4 +148,12 @@ fn kernel_written_lzo() {
 #[test]
 fn kernel_written_zstd() {
     compressed_case("zstd", 3);
+}
+
+// Test scenario: mkfs with -O ^no-holes (holes are explicit file extent items) and a mount with
+// compress=zlib, not forced: incompressible data is stored raw and marks its inode NOCOMPRESS,
+// so compressed and plain extents, explicit holes and prealloc mix in one image.
+#[test]
+fn kernel_written_zlib_not_forced_without_no_holes() {
+    compressed_case_with("compress", "zlib", 1, Some("^no-holes"));
 }

@@ -32,7 +32,7 @@ fn mkfs_case(name: &str, csum: Option<&str>, nodesize: Option<u32>) {
             rootdir: Some(&src),
             csum,
             nodesize,
-            size: 0,
+            ..Default::default()
         },
     );
     let expected = snapshot(&src);

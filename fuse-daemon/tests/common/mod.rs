@@ -230,6 +230,8 @@ pub struct Mkfs<'a> {
     pub csum: Option<&'a str>,
     /// `--nodesize`.
     pub nodesize: Option<u32>,
+    /// `-O` feature list, e.g. `^no-holes`.
+    pub features: Option<&'a str>,
     /// Image size in bytes (a sparse file); 512 MiB when 0.
     pub size: u64,
 }
@@ -249,6 +251,10 @@ pub fn mkfs_image(image: &Path, opts: &Mkfs<'_>) {
     if let Some(c) = opts.csum {
         args.push("--csum".into());
         args.push(c.into());
+    }
+    if let Some(f) = opts.features {
+        args.push("-O".into());
+        args.push(f.into());
     }
     if let Some(n) = opts.nodesize {
         args.push("--nodesize".into());

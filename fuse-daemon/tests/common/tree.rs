@@ -664,6 +664,16 @@ pub fn kernel_extras(dir: &Path, seed: u64) {
     synced_file(&sparse, s(13), 100, Content::Text);
     pwrite_content(&sparse, s(14), mib, 10);
 
+    // Enough long-named hard links in one directory to overflow the INODE_REF item into
+    // INODE_EXTREF items.
+    let links = dir.join("many-links");
+    fs::create_dir(&links).unwrap();
+    let target = links.join("target");
+    synced_file(&target, s(15), 3000, Content::Text);
+    for i in 0..300 {
+        fs::hard_link(&target, links.join(format!("{}-{i:03}", "l".repeat(200)))).unwrap();
+    }
+
     let frag = dir.join("fragmented");
     for i in 0..64u64 {
         pwrite_content(&frag, s(100 + i), i * 8192, 4096);
