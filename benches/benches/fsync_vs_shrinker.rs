@@ -113,16 +113,10 @@ impl Ours {
 
     fn shrinker_loop(&self, stop: &AtomicBool) {
         let mut n = 0u64;
-        if std::env::var_os("SPIN").is_some() {
-            while !stop.load(Ordering::Relaxed) {
-                n = black_box(n.wrapping_add(1));
-            }
-            return;
-        }
         while !stop.load(Ordering::Relaxed) {
             self.fs.btrfs_free_extent_maps(4096);
             n += 1;
-            if std::env::var_os("NOREFILL").is_none() && n & 7 == 0 {
+            if n & 7 == 0 {
                 // Readers bring back the dropped maps of one inode.
                 let o = &self.others[(n / 8 % OTHERS) as usize];
                 for i in (1..OTHER_MAPS).step_by(2) {
@@ -418,13 +412,7 @@ fn quantiles(name: &str, rounds: usize, mut f: impl FnMut(u64) -> Duration) {
 
 fn quick() {
     let ours = Arc::new(Ours::new());
-    let only_busy = std::env::var_os("ONLY_BUSY").is_some();
-    if !only_busy {
-        quantiles("idle", 2000, |r| ours.fsync_round(r));
-    }
-    if std::env::var_os("ONLY_IDLE").is_some() {
-        return;
-    }
+    quantiles("idle", 2000, |r| ours.fsync_round(r));
     let stop = Arc::new(AtomicBool::new(false));
     let h = {
         let (o, s) = (ours.clone(), stop.clone());
@@ -433,9 +421,6 @@ fn quick() {
     quantiles("busy", 2000, |r| ours.fsync_round(r + 10_000));
     stop.store(true, Ordering::Relaxed);
     h.join().expect("shrinker");
-    if only_busy {
-        return;
-    }
     let base = Arc::new(Base::new());
     quantiles("idle_rwlock", 2000, |r| base.fsync_round(r));
     let stop = Arc::new(AtomicBool::new(false));

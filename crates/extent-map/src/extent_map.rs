@@ -336,15 +336,22 @@ pub(crate) fn is_fstree(root: u64) -> bool {
 }
 
 /// The tree write lock held on one inode: all modifications go through this. Publishes the
-/// working version when dropped (the end of the kernel's write-locked critical section).
+/// working version when dropped (the end of the kernel's write-locked critical section),
+/// unless the critical section only made mapping-preserving changes and asked to defer.
 pub(crate) struct Locked<'a> {
     pub(crate) inode: &'a BtrfsInode,
     pub(crate) w: MutexGuard<'a, TreeW>,
+    /// Set by the logging pass: its changes (LOGGING set or cleared, merges of adjacent,
+    /// physically contiguous maps) never change what any file byte maps to, so readers may
+    /// keep seeing the previous version until the pass ends or any other writer publishes.
+    /// Unpublished, the working version's nodes stay unshared and are changed in place instead
+    /// of being copied once per logged map.
+    pub(crate) defer_publish: bool,
 }
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
-        if self.w.dirty {
+        if self.w.dirty && !self.defer_publish {
             self.inode.tree.publish(&mut self.w);
         }
     }
@@ -801,7 +808,11 @@ impl BtrfsInode {
                 w
             }
         };
-        Locked { inode: self, w }
+        Locked {
+            inode: self,
+            w,
+            defer_publish: false,
+        }
     }
 
     /// `write_trylock` of the tree lock.
@@ -810,7 +821,11 @@ impl BtrfsInode {
         self.tree
             .writer
             .try_lock()
-            .map(|w| Locked { inode: self, w })
+            .map(|w| Locked {
+                inode: self,
+                w,
+                defer_publish: false,
+            })
     }
 
     /// Somebody waits for the tree lock.

@@ -59,6 +59,8 @@ impl BtrfsInode {
     pub fn btrfs_log_changed_extents_begin(&self, transid: u64, i_size: u64) -> LoggingPass<'_> {
         self.sched(SchedPoint::LogCollect);
         let mut l = self.lock_tree();
+        // Setting LOGGING changes no mapping: publish at the end of the pass.
+        l.defer_publish = true;
         let pass = l.next_pass_id();
         let mut rest = l.take_modified();
         let mut num = 0usize;
@@ -149,13 +151,19 @@ impl LoggingPass<'_> {
             self.inode.sched(SchedPoint::LogRelock);
         }
         let mut l = self.inode.lock_tree();
+        // Clearing LOGGING and the merges it allows change no mapping; the version is
+        // published when the private list is exhausted (below) or by any other writer.
+        l.defer_publish = true;
         if let Some((node, em)) = self.current.take() {
             l.clear_em_logging(&node, em.start);
             let v = l.current_value(&node, em);
             l.put(&node, &v);
         }
         loop {
-            let seq = self.order.next()?;
+            let Some(seq) = self.order.next() else {
+                l.defer_publish = false;
+                return None;
+            };
             let Some(entry) = l.w.logging.remove(&seq) else {
                 // Unlinked by another task: never logged, our reference leaked.
                 Counters::inc(&self.inode.core.counters.logging_maps_lost);
