@@ -133,19 +133,25 @@ fn dmesg_tail() -> String {
     lines.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
-/// `btrfs check --readonly` exits 0 and prints no ERROR and no warning line.
+/// `btrfs check --readonly` exits 0 and prints no ERROR and no warning line, in the original
+/// and in the lowmem mode (they verify differently).
 fn assert_check_clean(image: &Path, when: &str) {
-    let (ok, out) = run("btrfs", &["check", "--readonly", image.to_str().unwrap()]);
-    let bad: Vec<&str> = out
-        .lines()
-        .filter(|l| l.contains("ERROR") || l.to_ascii_lowercase().contains("warning"))
-        .collect();
-    assert!(
-        ok && bad.is_empty(),
-        "btrfs check {} ({when}) failed:\n{out}",
-        image.display()
-    );
-    assert!(out.contains("no error found"), "{out}");
+    for mode in ["--mode=original", "--mode=lowmem"] {
+        let (ok, out) = run(
+            "btrfs",
+            &["check", "--readonly", mode, image.to_str().unwrap()],
+        );
+        let bad: Vec<&str> = out
+            .lines()
+            .filter(|l| l.contains("ERROR") || l.to_ascii_lowercase().contains("warning"))
+            .collect();
+        assert!(
+            ok && bad.is_empty(),
+            "btrfs check {mode} {} ({when}) failed:\n{out}",
+            image.display()
+        );
+        assert!(out.contains("no error found"), "{out}");
+    }
 }
 
 /// ubtrfs opens the image read-only; the superblock says what mkfs was asked for and the
@@ -192,6 +198,9 @@ fn assert_kernel_roundtrip(image: &Path, dir: &Path) {
     let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     {
         let mut m = KernelMount::new(image, dir);
+        // Scrub reads every allocated block, both DUP copies, against its checksum.
+        let (ok, out) = run("btrfs", &["scrub", "start", "-B", dir.to_str().unwrap()]);
+        assert!(ok && out.contains("no errors found"), "scrub: {out}");
         std::fs::write(dir.join("hello"), b"written by the kernel\n").unwrap();
         std::fs::create_dir(dir.join("sub")).unwrap();
         std::fs::write(dir.join("sub/data"), &payload).unwrap();
@@ -442,4 +451,90 @@ fn refusals() {
         assert!(mkfs(&image, &opts).is_err(), "{opts:?} accepted");
         assert!(!image.exists(), "{opts:?} left an image behind");
     }
+}
+
+// Test scenario: for sizes from the minimum to 300 GiB (metadata chunk 32 MiB, 10% of the
+// device, 256 MiB, 1 GiB above 50 GiB), ubtrfs mkfs's chunk and dev trees are what mkfs.btrfs
+// makes on a file of the same size, uuids aside.
+#[test]
+fn chunk_tree_matches_mkfs_btrfs() {
+    let tmp = TempDir::new("vs-progs");
+    let normalized = |image: &Path, tree: &str| {
+        let (ok, out) = run(
+            "btrfs",
+            &[
+                "inspect-internal",
+                "dump-tree",
+                "-t",
+                tree,
+                image.to_str().unwrap(),
+            ],
+        );
+        assert!(ok, "{out}");
+        // Everything but the leaf header (address, generation) and the random uuids.
+        out.lines()
+            .map(str::trim)
+            .filter(|l| {
+                !l.starts_with("leaf ")
+                    && !l.starts_with("btrfs-progs")
+                    && !l.contains("uuid")
+                    && !l.contains("fsid")
+            })
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    for size in [
+        ubtrfs_fs::mkfs::min_dev_size(),
+        120_000_000,
+        700 * MIB,
+        3 * GIB,
+        50 * GIB + 4096,
+        300 * GIB,
+    ] {
+        let theirs = tmp.path("progs.img");
+        let ours = tmp.path("ours.img");
+        for p in [&theirs, &ours] {
+            let _ = std::fs::remove_file(p);
+            std::fs::File::create(p).unwrap().set_len(size).unwrap();
+        }
+        let (ok, out) = run("mkfs.btrfs", &["-q", "-f", theirs.to_str().unwrap()]);
+        assert!(ok, "mkfs.btrfs on {size} bytes: {out}");
+        mkfs(&ours, &MkfsOptions::default()).unwrap();
+        for tree in ["chunk", "dev"] {
+            assert_eq!(
+                normalized(&theirs, tree),
+                normalized(&ours, tree),
+                "{tree} tree, size {size}"
+            );
+        }
+    }
+}
+
+// Test scenario: a 300 GiB sparse image gets all three superblock copies (64 KiB, 64 MiB,
+// 256 GiB), each verifying with its own bytenr; check passes and the kernel mounts it.
+#[test]
+fn third_superblock_copy() {
+    let tmp = TempDir::new("300g");
+    let image = tmp.path("fs.img");
+    let opts = MkfsOptions {
+        size: Some(300 * GIB),
+        csum: CsumType::Xxhash64,
+        ..Default::default()
+    };
+    mkfs(&image, &opts).unwrap();
+    let (ok, sup) = run(
+        "btrfs",
+        &[
+            "inspect-internal",
+            "dump-super",
+            "-a",
+            image.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{sup}");
+    assert!(sup.contains("superblock: bytenr=274877906944"), "{sup}");
+    assert_eq!(sup.matches("[match]").count(), 3 * 3, "{sup}");
+    assert_check_clean(&image, "300 GiB");
+    assert_ubtrfs_reads(&image, &opts, 300 * GIB);
+    assert_kernel_roundtrip(&image, &tmp.path("mnt"));
 }
