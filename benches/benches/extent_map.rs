@@ -148,7 +148,7 @@ fn lookups_threads(c: &mut Criterion) {
 fn main() {
     let (v, t, n) = ubtrfs_extent_map::type_sizes();
     println!(
-        "size_of::<ExtentMap>() = {v} bytes; treap node = {t} bytes; identity node = {n} bytes; \
+        "size_of::<ExtentMap>() = {v} bytes; B+tree leaf slot = {t} bytes; identity node = {n} bytes; \
          per cached map incl. Arc headers = {} bytes (kernel struct extent_map: 104)",
         ubtrfs_extent_map::MAP_FOOTPRINT_BYTES
     );

@@ -33,7 +33,7 @@ pub mod flags {
 
 /// Plain value of a map's fields (Copy). What callers build and what lookups return (a snapshot
 /// copy). 64 bytes: the kernel's `struct extent_map` is 104 bytes because it also carries its
-/// rb_node, refcount and list head, which live in [`crate::extent_map`]'s node types here.
+/// rb_node, refcount and list head, which live in the tree and identity node types here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ExtentMap {
     /// File offset of the first byte covered.

@@ -216,14 +216,16 @@ impl ExtentMapTree {
 
 impl Drop for ExtentMapTree {
     fn drop(&mut self) {
-        // SAFETY: `&mut self` proves no reader or writer can access `published` any more (readers
-        // borrow the tree for the duration of their guard), and the pointer is owned by this
-        // Atomic (older versions were handed to the collector by `publish`).
         let old = std::mem::replace(&mut self.published, Atomic::null());
+        // SAFETY: `&mut self` proves that no other thread can reach `published` any more:
+        // readers and writers borrow the tree (`&self`) for as long as they use it. With no
+        // concurrent access, the unprotected guard is sound.
         let guard = unsafe { epoch::unprotected() };
         let shared = old.load(Ordering::Relaxed, guard);
         if !shared.is_null() {
-            // SAFETY: see above: exclusive access, non-null, owned by this tree.
+            // SAFETY: the current version was made by `Owned::new` (in `new` or `publish`) and
+            // was never retired (a version is retired only after being swapped out), so this
+            // tree is its only owner and nobody else can reach it (see above).
             drop(unsafe { shared.into_owned() });
         }
     }
@@ -818,14 +820,11 @@ impl BtrfsInode {
     /// `write_trylock` of the tree lock.
     pub(crate) fn try_lock_tree(&self) -> Option<Locked<'_>> {
         self.tree.reclaim();
-        self.tree
-            .writer
-            .try_lock()
-            .map(|w| Locked {
-                inode: self,
-                w,
-                defer_publish: false,
-            })
+        self.tree.writer.try_lock().map(|w| Locked {
+            inode: self,
+            w,
+            defer_publish: false,
+        })
     }
 
     /// Somebody waits for the tree lock.

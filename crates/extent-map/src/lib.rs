@@ -15,26 +15,36 @@
 //!   (KERNEL-SEMANTICS.md section 5).
 //!
 //! # Reclamation design (why a persistent B+tree behind `crossbeam_epoch::Atomic`)
-//! Each tree is a persistent (copy-on-write) B+tree whose current version is published through
-//! a `crossbeam_epoch::Atomic<Version>`. Readers (`btrfs_lookup_extent_mapping`,
+//! Each tree is a persistent (copy-on-write) 16-way B+tree whose current version is published
+//! through a `crossbeam_epoch::Atomic<Version>`. Readers (`btrfs_lookup_extent_mapping`,
 //! `btrfs_search_extent_mapping`) pin an epoch, load the version and search it: no lock, no
-//! reference count, no writes to shared memory, so a reader never waits for a writer or for a
-//! shrinker scan, and it sees exactly the state at the end of some write-locked critical
-//! section (as a kernel reader holding the read lock would). Writers serialise on the tree
-//! lock (a mutex: the write side of the kernel's rwlock), change a private working version with
-//! `Arc::make_mut` (path copying only where a published version still shares a node, in place
-//! otherwise), and publish once when they unlock; the replaced version is handed to
-//! `Guard::defer_destroy` and freed when every thread pinned at that time has unpinned.
-//! Maps are owned (`Arc`) by the versions and list entries that contain them, so a map that
-//! leaves its tree or a list is freed only once no version a reader may hold and no list
-//! contains it: there is no way to reach a freed map. The alternatives were an epoch-protected
-//! concurrent skip list (readers could observe the intermediate states of compound operations
-//! such as a merge or a split, which the kernel's read lock hides) and an RwLock (readers would
-//! wait for the shrinker). The kernel's reference count is kept as a ledger on each map: its
-//! final drop checks the kernel's WARN_ONs and marks the map "freed in the kernel", so the
-//! kernel's use-after-free (a map freed while still linked on the modified list) is detected
-//! and counted ([`Invariant::FreedWhileInUse`], [`Invariant::UseAfterFree`]) while the memory
-//! stays valid.
+//! reference count, no write to shared memory, so a reader never waits for a writer or for a
+//! shrinker scan, and it sees the state at the end of some write-locked critical section (as a
+//! kernel reader holding the read lock would). Writers serialise on the tree lock (a mutex: the
+//! write side of the kernel's rwlock), change a private working version with `Arc::make_mut`
+//! (copying a node only while a published version still shares it, in place otherwise), and
+//! publish once when they unlock. The replaced version is retired with `Guard::defer`: once
+//! every thread pinned at that time has unpinned, the collector moves it to the tree's reclaim
+//! queue, and the tree's next writer (or the shrinker's next visit) frees it outside the tree
+//! lock, so the cost of freeing stays with the threads that change that tree instead of landing
+//! on whichever thread happens to run the collector (measured: an fsync paying for the
+//! shrinker's garbage). Maps (`EmNode`) are owned through `Arc` by the versions and list entries
+//! that contain them, so a map that leaves its tree or a list is freed only once no version a
+//! reader may hold and no list contains it: no code, safe or unsafe, can reach a freed map.
+//!
+//! One deliberate refinement: a fast fsync's logging pass (setting and clearing LOGGING and the
+//! merges that follow) never changes what any file byte maps to (merged maps are adjacent and
+//! physically contiguous), so it publishes once, when its private list is exhausted, instead of
+//! at every unlock; readers meanwhile see the previous, mapping-equivalent version. Any other
+//! writer's unlock publishes everything pending.
+//!
+//! Alternatives considered: an epoch-protected concurrent skip list (readers could observe the
+//! intermediate states of compound operations such as a merge or a split, which the kernel's
+//! read lock hides) and an RwLock (readers would wait for the shrinker and for writers). The
+//! kernel's reference count is kept as a ledger on each map: its final drop checks the kernel's
+//! WARN_ONs and marks the map "freed in the kernel", so the kernel's use-after-free (a map
+//! freed while still linked on the modified list) is detected and counted
+//! ([`Invariant::FreedWhileInUse`], [`Invariant::UseAfterFree`]) while the memory stays valid.
 //!
 //! # Invariants (checked always, counted in [`Stats`], reported once through `tracing`)
 //! See [`Invariant`]: the shrinker meets a LOGGING map; a LOGGING map exists outside any fsync
@@ -63,7 +73,8 @@
 //!    `log_one_extent`)
 //! 5. the inode registry lock (internal; `xa_lock` / `fs_roots_radix_lock`), never held while
 //!    taking any other lock except by try-lock
-//! 6. the shrinker cursor lock (internal; leaf)
+//! 6. the shrinker cursor lock and each tree's reclaim-queue lock (internal; leaves: nothing is
+//!    taken while holding them, and the reclaim queue is only try-locked by writers)
 //!
 //! The shrinker is the only code going against this order, and only with try-locks, as the
 //! kernel: it try-locks the tree lock while walking the registry and then try-locks the mmap

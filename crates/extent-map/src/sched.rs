@@ -3,7 +3,7 @@
 //! A [`SchedPoint`] marks a place where the kernel's code can be preempted or drops a lock
 //! (between logged maps, inside the shrinker's loops, between the two halves of a range
 //! replacement, at lock breaks). With the feature on, the per-filesystem hook set by
-//! [`crate::FsExtentMaps::set_sched_hook`] is called there. With the feature off the calls
+//! `FsExtentMaps::set_sched_hook` is called there. With the feature off the calls
 //! compile to nothing.
 //!
 //! Contract for hook authors: the hook is never called while the extent-map tree lock or the
