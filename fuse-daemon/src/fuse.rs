@@ -28,14 +28,19 @@ use ubtrfs_fs::{FsError, FsInfo};
 
 const FUSE_ROOT_ID: u64 = 1;
 const SLOT_SHIFT: u32 = 48;
-/// Attribute and entry cache time: the mount is read-only, nothing changes under the kernel.
-const TTL: Duration = Duration::from_secs(3600);
+/// Attribute and entry cache time of a read-only mount: nothing changes under the kernel.
+const TTL_RO: Duration = Duration::from_secs(3600);
+/// Attribute and entry cache time of a read-write mount (we are the only writer, but writes
+/// change mtime and size behind the kernel's cached attributes).
+const TTL_RW: Duration = Duration::from_secs(1);
 const READDIR_BATCH: usize = 256;
 
 /// Map an error to the errno the kernel would return, logging what deserves a log line.
 pub fn errno_of(e: &FsError) -> Errno {
     match e {
         FsError::NotFound => Errno::ENOENT,
+        FsError::Exists => Errno::EEXIST,
+        FsError::NoSpace => Errno::ENOSPC,
         FsError::NotDir => Errno::ENOTDIR,
         FsError::IsDir => Errno::EISDIR,
         FsError::NoXattr => Errno::NO_XATTR,
@@ -84,6 +89,8 @@ struct Node {
 
 pub struct UbtrfsFuse {
     fs: Arc<FsInfo>,
+    ttl: Duration,
+    rw: bool,
     /// root id -> slot (the mounted root has slot 0), and slot -> root id.
     slots: RwLock<(HashMap<u64, u64>, Vec<u64>)>,
     nodes: Mutex<HashMap<u64, Node>>,
@@ -123,7 +130,10 @@ impl UbtrfsFuse {
     pub fn new(fs: Arc<FsInfo>) -> Self {
         let mut map = HashMap::new();
         map.insert(fs.mount_root, 0);
+        let rw = !fs.is_readonly();
         UbtrfsFuse {
+            ttl: if rw { TTL_RW } else { TTL_RO },
+            rw,
             slots: RwLock::new((map, vec![fs.mount_root])),
             fs,
             nodes: Mutex::new(HashMap::new()),
@@ -212,12 +222,68 @@ impl UbtrfsFuse {
 
     /// The inode item of a node (cached while the kernel holds the node).
     fn inode_of(&self, node: u64) -> Result<(u64, u64, InodeItem), FsError> {
-        if let Some(n) = self.nodes.lock().get(&node) {
-            return Ok((n.root, n.ino, n.inode));
+        if !self.rw {
+            if let Some(n) = self.nodes.lock().get(&node) {
+                return Ok((n.root, n.ino, n.inode));
+            }
         }
         let (root, ino) = self.resolve(node)?;
-        let ii = ubtrfs_fs::inode::read_inode(&self.fs, root, ino)?;
+        let mut ii = ubtrfs_fs::inode::read_inode(&self.fs, root, ino)?;
+        if self.rw {
+            ubtrfs_fs::file_write::live_attrs(&self.fs, root, ino, &mut ii);
+        }
         Ok((root, ino, ii))
+    }
+
+    /// Owner of a new inode (`inode_init_owner`): the caller, with the group of a setgid
+    /// directory, which new subdirectories inherit.
+    fn new_owner(&self, req: &Request, parent_ii: &InodeItem, mut mode: u32) -> (u32, u32, u32) {
+        let mut gid = req.gid();
+        if parent_ii.mode & 0o2000 != 0 {
+            gid = parent_ii.gid;
+            if mode & S_IFMT == ubtrfs_fs::inode::S_IFDIR {
+                mode |= 0o2000;
+            }
+        }
+        (req.uid(), gid, mode)
+    }
+
+    /// Create an inode of `mode` named `name` in node `parent`; returns (node, item).
+    fn do_create(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        rdev: u64,
+    ) -> Result<(u64, u64, u64, InodeItem), FsError> {
+        let (root, dir, pii) = self.inode_of(parent)?;
+        if pii.mode & S_IFMT != ubtrfs_fs::inode::S_IFDIR {
+            return Err(FsError::NotDir);
+        }
+        let (uid, gid, mode) = self.new_owner(req, &pii, mode & !(umask & 0o777));
+        let (ino, ii) =
+            ubtrfs_fs::inode::btrfs_new_inode(&self.fs, root, dir, name, mode, rdev, uid, gid)?;
+        let node = self.remember(root, ino, ii)?;
+        Ok((node, root, ino, ii))
+    }
+
+    fn reply_entry(
+        &self,
+        r: Result<(u64, u64, u64, InodeItem), FsError>,
+        op: &str,
+        reply: ReplyEntry,
+    ) {
+        match r {
+            Ok((node, _, _, ii)) => {
+                reply.entry(&self.ttl, &self.attr(node, &ii), Generation(ii.generation))
+            }
+            Err(e) => {
+                log_error(op, &e);
+                reply.error(errno_of(&e))
+            }
+        }
     }
 
     /// Account one kernel lookup of (root, ino) and return its node id and attributes.
@@ -240,7 +306,10 @@ impl UbtrfsFuse {
             Target::Inode { root, ino } => (root, ino),
             Target::EmptySubvolPlaceholder { root } => (root, EMPTY_SUBVOL_DIR_OBJECTID),
         };
-        let ii = ubtrfs_fs::inode::read_inode(&self.fs, root, ino)?;
+        let mut ii = ubtrfs_fs::inode::read_inode(&self.fs, root, ino)?;
+        if self.rw {
+            ubtrfs_fs::file_write::live_attrs(&self.fs, root, ino, &mut ii);
+        }
         Ok((root, ino, ii))
     }
 
@@ -311,7 +380,9 @@ impl Filesystem for UbtrfsFuse {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.do_lookup(parent.0, name.as_bytes()) {
-            Ok((node, ii)) => reply.entry(&TTL, &self.attr(node, &ii), Generation(ii.generation)),
+            Ok((node, ii)) => {
+                reply.entry(&self.ttl, &self.attr(node, &ii), Generation(ii.generation))
+            }
             Err(e) => {
                 log_error("lookup", &e);
                 reply.error(errno_of(&e))
@@ -336,7 +407,7 @@ impl Filesystem for UbtrfsFuse {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.inode_of(ino.0) {
-            Ok((_, _, ii)) => reply.attr(&TTL, &self.attr(ino.0, &ii)),
+            Ok((_, _, ii)) => reply.attr(&self.ttl, &self.attr(ino.0, &ii)),
             Err(e) => {
                 log_error("getattr", &e);
                 reply.error(errno_of(&e))
@@ -361,15 +432,135 @@ impl Filesystem for UbtrfsFuse {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+        let writing = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        if writing && !self.rw {
             return reply.error(Errno::EROFS);
         }
         match self.inode_of(ino.0) {
             Ok((_, _, ii)) if ii.mode & S_IFMT == ubtrfs_fs::inode::S_IFDIR => {
                 reply.error(Errno::EISDIR)
             }
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok((root, i, _)) => {
+                if self.rw {
+                    self.fs.note_open(root, i);
+                    reply.opened(FileHandle(0), FopenFlags::empty())
+                } else {
+                    reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+                }
+            }
             Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if self.rw {
+            if let Ok((root, i)) = self.resolve(ino.0) {
+                self.fs.note_release(root, i);
+            }
+        }
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: fuser::ReplyCreate,
+    ) {
+        match self.do_create(req, parent.0, name.as_bytes(), mode, umask, 0) {
+            Ok((node, root, ino, ii)) => {
+                self.fs.note_open(root, ino);
+                reply.created(
+                    &self.ttl,
+                    &self.attr(node, &ii),
+                    Generation(ii.generation),
+                    FileHandle(0),
+                    FopenFlags::empty(),
+                )
+            }
+            Err(e) => {
+                log_error("create", &e);
+                reply.error(errno_of(&e))
+            }
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        // FUSE passes the new_encode_dev form; btrfs stores the kernel's internal dev_t.
+        let major = u64::from((rdev & 0xfff00) >> 8);
+        let minor = u64::from((rdev & 0xff) | ((rdev >> 12) & 0xfff00));
+        let kdev = (major << 20) | minor;
+        let r = self.do_create(req, parent.0, name.as_bytes(), mode, umask, kdev);
+        self.reply_entry(r, "mknod", reply)
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.do_create(
+            req,
+            parent.0,
+            name.as_bytes(),
+            mode | ubtrfs_fs::inode::S_IFDIR,
+            umask,
+            0,
+        );
+        self.reply_entry(r, "mkdir", reply)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: fuser::ReplyWrite,
+    ) {
+        let r = self.resolve(ino.0).and_then(|(root, i)| {
+            let em = self.extent_maps(ino.0, root, i);
+            // i_rwsem: writers of one inode are serialised, as in the kernel.
+            let _l = em.inode_lock().write();
+            ubtrfs_fs::file_write::btrfs_buffered_write(&self.fs, root, i, offset, data)
+        });
+        match r {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => {
+                log_error("write", &e);
+                reply.error(errno_of(&e))
+            }
         }
     }
 
@@ -486,7 +677,7 @@ impl Filesystem for UbtrfsFuse {
                 ino,
                 1,
                 ".",
-                &TTL,
+                &self.ttl,
                 &self.attr(ino.0, &dii),
                 Generation(dii.generation),
             )
@@ -499,7 +690,7 @@ impl Filesystem for UbtrfsFuse {
                 Ok((_, _, pii)) => self.attr(p, &pii),
                 Err(_) => self.attr(ino.0, &dii),
             };
-            if reply.add(INodeNo(p), 2, "..", &TTL, &pattr, Generation(0)) {
+            if reply.add(INodeNo(p), 2, "..", &self.ttl, &pattr, Generation(0)) {
                 return reply.ok();
             }
         }
@@ -533,7 +724,7 @@ impl Filesystem for UbtrfsFuse {
                     INodeNo(node),
                     d.index + 1,
                     OsStr::from_bytes(&d.name),
-                    &TTL,
+                    &self.ttl,
                     &attr,
                     Generation(ii.generation),
                 ) {
@@ -565,13 +756,27 @@ impl Filesystem for UbtrfsFuse {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Read-only: nothing is ever dirty.
-        reply.ok();
+        if !self.rw {
+            return reply.ok();
+        }
+        // Until the tree-log exists, fsync is a full transaction commit (btrfs_sync_file's
+        // fallback), after writing back the inode.
+        let r = self.resolve(ino.0).and_then(|(root, i)| {
+            ubtrfs_fs::file_write::btrfs_writeback(&self.fs, root, i)?;
+            self.fs.commit().map(|_| ())
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                log_error("fsync", &e);
+                reply.error(errno_of(&e))
+            }
+        }
     }
 
     fn fsyncdir(
@@ -582,7 +787,23 @@ impl Filesystem for UbtrfsFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        if !self.rw {
+            return reply.ok();
+        }
+        match self.fs.commit() {
+            Ok(_) => reply.ok(),
+            Err(e) => {
+                log_error("fsyncdir", &e);
+                reply.error(errno_of(&e))
+            }
+        }
+    }
+
+    fn destroy(&mut self) {
+        // Unmount: everything written reaches the disk before the daemon exits.
+        if let Err(e) = self.fs.sync() {
+            tracing::error!("final commit at unmount failed: {e}");
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -645,7 +866,7 @@ impl Filesystem for UbtrfsFuse {
             Ok((_, _, ii)) => ii,
             Err(e) => return reply.error(errno_of(&e)),
         };
-        if mask.contains(AccessFlags::W_OK) {
+        if mask.contains(AccessFlags::W_OK) && !self.rw {
             return reply.error(Errno::EROFS);
         }
         let uid = req.uid();

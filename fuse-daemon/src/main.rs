@@ -227,7 +227,7 @@ fn cmd_mount(
         }
         _ => return Err("usage: ubtrfs mount [-o OPTIONS] [-f] IMAGE MOUNTPOINT".into()),
     };
-    let mut parsed = options::parse(&opts)?;
+    let parsed = options::parse(&opts)?;
     if !mountpoint.is_dir() {
         return Err(format!(
             "mountpoint {} does not exist or is not a directory",
@@ -239,13 +239,6 @@ fn cmd_mount(
     }
     if !foreground && std::env::var_os(READY_ENV).is_none() {
         return spawn_daemon(&image, &mountpoint, &opts);
-    }
-    if !parsed.fs.readonly {
-        eprintln!(
-            "ubtrfs: read-write mounting is not implemented yet; mounting {} read-only",
-            image.display()
-        );
-        parsed.fs.readonly = true;
     }
     let fs = ubtrfs_fs::FsInfo::open(&image, parsed.fs.clone()).map_err(|e| e.to_string())?;
     serve(fs, &image, &mountpoint, &parsed)
@@ -355,7 +348,8 @@ fn serve(
     if !p.subtype.is_empty() {
         cfg.mount_options.push(M::Subtype(p.subtype.clone()));
     }
-    cfg.mount_options.push(M::RO);
+    let readonly = fs.is_readonly();
+    cfg.mount_options.push(if readonly { M::RO } else { M::RW });
     cfg.mount_options.push(M::DefaultPermissions);
     // fuser defaults to nodev,nosuid; a kernel mount defaults to dev,suid.
     cfg.mount_options
@@ -383,7 +377,7 @@ fn serve(
     cfg.n_threads = Some(threads);
     cfg.clone_fd = true;
     let fuse_fs = fuse::UbtrfsFuse::new(fs.clone());
-    let session = match kernel_mount(&fsname, mountpoint, p, true) {
+    let session = match kernel_mount(&fsname, mountpoint, p, readonly) {
         Ok(fd) => fuser::Session::from_fd(fuse_fs, fd, cfg.acl, cfg),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
             fuser::Session::new(fuse_fs, mountpoint, &cfg)
@@ -396,7 +390,41 @@ fn serve(
         let _ = writeln!(out, "ready");
         let _ = out.flush();
     }
+    // The transaction kthread: write back and commit every `commit=` seconds.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let committer = (!readonly).then(|| {
+        let fs = fs.clone();
+        let stop = stop.clone();
+        let every = std::time::Duration::from_secs(p.fs.commit_interval);
+        std::thread::Builder::new()
+            .name("btrfs-transaction".into())
+            .spawn(move || {
+                let tick = std::time::Duration::from_millis(200);
+                let mut waited = std::time::Duration::ZERO;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    waited += tick;
+                    if waited >= every {
+                        waited = std::time::Duration::ZERO;
+                        if let Err(e) = fs.sync() {
+                            tracing::error!("periodic commit failed: {e}");
+                        }
+                    }
+                }
+            })
+            .expect("spawning the commit thread")
+    });
     let r = session.run();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(c) = committer {
+        let _ = c.join();
+    }
+    // Commit whatever the last requests left (destroy already did unless the kernel skipped it).
+    if !readonly {
+        if let Err(e) = fs.sync() {
+            tracing::error!("final commit failed: {e}");
+        }
+    }
     // The session ended (unmounted): drop the filesystem, which closes the image, before exiting.
     drop(fs);
     r.map_err(|e| format!("serving {}: {e}", mountpoint.display()))

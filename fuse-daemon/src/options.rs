@@ -100,7 +100,10 @@ const BTRFS_NOOP_PREFIX: &[&str] = &[
 
 pub fn parse(opts: &[String]) -> Result<ParsedOptions, String> {
     let mut p = ParsedOptions {
-        fs: MountOptions::default(),
+        fs: MountOptions {
+            readonly: false,
+            ..MountOptions::default()
+        },
         fsname: None,
         subtype: "ubtrfs".into(),
         noatime: false,
@@ -123,7 +126,20 @@ pub fn parse(opts: &[String]) -> Result<ParsedOptions, String> {
                     p.fs.readonly = true;
                     p.rw_requested = false;
                 }
-                ("rw", None) => p.rw_requested = true,
+                ("rw", None) => {
+                    p.fs.readonly = false;
+                    p.rw_requested = true;
+                }
+                ("commit", Some(v)) => {
+                    let n: u64 = v.parse().map_err(|_| format!("invalid commit={v}"))?;
+                    if n == 0 {
+                        return Err("commit=0 is not valid (use a number of seconds)".into());
+                    }
+                    if n > 300 {
+                        eprintln!("ubtrfs: excessive commit interval {n}");
+                    }
+                    p.fs.commit_interval = n;
+                }
                 ("noatime", None) => p.noatime = true,
                 ("nodev", None) => p.nodev = true,
                 ("nosuid", None) => p.nosuid = true,

@@ -49,6 +49,9 @@ const KNOWN_COMPAT_RO: u64 = compat_ro::FREE_SPACE_TREE
     | compat_ro::VERITY
     | compat_ro::BLOCK_GROUP_TREE;
 
+/// How long a mount waits for another ubtrfs daemon to release the image.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Default byte budget of the tree-block cache.
 pub const DEFAULT_BLOCK_CACHE_BYTES: u64 = 256 << 20;
 
@@ -62,6 +65,8 @@ pub struct MountOptions {
     pub subvol: Option<String>,
     /// `rescue=nologreplay`.
     pub nologreplay: bool,
+    /// `commit=`: seconds between periodic commits (kernel default 30).
+    pub commit_interval: u64,
     /// Extent-map policy (`shrinker=`).
     pub policy: Policy,
     pub block_cache_bytes: u64,
@@ -74,6 +79,7 @@ impl Default for MountOptions {
             subvolid: None,
             subvol: None,
             nologreplay: false,
+            commit_interval: 30,
             policy: Policy::FixedSplit,
             block_cache_bytes: DEFAULT_BLOCK_CACHE_BYTES,
         }
@@ -119,6 +125,8 @@ pub struct FsInfo {
     pub(crate) tree_lock: RwLock<()>,
     /// The running transaction of a read-write mount.
     pub trans: Option<Mutex<Transaction>>,
+    /// Set when a transaction aborted: the mount is read-only from then on (BTRFS_FS_STATE_ERROR).
+    pub aborted: std::sync::atomic::AtomicBool,
     /// Data written and not yet in extents, per (subvolume, inode).
     pub(crate) dirty: crate::file_write::DirtyMap,
     /// Open file handles per (subvolume, inode): an unlinked inode is evicted at its last close.
@@ -168,16 +176,33 @@ fn open_device(path: &Path, readonly: bool) -> Result<Device> {
         .open(path)
         .map_err(|e| FsError::Mount(format!("{}: {e}", path.display())))?;
     // One image, one writer: shared lock for read-only mounts, exclusive for read-write.
-    let locked = if readonly {
-        file.try_lock_shared()
-    } else {
-        file.try_lock()
+    // A daemon that was just unmounted may still be writing its last commit (umount returns
+    // before a FUSE daemon finishes): wait for it rather than race it, within a bound.
+    let try_lock = |f: &File| {
+        if readonly {
+            f.try_lock_shared()
+        } else {
+            f.try_lock()
+        }
     };
-    if locked.is_err() {
-        return Err(FsError::Mount(format!(
-            "{}: in use by another ubtrfs mount (lock held)",
-            path.display()
-        )));
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut warned = false;
+    while try_lock(&file).is_err() {
+        if std::time::Instant::now() >= deadline {
+            return Err(FsError::Mount(format!(
+                "{}: in use by another ubtrfs mount (lock held for {} s)",
+                path.display(),
+                LOCK_WAIT.as_secs()
+            )));
+        }
+        if !warned {
+            tracing::warn!(
+                "{}: waiting for the ubtrfs daemon that holds it to finish",
+                path.display()
+            );
+            warned = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
     if let Some(loopdev) = kernel_loop_holder(path) {
         return Err(FsError::Mount(format!(
@@ -339,6 +364,7 @@ impl FsInfo {
             space: StatSpace::default(),
             tree_lock: RwLock::new(()),
             trans: None,
+            aborted: std::sync::atomic::AtomicBool::new(false),
             dirty: Mutex::new(HashMap::new()),
             next_ino: Mutex::new(HashMap::new()),
             open_files: Mutex::new(HashMap::new()),
@@ -489,7 +515,7 @@ impl FsInfo {
     }
 
     pub fn is_readonly(&self) -> bool {
-        self.trans.is_none()
+        self.trans.is_none() || self.aborted.load(Ordering::Relaxed)
     }
 
     /// Refuse-or-handle list of ONDISK-NOTES.md B.13, then the running transaction.
@@ -623,6 +649,9 @@ impl FsInfo {
         f: impl FnOnce(&mut crate::transaction::WriteCtx<'_>) -> Result<R>,
     ) -> Result<R> {
         let trans = self.trans.as_ref().ok_or(FsError::ReadOnly)?;
+        if self.aborted.load(Ordering::Relaxed) {
+            return Err(FsError::ReadOnly);
+        }
         let _g = self.tree_lock.write();
         let mut t = trans.lock();
         // Keep metadata and system space ahead of need (the kernel's reservation path).
@@ -710,6 +739,9 @@ impl FsInfo {
         let Some(trans) = self.trans.as_ref() else {
             return Ok(None);
         };
+        if self.aborted.load(Ordering::Relaxed) {
+            return Err(FsError::ReadOnly);
+        }
         let _g = self.tree_lock.write();
         let mut t = trans.lock();
         if t.changes == 0 && t.refs.is_empty() {

@@ -221,7 +221,7 @@ pub fn truncate_dirty(fs: &FsInfo, root: u64, ino: u64, new_size: u64) {
     let ss = u64::from(fs.sectorsize());
     let mut d = dirty.lock();
     d.sectors.retain(|&idx, _| idx * ss < new_size);
-    if new_size % ss != 0 {
+    if !new_size.is_multiple_of(ss) {
         if let Some((_, buf)) = d.sectors.get_mut(&(new_size / ss)) {
             buf[(new_size % ss) as usize..].fill(0);
         }
