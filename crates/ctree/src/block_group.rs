@@ -31,6 +31,30 @@ pub const FREE_SPACE_USING_BITMAPS: u32 = 1;
 /// `BTRFS_FREE_SPACE_BITMAP_BITS`: sectors covered by one bitmap item.
 pub const FREE_SPACE_BITMAP_BITS: u64 = 256 * 8;
 
+/// The logical ranges of a chunk that hold superblock copies (`btrfs_rmap_block` for every
+/// mirror offset, one 64 KiB stripe each, clipped to the chunk).
+pub fn super_stripes(logical: u64, chunk: &ubtrfs_format::items::ChunkItem) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let profile = chunk.chunk_type & bg_flags::PROFILE_MASK;
+    let per_stripe = match profile {
+        bg_flags::RAID0 | bg_flags::RAID10 | bg_flags::RAID5 | bg_flags::RAID6 => return out, // not written
+        _ => chunk.length,
+    };
+    for m in 0..ubtrfs_format::super_block::SUPER_MIRROR_MAX {
+        let off = ubtrfs_format::super_block::sb_offset(m);
+        for st in &chunk.stripes {
+            if off >= st.offset && off < st.offset + per_stripe {
+                let l = logical + (off - st.offset);
+                let len = chunk.stripe_len.min(logical + chunk.length - l);
+                if !out.contains(&(l, len)) {
+                    out.push((l, len));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// One block group.
 #[derive(Clone, Debug)]
 pub struct BlockGroup {
@@ -230,6 +254,16 @@ impl SpaceInfo {
             );
         }
         sp.load_free_space_tree(reader, fst_root)?;
+        // The superblock copies are never free space, whatever the free space tree says
+        // (mkfs.btrfs and the kernel list them inside free extents and skip them on load:
+        // `exclude_super_stripes`).
+        for c in &chunks {
+            if let Some(g) = sp.groups.get_mut(&c.logical) {
+                for (l, len) in super_stripes(c.logical, &c.item) {
+                    g.exclude(l, len);
+                }
+            }
+        }
         Ok(sp)
     }
 

@@ -717,15 +717,8 @@ impl Transaction {
             fst_bitmaps: false,
             dirty: true,
         };
-        for m in 0..SUPER_MIRROR_MAX {
-            let off = sb_offset(m);
-            for st in &stripes {
-                if off >= st.offset && off < st.offset + stripe {
-                    let l = logical + (off - st.offset);
-                    let len = STRIPE_LEN.min(logical + stripe - l);
-                    group.exclude(l, len);
-                }
-            }
+        for (l, len) in crate::block_group::super_stripes(logical, &chunk) {
+            group.exclude(l, len);
         }
         self.space.groups.insert(logical, group);
         // Items.
