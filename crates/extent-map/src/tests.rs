@@ -1213,3 +1213,68 @@ fn kernel_shrinker_removes_logging_map_on_fsync_list() {
         );
     }
 }
+
+#[test]
+fn folio_release_rules() {
+    // Test scenario: try_release_extent_mapping over a range removes unlisted maps, keeps
+    // listed maps of the running generation, removes listed maps of older generations, and
+    // stops at a PINNED map.
+    let (fs, inode) = fs(Policy::Kernel);
+    fs.set_generation(5);
+    inode.btrfs_add_extent_mapping(reg(0, K, 1 << 20), 0, K).unwrap();
+    inode
+        .btrfs_replace_extent_map_range(ExtentMap::regular(K, K, 2 << 20, 5), true)
+        .unwrap();
+    inode
+        .btrfs_replace_extent_map_range(ExtentMap::regular(2 * K, K, 3 << 20, 4), true)
+        .unwrap();
+    inode
+        .btrfs_replace_extent_map_range(reg(3 * K, K, 4 << 20).with_flags(flags::PINNED), true)
+        .unwrap();
+    inode.btrfs_add_extent_mapping(reg(4 * K, K, 5 << 20), 4 * K, K).unwrap();
+    inode.try_release_extent_mapping(0, 5 * K - 1);
+    assert_eq!(ranges(&inode), vec![(K, K), (3 * K, K), (4 * K, K)]);
+    assert!(!inode.needs_full_sync(), "folio release never sets full sync");
+    assert_eq!(fs.stats().total_violations(), 0);
+}
+
+#[test]
+fn folio_release_of_stale_logging_piece() {
+    // Test scenario: kernel policy: a split piece carrying stale LOGGING sits on the modified
+    // list; folio release treats LOGGING maps as removable and removes it without unlinking
+    // it: freed while listed (detected, counted); the next fsync walks into it.
+    //
+    //   fsync                        range drop            folio release
+    //   collect A, B; log A
+    //                                split B (pieces LOGGING, on modified list)
+    //   finish (B lost)
+    //                                                      remove piece: still listed, freed
+    //   fsync: walk modified list -> use after free (kernel), counted here
+    let (fs0, inode) = fs(Policy::Kernel);
+    inode
+        .btrfs_replace_extent_map_range(ExtentMap::regular(0, K, 1 << 20, 2), true)
+        .unwrap();
+    inode
+        .btrfs_replace_extent_map_range(ExtentMap::regular(4 * K, 4 * K, 2 << 20, 2), true)
+        .unwrap();
+    let mut pass = inode.btrfs_log_changed_extents_begin(2, u64::MAX);
+    pass.next_extent().unwrap();
+    inode.btrfs_drop_extent_map_range(5 * K, 6 * K - 1, false);
+    pass.finish().unwrap();
+    inode.try_release_extent_mapping(4 * K, 5 * K - 1);
+    let s = fs0.stats();
+    assert_eq!(s.violations(Invariant::RemovedStillListed), 1);
+    assert_eq!(s.violations(Invariant::FreedWhileInUse), 1);
+    let _ = inode.btrfs_log_changed_extents::<()>(2, u64::MAX, |_| Ok(()));
+    assert_eq!(fs0.stats().violations(Invariant::UseAfterFree), 1);
+    // With the split fixed there is no stale piece to release.
+    let (fs2, i2) = fs(Policy::FixedSplit);
+    i2.btrfs_replace_extent_map_range(ExtentMap::regular(4 * K, 4 * K, 2 << 20, 2), true)
+        .unwrap();
+    let mut pass = i2.btrfs_log_changed_extents_begin(2, u64::MAX);
+    i2.btrfs_drop_extent_map_range(5 * K, 6 * K - 1, false);
+    while pass.next_extent().is_some() {}
+    pass.finish().unwrap();
+    i2.try_release_extent_mapping(4 * K, 5 * K - 1);
+    assert_eq!(fs2.stats().total_violations(), 0);
+}
