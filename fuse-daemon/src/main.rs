@@ -240,7 +240,23 @@ fn cmd_mount(
     if !foreground && std::env::var_os(READY_ENV).is_none() {
         return spawn_daemon(&image, &mountpoint, &opts);
     }
-    let fs = ubtrfs_fs::FsInfo::open(&image, parsed.fs.clone()).map_err(|e| e.to_string())?;
+    let fs = match ubtrfs_fs::FsInfo::open(&image, parsed.fs.clone()) {
+        Ok(fs) => fs,
+        // Images ubtrfs must not write (snapshots, pending balance, v1 space cache, ...) are
+        // refused read-write and served read-only, never half-written.
+        Err(ubtrfs_fs::FsError::ReadWriteRefused(why)) => {
+            eprintln!(
+                "ubtrfs: {}: cannot mount read-write: {why}; mounting read-only",
+                image.display()
+            );
+            let ro = ubtrfs_fs::MountOptions {
+                readonly: true,
+                ..parsed.fs.clone()
+            };
+            ubtrfs_fs::FsInfo::open(&image, ro).map_err(|e| e.to_string())?
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     serve(fs, &image, &mountpoint, &parsed)
 }
 

@@ -395,9 +395,10 @@ impl FsInfo {
             Err(e) => tracing::warn!("{}: reading block groups for statfs: {e}", path.display()),
         }
         if !fs.options.readonly {
-            let t = fs
-                .start_rw()
-                .map_err(|e| FsError::Mount(format!("cannot mount read-write: {e}")))?;
+            let t = fs.start_rw().map_err(|e| match e {
+                FsError::Mount(m) => FsError::ReadWriteRefused(m),
+                other => FsError::ReadWriteRefused(other.to_string()),
+            })?;
             fs.trans = Some(Mutex::new(t));
         }
         if fs.sb.log_root != 0 {

@@ -48,6 +48,9 @@ pub enum FsError {
     /// An inode number cannot be represented in the FUSE node id space.
     #[error("inode number {0} too large for the node id mapping")]
     Overflow(u64),
+    /// The image can be served read-only but not written (ONDISK-NOTES.md B.13).
+    #[error("cannot mount read-write: {0}")]
+    ReadWriteRefused(String),
     /// Refused at mount: unsupported feature or unusable device.
     #[error("{0}")]
     Mount(String),
