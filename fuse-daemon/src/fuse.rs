@@ -768,6 +768,10 @@ impl Filesystem for UbtrfsFuse {
         // fallback), after writing back the inode.
         let r = self.resolve(ino.0).and_then(|(root, i)| {
             ubtrfs_fs::file_write::btrfs_writeback(&self.fs, root, i)?;
+            self.fs
+                .counters
+                .fsync_full_commit
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.fs.commit().map(|_| ())
         });
         match r {

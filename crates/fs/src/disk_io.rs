@@ -98,8 +98,17 @@ pub struct FsRoot {
 #[derive(Default, Debug)]
 pub struct FsCounters {
     pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
     pub data_csum_errors: AtomicU64,
     pub decompressed_extents: AtomicU64,
+    /// Transactions committed and the time they took (ns, total and the last one).
+    pub commits: AtomicU64,
+    pub commit_ns_total: AtomicU64,
+    pub commit_ns_last: AtomicU64,
+    pub commit_blocks_written: AtomicU64,
+    /// fsync calls that fell back to a full transaction commit (all of them until the
+    /// tree-log exists).
+    pub fsync_full_commit: AtomicU64,
 }
 
 /// The mounted filesystem (`struct btrfs_fs_info`).
@@ -749,10 +758,27 @@ impl FsInfo {
             return Ok(None);
         }
         let mut sb = self.sb_live.lock();
+        let started = std::time::Instant::now();
         let r = t.commit(&self.reader, &mut sb);
         self.publish_roots(&t);
         match r {
             Ok(st) => {
+                let ns = started.elapsed().as_nanos() as u64;
+                self.counters.commits.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .commit_ns_total
+                    .fetch_add(ns, Ordering::Relaxed);
+                self.counters.commit_ns_last.store(ns, Ordering::Relaxed);
+                self.counters
+                    .commit_blocks_written
+                    .fetch_add(st.blocks_written as u64, Ordering::Relaxed);
+                tracing::debug!(
+                    target: "btrfs_transaction_commit",
+                    transid = st.transid,
+                    blocks = st.blocks_written,
+                    passes = st.passes,
+                    ns
+                );
                 self.ems.set_generation(st.transid);
                 Ok(Some(st))
             }

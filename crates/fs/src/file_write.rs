@@ -189,6 +189,9 @@ pub fn btrfs_buffered_write(
     }
     d.size = d.size.max(end);
     d.mtime = Some(crate::disk_io::now_timespec());
+    fs.counters
+        .bytes_written
+        .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
     let over = d.dirty_bytes(ss) >= INODE_DIRTY_LIMIT;
     drop(d);
     if over {
