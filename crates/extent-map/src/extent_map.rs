@@ -593,7 +593,7 @@ impl<'a> Locked<'a> {
                         };
                     }
                     prev.node.clear(IN_TREE);
-                    self.w.nr -= 1;
+                    self.w.nr = self.w.nr.saturating_sub(1);
                     self.w.dirty = true;
                     self.put(&prev.node, &prev.em);
                     self.evictable_add(-1);
@@ -609,7 +609,7 @@ impl<'a> Locked<'a> {
                 }
                 btree::remove(&mut self.w.root, next.em.start);
                 next.node.clear(IN_TREE);
-                self.w.nr -= 1;
+                self.w.nr = self.w.nr.saturating_sub(1);
                 em.generation = em.generation.max(next.em.generation);
                 em.flags |= flags::MERGED;
                 self.update(em.start, |v| *v = em);
@@ -625,7 +625,7 @@ impl<'a> Locked<'a> {
     pub(crate) fn remove_extent_mapping(&mut self, key: u64) -> Option<Slot> {
         let slot = btree::remove(&mut self.w.root, key)?;
         self.after_tree_removal(&slot);
-        self.w.nr -= 1;
+        self.w.nr = self.w.nr.saturating_sub(1);
         self.w.dirty = true;
         self.evictable_add(-1);
         Some(slot)
@@ -1070,7 +1070,7 @@ impl BtrfsInode {
         l.replace_extent_mapping(v.start, pre_em, &pre_node, true);
         let mid_len = v.len - pre;
         let mid = ExtentMap {
-            start: v.start + pre,
+            start: v.start.saturating_add(pre),
             len: mid_len,
             disk_bytenr: cur.block_start().wrapping_add(pre),
             disk_num_bytes: mid_len,
@@ -1168,7 +1168,7 @@ impl BtrfsInode {
     pub fn try_release_extent_mapping(&self, mut start: u64, end: u64) {
         while start <= end {
             let cur_gen = self.core.generation();
-            let len = end - start + 1;
+            let len = (end - start).saturating_add(1);
             let mut l = self.lock_tree();
             let Some(s) = l.search(start, len, true) else {
                 break;

@@ -1221,7 +1221,9 @@ fn folio_release_rules() {
     // stops at a PINNED map.
     let (fs, inode) = fs(Policy::Kernel);
     fs.set_generation(5);
-    inode.btrfs_add_extent_mapping(reg(0, K, 1 << 20), 0, K).unwrap();
+    inode
+        .btrfs_add_extent_mapping(reg(0, K, 1 << 20), 0, K)
+        .unwrap();
     inode
         .btrfs_replace_extent_map_range(ExtentMap::regular(K, K, 2 << 20, 5), true)
         .unwrap();
@@ -1231,10 +1233,15 @@ fn folio_release_rules() {
     inode
         .btrfs_replace_extent_map_range(reg(3 * K, K, 4 << 20).with_flags(flags::PINNED), true)
         .unwrap();
-    inode.btrfs_add_extent_mapping(reg(4 * K, K, 5 << 20), 4 * K, K).unwrap();
+    inode
+        .btrfs_add_extent_mapping(reg(4 * K, K, 5 << 20), 4 * K, K)
+        .unwrap();
     inode.try_release_extent_mapping(0, 5 * K - 1);
     assert_eq!(ranges(&inode), vec![(K, K), (3 * K, K), (4 * K, K)]);
-    assert!(!inode.needs_full_sync(), "folio release never sets full sync");
+    assert!(
+        !inode.needs_full_sync(),
+        "folio release never sets full sync"
+    );
     assert_eq!(fs.stats().total_violations(), 0);
 }
 

@@ -429,3 +429,78 @@ proptest! {
         }
     }
 }
+
+fn wild_u64() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        any::<u64>(),
+        Just(0u64),
+        Just(u64::MAX),
+        Just(EXTENT_MAP_LAST_BYTE),
+        Just(EXTENT_MAP_HOLE),
+        Just(EXTENT_MAP_INLINE),
+        (0..64u64).prop_map(|b| b * K),
+        (0..4u64).prop_map(|b| u64::MAX - b * K),
+    ]
+}
+
+fn wild_map() -> impl Strategy<Value = ExtentMap> {
+    (
+        wild_u64(),
+        wild_u64(),
+        wild_u64(),
+        wild_u64(),
+        wild_u64(),
+        wild_u64(),
+        wild_u64(),
+        any::<u32>(),
+    )
+        .prop_map(
+            |(start, len, disk_bytenr, disk_num_bytes, offset, ram_bytes, generation, flags)| {
+                ExtentMap {
+                    start,
+                    len,
+                    disk_bytenr,
+                    disk_num_bytes,
+                    offset,
+                    ram_bytes,
+                    generation,
+                    flags,
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn no_panic_on_wild_input(
+        ops in prop::collection::vec((0..8u8, wild_map(), wild_u64(), wild_u64(), any::<bool>()), 1..40)
+    ) {
+        // Test scenario: arbitrary field values (overflowing ends, special addresses, any
+        // flags) through every public operation: errors are fine, panics are not, and the
+        // tree never holds overlapping maps.
+        let fs = FsExtentMaps::new(Policy::Kernel);
+        let inode = fs.inode(5, 257);
+        for (kind, em, a, b, flag) in ops {
+            match kind {
+                0 => { let _ = inode.btrfs_add_extent_mapping(em, a, b); }
+                1 => { let _ = inode.btrfs_replace_extent_map_range(em, flag); }
+                2 => inode.btrfs_drop_extent_map_range(a.min(b), a.max(b), flag),
+                3 => { let _ = inode.btrfs_split_extent_map(a, b, em.len, em.disk_bytenr); }
+                4 => { let _ = inode.btrfs_unpin_extent_cache(a, b, em.generation); }
+                5 => { let _ = inode.btrfs_log_changed_extents::<()>(a, b, |_| Ok(())); }
+                6 => { fs.btrfs_free_extent_maps(a % 1000); }
+                _ => inode.try_release_extent_mapping(a.min(b), a.max(b)),
+            }
+            let _ = inode.btrfs_lookup_extent_mapping(a, b);
+            let _ = inode.btrfs_search_extent_mapping(b, a);
+            let maps = inode.extent_maps();
+            for w in maps.windows(2) {
+                prop_assert!(w[0].end() <= w[1].start, "overlap {:?} {:?}", w[0], w[1]);
+            }
+        }
+        fs.evict_inode(5, 257);
+        prop_assert_eq!(fs.stats().cached_maps, 0);
+    }
+}
