@@ -144,7 +144,9 @@ impl ExtentMap {
     }
 }
 
-/// Which variant of the kernel's logic to run (KERNEL-SEMANTICS.md section 5).
+/// Which variant of the kernel's logic to run (KERNEL-SEMANTICS.md section 5). The default is
+/// the kernel-faithful `kernel`; KERNEL-SEMANTICS.md has a live mount default to `fixed-split`
+/// (what a current kernel does), which is the mount's choice, not this crate's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Policy {
     /// Split pieces inherit the flags saved before PINNED|LOGGING are cleared (so pieces inherit

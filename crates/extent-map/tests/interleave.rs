@@ -253,7 +253,7 @@ struct Summary {
 fn explore_policy(policy: Policy) -> Summary {
     let mut sum = Summary::default();
     sum.schedules = explore(
-        2,
+        3,
         20_000,
         || scenario(policy),
         |o, choices| {
@@ -296,7 +296,7 @@ fn explore_policy(policy: Policy) -> Summary {
 
 #[test]
 fn logger_replacer_shrinker_all_policies() {
-    // Test scenario: every schedule (<= 2 preemptions) of one fast fsync, one lock-less range
+    // Test scenario: every schedule (<= 3 preemptions) of one fast fsync, one lock-less range
     // replacement splitting a map the fsync collected, and one shrinker run on the same inode.
     // fixed-split / fixed-both: no violation in any schedule. kernel: some schedules steal the
     // map from fsync's list and leave stale LOGGING pieces that the epilogue's shrinker frees
