@@ -1,11 +1,15 @@
 //! Group `extent_map`: lookup hit, add with merge, drop range with split, a shrinker scan over
-//! 1M maps, and lookups per second with 1 and 2 threads.
+//! 1M maps, lookups per second with 1 and 2 threads, and lookups while another thread shrinks
+//! and refills the same inode (versus a plain RwLock tree).
 
+use std::collections::BTreeMap;
 use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
+use parking_lot::RwLock;
 use ubtrfs_extent_map::{BtrfsInode, ExtentMap, FsExtentMaps, Policy};
 
 const K: u64 = 4096;
@@ -145,6 +149,73 @@ fn lookups_threads(c: &mut Criterion) {
     g.finish();
 }
 
+/// Lookups on an inode while another thread keeps shrinking and refilling it (the shrinker
+/// holds the inode's tree lock for a whole scan of 10k maps): ours versus a plain
+/// `RwLock<BTreeMap>` whose readers wait for the scan.
+fn lookup_while_shrinking(c: &mut Criterion) {
+    const N: u64 = 10_000;
+    let map = |i: u64| ExtentMap::regular(i * 2 * K, K, (1 << 30) + i * 3 * K, 1);
+    let mut g = c.benchmark_group("extent_map/lookup_while_shrinking");
+
+    let fs = FsExtentMaps::new(Policy::FixedSplit);
+    let inode = filled(&fs, 257, N);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                fs.btrfs_free_extent_maps(N);
+                for i in 0..N {
+                    let _ = inode.btrfs_add_extent_mapping(map(i), i * 2 * K, K);
+                }
+            }
+        });
+        g.bench_function("epoch", |b| {
+            let mut x = 7u64;
+            b.iter(|| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                black_box(inode.btrfs_lookup_extent_mapping((x >> 33) % N * 2 * K, K))
+            })
+        });
+        stop.store(true, Ordering::Relaxed);
+    });
+
+    let tree: RwLock<BTreeMap<u64, ExtentMap>> =
+        RwLock::new((0..N).map(|i| (i * 2 * K, map(i))).collect());
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                // The kernel-shaped scan: the write lock held for the whole inode.
+                tree.write()
+                    .retain(|_, e| e.has(ubtrfs_extent_map::flags::PINNED));
+                for i in 0..N {
+                    tree.write().insert(i * 2 * K, map(i));
+                }
+            }
+        });
+        g.bench_function("rwlock", |b| {
+            let mut x = 7u64;
+            b.iter(|| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let off = (x >> 33) % N * 2 * K;
+                let t = tree.read();
+                black_box(
+                    t.range(..=off)
+                        .next_back()
+                        .filter(|(_, e)| e.end() > off)
+                        .map(|(_, e)| *e),
+                )
+            })
+        });
+        stop.store(true, Ordering::Relaxed);
+    });
+    g.finish();
+}
+
 fn main() {
     let (v, t, n) = ubtrfs_extent_map::type_sizes();
     println!(
@@ -161,5 +232,6 @@ fn main() {
     drop_range_split(&mut c);
     shrinker_scan_1m(&mut c);
     lookups_threads(&mut c);
+    lookup_while_shrinking(&mut c);
     c.final_summary();
 }
