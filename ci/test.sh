@@ -127,5 +127,6 @@ fi
 budget=$(( ${CI_TOTAL_SECONDS:-1800} - (SECONDS - START) - 60 ))
 [ "$budget" -ge 300 ] || budget=300
 log "cargo test (time limit ${budget}s)"
-# Last command: its own output (and exit status) is what CI reads.
-timeout --kill-after=30 "$budget" cargo test --workspace
+# Last command: its own output (and exit status) is what CI reads. --no-fail-fast: one failing
+# test binary must not hide the results of the others.
+timeout --kill-after=30 "$budget" cargo test --workspace --no-fail-fast
