@@ -410,6 +410,35 @@ impl SpaceInfo {
         Ok(bg)
     }
 
+    /// Reserve `len` bytes without accounting them as used (log tree blocks: they never get
+    /// extent items; the free space tree keeps listing them as free).
+    pub fn alloc_reserved(&mut self, kind: AllocKind, len: u64) -> Option<u64> {
+        let a = self.alloc(kind, len)?;
+        let bg = self.group_of(a, len).ok()?;
+        bg.used -= len;
+        Some(a)
+    }
+
+    /// Reserve exactly `[start, start+len)` without accounting it as used (the blocks of a log
+    /// being replayed must not be handed out before the replay commits).
+    pub fn claim_reserved(&mut self, start: u64, len: u64) -> Result<()> {
+        let bg = self.group_of(start, len)?;
+        if !range_remove(&mut bg.free, start, len) {
+            return Err(Error::corrupt(format!(
+                "log block {start}+{len} is not free space"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A reserved range (log block) is released: pinned until the commit is durable, without
+    /// touching `used`.
+    pub fn release_reserved(&mut self, start: u64, len: u64) -> Result<()> {
+        let bg = self.group_of(start, len)?;
+        range_insert(&mut bg.pinned, start, len);
+        Ok(())
+    }
+
     /// An extent the extent tree no longer references: pinned until commit.
     pub fn free_extent(&mut self, start: u64, len: u64) -> Result<()> {
         let bg = self.group_of(start, len)?;

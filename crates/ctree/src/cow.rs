@@ -329,12 +329,10 @@ impl<'a, A: TreeAlloc> TreeWriter<'a, A> {
                 return Ok(bytenr);
             }
         }
+        // A block of this generation that is no longer dirty was written by a log sync: the
+        // on-disk log may depend on it, so it is copied like any clean block (the kernel's
+        // should_cow_block tests the WRITTEN flag for the same reason).
         let old = self.read(bytenr)?;
-        if old.header.generation == self.transid {
-            // Written earlier in this transaction and still ours: make it dirty again in place.
-            self.reader.dirty_put(old);
-            return Ok(bytenr);
-        }
         let level = old.level();
         let new = self.alloc.alloc_tree_block(owner, level)?;
         let mut b = (*old).clone();

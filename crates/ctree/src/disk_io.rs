@@ -417,6 +417,18 @@ impl BlockReader {
         self.dirty.write().remove(&bytenr)
     }
 
+    /// Take the dirty blocks `pick` selects (a log sync writes only log blocks).
+    pub fn take_dirty_where(&self, pick: impl Fn(&TreeBlock) -> bool) -> Vec<Arc<TreeBlock>> {
+        let mut d = self.dirty.write();
+        let keys: Vec<u64> = d.iter().filter(|(_, b)| pick(b)).map(|(k, _)| *k).collect();
+        let blocks: Vec<_> = keys.into_iter().filter_map(|k| d.remove(&k)).collect();
+        drop(d);
+        for b in &blocks {
+            self.cache_put(b.header.bytenr, b.clone());
+        }
+        blocks
+    }
+
     /// Number of dirty blocks.
     pub fn dirty_count(&self) -> usize {
         self.dirty.read().len()

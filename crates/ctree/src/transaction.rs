@@ -52,6 +52,51 @@ pub struct Transaction {
     pub bg_tree: u64,
     /// Number of metadata changes made in this transaction (0 = nothing to commit).
     pub changes: u64,
+    /// The tree-log of this transaction (KERNEL-SEMANTICS.md section 4, ONDISK-NOTES B.12).
+    pub log: LogState,
+}
+
+/// Log trees of the running transaction. Their blocks are owned by TREE_LOG, carry the running
+/// transid, get no extent items and no delayed refs; they are reserved from metadata space and
+/// released (pinned) when the transaction commits, which also clears the superblock's log_root.
+#[derive(Debug, Default)]
+pub struct LogState {
+    /// The log root tree (one ROOT_ITEM per logged subvolume).
+    pub root_tree: Option<RootPtr>,
+    /// Per-subvolume log tree roots.
+    pub roots: BTreeMap<u64, RootPtr>,
+    /// Every log block reserved in this transaction (released at commit).
+    pub blocks: Vec<u64>,
+    /// Log syncs done in this transaction (`log_transid` counterpart).
+    pub syncs: u64,
+    /// Set when this transaction must not use the log (a rename, unlink or link happened, or a
+    /// logging error): fsync falls back to a full commit, with this reason.
+    pub full_commit: Option<&'static str>,
+}
+
+/// Tree allocator of log trees: reserved metadata space, no refs (`btrfs_alloc_tree_block` for
+/// TREE_LOG_OBJECTID).
+pub struct LogAlloc<'a> {
+    pub space: &'a mut SpaceInfo,
+    pub blocks: &'a mut Vec<u64>,
+    pub nodesize: u32,
+}
+
+impl crate::cow::TreeAlloc for LogAlloc<'_> {
+    fn alloc_tree_block(&mut self, _owner: u64, _level: u8) -> Result<u64> {
+        let n = u64::from(self.nodesize);
+        let b = self
+            .space
+            .alloc_reserved(crate::block_group::AllocKind::Metadata, n)
+            .ok_or_else(|| Error::NoSpace("log tree block".into()))?;
+        self.blocks.push(b);
+        Ok(b)
+    }
+
+    fn free_tree_block(&mut self, _bytenr: u64, _owner: u64, _level: u8) {
+        // The block stays reserved until the transaction commits: the last synced log may
+        // still point at it.
+    }
 }
 
 /// What a commit did, for counters and logs.
@@ -79,6 +124,7 @@ impl Transaction {
             template,
             bg_tree,
             changes: 0,
+            log: LogState::default(),
         }
     }
 
@@ -354,6 +400,10 @@ impl Transaction {
 
     /// Commit: see the module documentation for the order. `sb` is updated in place.
     pub fn commit(&mut self, reader: &BlockReader, sb: &mut SuperBlock) -> Result<CommitStats> {
+        // btrfs_free_log / btrfs_free_log_root_tree: the log dies with the transaction it
+        // logged; its blocks are pinned until this commit is durable (a crash before the
+        // superblock lands still replays it).
+        self.free_log(reader)?;
         let mut passes = 0;
         loop {
             passes += 1;
@@ -393,6 +443,7 @@ impl Transaction {
             g.dirty = false;
         }
         self.dirty_roots.clear();
+        self.log = LogState::default();
         reader.set_max_generation(self.transid + 1);
         let stats = CommitStats {
             transid: self.transid,
@@ -402,6 +453,109 @@ impl Transaction {
         self.transid += 1;
         self.changes = 0;
         Ok(stats)
+    }
+
+    fn free_log(&mut self, reader: &BlockReader) -> Result<()> {
+        for b in reader.take_dirty_where(|b| b.header.owner == objectid::TREE_LOG) {
+            reader.cache_forget(b.header.bytenr);
+        }
+        let n = u64::from(self.template.nodesize);
+        for b in std::mem::take(&mut self.log.blocks) {
+            reader.cache_forget(b);
+            self.space.release_reserved(b, n)?;
+        }
+        self.log.root_tree = None;
+        self.log.roots.clear();
+        Ok(())
+    }
+
+    /// Run `f` on the log tree of subvolume `subvol`, creating it on first use.
+    pub fn modify_log_tree<R>(
+        &mut self,
+        reader: &BlockReader,
+        subvol: u64,
+        f: impl FnOnce(&mut TreeWriter<'_, LogAlloc<'_>>, &mut RootPtr) -> Result<R>,
+    ) -> Result<R> {
+        let nodesize = self.template.nodesize;
+        let mut alloc = LogAlloc {
+            space: &mut self.space,
+            blocks: &mut self.log.blocks,
+            nodesize,
+        };
+        let mut w = TreeWriter::new(reader, &mut alloc, self.transid, self.template);
+        let mut root = match self.log.roots.get(&subvol) {
+            Some(r) => *r,
+            None => w.create_root(objectid::TREE_LOG)?,
+        };
+        let r = f(&mut w, &mut root);
+        self.log.roots.insert(subvol, root);
+        r
+    }
+
+    /// `btrfs_sync_log`: record every log tree in the log root tree, write the log blocks,
+    /// flush, point the primary superblock at the log root tree (generation unchanged), flush.
+    pub fn sync_log(&mut self, reader: &BlockReader, sb: &SuperBlock) -> Result<usize> {
+        use ubtrfs_format::items::RootItem;
+        let nodesize = self.template.nodesize;
+        let transid = self.transid;
+        let logs: Vec<(u64, RootPtr)> = self.log.roots.iter().map(|(k, v)| (*k, *v)).collect();
+        {
+            let mut alloc = LogAlloc {
+                space: &mut self.space,
+                blocks: &mut self.log.blocks,
+                nodesize,
+            };
+            let mut w = TreeWriter::new(reader, &mut alloc, transid, self.template);
+            let mut lrt = match self.log.root_tree {
+                Some(r) => r,
+                None => w.create_root(objectid::TREE_LOG)?,
+            };
+            for (subvol, ptr) in logs {
+                let item = RootItem {
+                    generation: transid,
+                    bytenr: ptr.bytenr,
+                    level: ptr.level,
+                    generation_v2: transid,
+                    ..Default::default()
+                };
+                let key = Key::new(objectid::TREE_LOG, item::ROOT_ITEM, subvol);
+                let bytes = item.to_bytes();
+                match w.update_item(&mut lrt, &key, &bytes) {
+                    Err(Error::NotFound(_)) => w.insert_item(&mut lrt, key, &bytes)?,
+                    other => other?,
+                }
+            }
+            self.log.root_tree = Some(lrt);
+        }
+        let blocks = reader.take_dirty_where(|b| b.header.owner == objectid::TREE_LOG);
+        for b in &blocks {
+            let mut b = (**b).clone();
+            crate::tree_checker::check_block(&b, reader.sectorsize, transid).map_err(|e| {
+                Error::corrupt(format!(
+                    "tree-checker refused writing log block {}: {e}",
+                    b.header.bytenr
+                ))
+            })?;
+            b.update_csum(reader.csum_type);
+            reader.write_logical(b.header.bytenr, &b.data)?;
+        }
+        reader.flush_devices()?;
+        let lrt = self.log.root_tree.expect("set above");
+        let mut raw = sb.raw.clone();
+        put_u64(&mut raw, 96, lrt.bytenr);
+        raw[200] = lrt.level;
+        put_u64(&mut raw, 48, sb_offset(0));
+        let csum_type: CsumType = sb.csum_type().map_err(|e| Error::format("superblock", e))?;
+        SuperBlock::update_csum_in_raw(&mut raw, csum_type);
+        // Only the primary copy, as write_all_supers(fs_info, 1) in btrfs_sync_log.
+        let dev = reader
+            .devices()
+            .next()
+            .ok_or_else(|| Error::corrupt("no device"))?;
+        dev.write_all_at(&raw, sb_offset(0))?;
+        reader.flush_devices()?;
+        self.log.syncs += 1;
+        Ok(blocks.len())
     }
 
     fn write_supers(&self, reader: &BlockReader, sb: &mut SuperBlock) -> Result<()> {
