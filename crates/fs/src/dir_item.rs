@@ -74,7 +74,7 @@ pub fn lookup(fs: &FsInfo, root: u64, dir: u64, name: &[u8]) -> Result<Target> {
         return Err(FsError::NotFound);
     }
     if name.len() > 255 {
-        return Err(FsError::NotFound);
+        return Err(FsError::NameTooLong);
     }
     let _g = fs.read_guard();
     let r = fs.root(root)?;

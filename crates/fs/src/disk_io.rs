@@ -155,6 +155,17 @@ thread_local! {
     static IN_WRITE_OP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Copies of the data a block group profile stores (`btrfs_bg_type_to_factor`).
+fn profile_copies(flags: u64) -> u64 {
+    use ubtrfs_format::items::bg_flags;
+    match flags & bg_flags::PROFILE_MASK {
+        bg_flags::DUP | bg_flags::RAID1 | bg_flags::RAID10 => 2,
+        bg_flags::RAID1C3 => 3,
+        bg_flags::RAID1C4 => 4,
+        _ => 1,
+    }
+}
+
 pub(crate) fn now_timespec() -> ubtrfs_format::items::Timespec {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -797,23 +808,46 @@ impl FsInfo {
         self.sb.sectorsize
     }
 
-    /// statfs figures as `btrfs_statfs` computes them: blocks from the device size, free from
-    /// the bytes used by every block group weighted by its profile's copies, available from the
-    /// free space of data block groups plus unallocated device space. The global block reserve,
-    /// which the kernel also subtracts from f_bfree, is not modelled (a few MiB on small
-    /// filesystems).
+    /// statfs figures as `btrfs_statfs` computes them: blocks from the device size; free from
+    /// the bytes every block group uses (weighted by its profile's copies) and the global block
+    /// reserve; available from the free space inside data block groups (not counted on a
+    /// read-only mount, as measured on the kernel) plus unallocated device space past the
+    /// first MiB, rounded to 64 KiB (`btrfs_calc_avail_data_space`). Read-write mounts use the
+    /// running transaction's block groups.
     pub fn statfs(&self) -> StatFs {
         let bsize = u64::from(self.sb.sectorsize);
-        let s = &self.space;
+        let mut s = self.space;
+        if let Some(trans) = &self.trans {
+            let t = trans.lock();
+            let mut used_disk = 0u64;
+            let mut data_free = 0u64;
+            for g in t.space.groups.values() {
+                let f = profile_copies(g.flags);
+                used_disk += g.used * f;
+                if g.is_data() {
+                    s.data_factor = f;
+                    data_free += g.length - g.used;
+                }
+            }
+            s.total_used_disk = used_disk;
+            s.data_free = data_free;
+            let dev_used = self.sb_live.lock().dev_item.bytes_used;
+            s.unallocated = self.sb.dev_item.total_bytes.saturating_sub(dev_used);
+        }
         let factor = s.data_factor.max(1);
         let blocks = self.sb.total_bytes / factor / bsize;
-        let used_blocks = s.total_used_disk / factor / bsize;
-        let avail = (s.data_free + s.unallocated / factor) / bsize;
+        let used_blocks = s.total_used_disk / factor / bsize + s.global_rsv / bsize;
+        let unalloc = (s.unallocated / (64 << 10) * (64 << 10)).saturating_sub(1 << 20);
+        let data_free = if self.is_readonly() {
+            0
+        } else {
+            s.data_free / factor
+        };
         StatFs {
             bsize,
             blocks,
             bfree: blocks.saturating_sub(used_blocks),
-            bavail: avail,
+            bavail: (data_free + unalloc / factor) / bsize,
             namelen: 255,
         }
     }
@@ -832,18 +866,7 @@ impl FsInfo {
         };
         let mut sp = StatSpace::default();
         let chunks: Vec<_> = self.reader.chunks().iter().cloned().collect();
-        let mut allocated = 0u64;
         for c in &chunks {
-            let copies = |flags: u64| -> u64 {
-                match flags & bg_flags::PROFILE_MASK {
-                    bg_flags::DUP | bg_flags::RAID1 | bg_flags::RAID10 => 2,
-                    bg_flags::RAID1C3 => 3,
-                    bg_flags::RAID1C4 => 4,
-                    _ => 1,
-                }
-            };
-            allocated =
-                allocated.saturating_add(c.item.length.saturating_mul(copies(c.item.chunk_type)));
             let key = Key::new(c.logical, item::BLOCK_GROUP_ITEM, c.item.length);
             let _g = self.read_guard();
             let Some(data) = lookup_item(&self.reader, &bg_root, &key)? else {
@@ -851,7 +874,7 @@ impl FsInfo {
             };
             let bg = BlockGroupItem::parse(&data)
                 .map_err(|e| FsError::corrupt(format!("block group {key}: {e}")))?;
-            let f = copies(bg.flags);
+            let f = profile_copies(bg.flags);
             sp.total_used_disk = sp.total_used_disk.saturating_add(bg.used.saturating_mul(f));
             if bg.flags & bg_flags::DATA != 0 {
                 sp.data_factor = f;
@@ -860,7 +883,35 @@ impl FsInfo {
                     .saturating_add(c.item.length.saturating_sub(bg.used));
             }
         }
-        sp.unallocated = self.sb.dev_item.total_bytes.saturating_sub(allocated);
+        sp.unallocated = self
+            .sb
+            .dev_item
+            .total_bytes
+            .saturating_sub(self.sb.dev_item.bytes_used);
+        // btrfs_update_global_block_rsv: the bytes of the extent, csum, free space (and block
+        // group) trees, at least enough for an unlink's items and delayed refs, at most 512 MiB.
+        let mut min_items = 1u64 + 6;
+        let mut num_bytes = 0u64;
+        let mut trees = vec![
+            objectid::EXTENT_TREE,
+            objectid::CSUM_TREE,
+            objectid::FREE_SPACE_TREE,
+        ];
+        if self.sb.compat_ro_flags & compat_ro::BLOCK_GROUP_TREE != 0 {
+            trees.push(objectid::BLOCK_GROUP_TREE);
+        }
+        for id in trees {
+            if let Ok(Some((_, ri))) = self.read_root_item(id) {
+                num_bytes += ri.bytes_used;
+                min_items += 1;
+            }
+        }
+        let per_item = u64::from(self.sb.nodesize) * 8 * 2;
+        let mut refs = per_item * 6;
+        if self.sb.compat_ro_flags & compat_ro::FREE_SPACE_TREE != 0 {
+            refs *= 2;
+        }
+        sp.global_rsv = num_bytes.max(per_item * min_items + refs).min(512 << 20);
         Ok(sp)
     }
 
@@ -872,6 +923,7 @@ impl FsInfo {
 /// Space figures of the block groups.
 #[derive(Clone, Copy, Debug, Default)]
 struct StatSpace {
+    global_rsv: u64,
     total_used_disk: u64,
     data_free: u64,
     data_factor: u64,
