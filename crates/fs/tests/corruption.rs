@@ -142,7 +142,7 @@ fn build_fixture(name: &str) -> Fixture {
     let reader = &fs.reader;
     // Roots: chunk tree, root tree, and every tree the root tree names.
     let mut todo = vec![fs.sb.chunk_root, fs.sb.root];
-    for r in TreeIter::new(reader, fs.tree_root, Key::MIN) {
+    for r in TreeIter::new(reader, fs.tree_root(), Key::MIN) {
         let (key, block, slot) = r.expect("iterating the clean root tree");
         if key.item_type == item::ROOT_ITEM {
             let ri = RootItem::parse(block.item_data(slot).unwrap()).unwrap();
@@ -320,6 +320,11 @@ fn mutate_tree_block(rng: &mut Rng, fx: &Fixture, p: &mut Patcher) -> String {
     } else {
         HEADER_SIZE + n * 33
     };
+    if !block.is_leaf() && rng.chance(1, 4) {
+        if let Some(d) = graft(rng, fx, block, &mut buf) {
+            return finish_tree_block(rng, fx, p, *bytenr, mirrors, block, buf, vec![d]);
+        }
+    }
     if rng.chance(2, 5) {
         if let Some(d) = mutate_field(rng, block, &mut buf, ns) {
             return finish_tree_block(rng, fx, p, *bytenr, mirrors, block, buf, vec![d]);
@@ -349,6 +354,37 @@ fn mutate_tree_block(rng: &mut Rng, fx: &Fixture, p: &mut Patcher) -> String {
         descs.push(mutate_range(rng, &mut buf, lo, hi, ns));
     }
     finish_tree_block(rng, fx, p, *bytenr, mirrors, block, buf, descs)
+}
+
+/// Point a key pointer of node `block` at another block of the right level (anywhere: another
+/// slot, another tree), with that block's first key and generation, so that the parent checks
+/// pass and the tree becomes a DAG, shares a subtree with another tree or repeats one.
+fn graft(rng: &mut Rng, fx: &Fixture, block: &TreeBlock, buf: &mut [u8]) -> Option<String> {
+    let n = block.nritems();
+    let cands: Vec<_> = fx
+        .blocks
+        .iter()
+        .filter(|(_, _, b)| b.level() + 1 == block.level() && b.nritems() > 0)
+        .collect();
+    if n == 0 || cands.is_empty() {
+        return None;
+    }
+    let slot = rng.index(n);
+    let (target, _, tb) = cands[rng.index(cands.len())];
+    let off = HEADER_SIZE + slot * 33;
+    let key = if rng.chance(1, 2) {
+        tb.first_key().ok()??
+    } else {
+        // Keep the slot's key: the child check then fails unless the keys happen to agree.
+        block.key_ptr(slot).ok()?.key
+    };
+    key.encode(buf, off);
+    buf[off + 17..off + 25].copy_from_slice(&target.to_le_bytes());
+    buf[off + 25..off + 33].copy_from_slice(&tb.header.generation.to_le_bytes());
+    Some(format!(
+        "key ptr {slot} grafted onto block {target} (owner {}) with key {key:?}",
+        tb.header.owner
+    ))
 }
 
 /// Offsets and widths of the fields of an item body of type `t` (`btrfs_tree.h`).
@@ -620,6 +656,14 @@ fn apply_case(seed: u64, fx: &Fixture, p: &mut Patcher) -> Vec<String> {
         .collect()
 }
 
+/// The restored image must open: otherwise every case would be "refused" and the loop would
+/// test nothing (say the image was removed under the test, or a restore went wrong).
+fn clean_image_still_opens(fx: &Fixture) {
+    if let Err(e) = FsInfo::open(&fx.img, MountOptions::default()) {
+        panic!("the restored test image no longer opens, the loop tests nothing: {e}");
+    }
+}
+
 // Test scenario: the walker reads the undamaged image completely and exactly: every file's
 // content, every symlink target and every xattr equal the source tree, with no error.
 #[test]
@@ -710,11 +754,15 @@ fn random_corruption_never_panics() {
             break;
         }
         p.restore();
+        if i % 256 == 255 {
+            clean_image_still_opens(&fx);
+        }
         if failures.len() >= MAX_FAILURES || only.is_some() {
             break;
         }
     }
     p.restore();
+    clean_image_still_opens(&fx);
     let mut s: Vec<_> = stats.into_iter().collect();
     s.sort();
     eprintln!("corruption fuzz: {ran} cases run: {s:?}");

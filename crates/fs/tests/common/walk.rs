@@ -10,7 +10,8 @@
 //!
 //! Bounds, so that a damaged image cannot make the walk itself endless: directory cycles are cut
 //! by remembering (root, inode) of the directories on the current path, every directory is
-//! listed at most once, and entries, depth, readdir batches and bytes read per file are capped.
+//! listed at most once, and entries (so readdir batches too), depth and bytes read (per file
+//! and in total) are capped.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -32,6 +33,8 @@ pub struct WalkLimits {
     pub readdir_batch: usize,
     /// Bytes read per regular file (a corrupt i_size can claim exabytes of holes).
     pub max_bytes_per_file: u64,
+    /// Bytes read in total, so that the walk's time is bounded whatever the damage.
+    pub max_total_bytes: u64,
     /// Xattrs read per inode.
     pub max_xattrs_per_inode: usize,
 }
@@ -43,6 +46,7 @@ impl Default for WalkLimits {
             max_depth: 64,
             readdir_batch: 64,
             max_bytes_per_file: 8 << 20,
+            max_total_bytes: 256 << 20,
             max_xattrs_per_inode: 256,
         }
     }
@@ -206,7 +210,14 @@ impl Walker<'_> {
 
     fn file(&mut self, root: u64, ino: u64, ii: &InodeItem, path: &str, at: &str) {
         let emi = self.fs.ems.inode(root, ino);
-        let end = ii.size.min(self.limits.max_bytes_per_file);
+        let budget = self
+            .limits
+            .max_total_bytes
+            .saturating_sub(self.report.bytes_read);
+        if budget < ii.size.min(self.limits.max_bytes_per_file) {
+            self.report.truncated = true;
+        }
+        let end = ii.size.min(self.limits.max_bytes_per_file).min(budget);
         let mut content = Vec::new();
         let mut off = 0u64;
         while off < end {
