@@ -28,7 +28,7 @@
 
 use crate::disk_io::FsInfo;
 use crate::error::{FsError, Result};
-use crate::transaction::WriteCtx;
+use crate::transaction::{TreeSel, WriteCtx};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -259,15 +259,31 @@ pub fn btrfs_drop_extents(
     start: u64,
     end: u64,
 ) -> Result<DropResult> {
+    btrfs_drop_extents_in(c, TreeSel::Fs(root), ino, start, end)
+}
+
+/// `btrfs_drop_extents` on a subvolume tree or a log tree. Log trees hold no references, so
+/// splitting or dropping their items queues no ref changes.
+pub fn btrfs_drop_extents_in(
+    c: &mut WriteCtx<'_>,
+    sel: TreeSel,
+    ino: u64,
+    start: u64,
+    end: u64,
+) -> Result<DropResult> {
+    let (root, refs) = match sel {
+        TreeSel::Fs(r) => (r, true),
+        TreeSel::Log(r) => (r, false),
+    };
     let ss = u64::from(c.fs.sectorsize());
     let mut res = DropResult::default();
     // Items that may overlap: the last one starting at or before `start`, then the following.
-    let mut cursor = match c.lookup_le(root, &Key::new(ino, item::EXTENT_DATA, start))? {
+    let mut cursor = match c.sel_lookup_le(sel, &Key::new(ino, item::EXTENT_DATA, start))? {
         Some((k, _)) if k.objectid == ino && k.item_type == item::EXTENT_DATA => k.offset,
         _ => start,
     };
     loop {
-        let items = c.items(root, Key::new(ino, item::EXTENT_DATA, cursor), 1, |k| {
+        let items = c.sel_items(sel, Key::new(ino, item::EXTENT_DATA, cursor), 1, |k| {
             k.objectid == ino && k.item_type == item::EXTENT_DATA
         })?;
         let Some((key, data)) = items.into_iter().next() else {
@@ -296,7 +312,7 @@ pub fn btrfs_drop_extents(
         };
         if fe.extent_type == FILE_EXTENT_INLINE {
             // Inline extents are dropped whole (callers rewrite sector 0 entirely).
-            c.delete(root, &key)?;
+            c.sel_delete(sel, &key)?;
             res.bytes_found += fe.ram_bytes;
             continue;
         }
@@ -304,16 +320,12 @@ pub fn btrfs_drop_extents(
             // Split: [ks, start) stays, [end, ke) becomes a new item of the same extent.
             let mut front = fe.clone();
             front.num_bytes = start - ks;
-            c.update(root, &key, &front.to_bytes())?;
+            c.sel_update(sel, &key, &front.to_bytes())?;
             let mut tail = fe.clone();
             tail.offset += end - ks;
             tail.num_bytes = ke - end;
-            c.insert(
-                root,
-                Key::new(ino, item::EXTENT_DATA, end),
-                &tail.to_bytes(),
-            )?;
-            if counts {
+            c.sel_insert(sel, Key::new(ino, item::EXTENT_DATA, end), &tail.to_bytes())?;
+            if counts && refs {
                 c.t.refs
                     .add(fe.disk_bytenr, fe.disk_num_bytes, data_ref(&fe), 1);
                 res.bytes_found += end - start;
@@ -324,7 +336,7 @@ pub fn btrfs_drop_extents(
             // Keep the front.
             let mut front = fe.clone();
             front.num_bytes = start - ks;
-            c.update(root, &key, &front.to_bytes())?;
+            c.sel_update(sel, &key, &front.to_bytes())?;
             if counts {
                 res.bytes_found += ke - start;
             }
@@ -332,23 +344,19 @@ pub fn btrfs_drop_extents(
         }
         if ke > end {
             // Keep the tail, re-keyed at `end`.
-            c.delete(root, &key)?;
+            c.sel_delete(sel, &key)?;
             let mut tail = fe.clone();
             tail.offset += end - ks;
             tail.num_bytes = ke - end;
-            c.insert(
-                root,
-                Key::new(ino, item::EXTENT_DATA, end),
-                &tail.to_bytes(),
-            )?;
+            c.sel_insert(sel, Key::new(ino, item::EXTENT_DATA, end), &tail.to_bytes())?;
             if counts {
                 res.bytes_found += end - ks;
             }
             break;
         }
         // Fully inside: gone.
-        c.delete(root, &key)?;
-        if counts {
+        c.sel_delete(sel, &key)?;
+        if counts && refs {
             c.t.refs
                 .add(fe.disk_bytenr, fe.disk_num_bytes, data_ref(&fe), -1);
             res.bytes_found += fe.num_bytes;

@@ -12,6 +12,14 @@ use ubtrfs_ctree::transaction::Transaction;
 use ubtrfs_format::items::InodeItem;
 use ubtrfs_format::key::{item, Key};
 
+/// Which tree an item operation addresses: a subvolume (or any tree by id), or the log tree
+/// of a subvolume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TreeSel {
+    Fs(u64),
+    Log(u64),
+}
+
 /// A write operation's handle on the running transaction.
 pub struct WriteCtx<'a> {
     pub fs: &'a FsInfo,
@@ -79,6 +87,90 @@ impl WriteCtx<'_> {
         Ok(self
             .t
             .modify_tree(reader, id, |w, r| w.delete_item(r, key))?)
+    }
+
+    /// The root of `sel` (None for a log tree not created yet).
+    pub fn sel_root(&self, sel: TreeSel) -> Option<RootPtr> {
+        match sel {
+            TreeSel::Fs(id) => self.t.root(id),
+            TreeSel::Log(id) => self.t.log.roots.get(&id).copied(),
+        }
+    }
+
+    pub fn sel_lookup(&self, sel: TreeSel, key: &Key) -> Result<Option<Vec<u8>>> {
+        let Some(r) = self.sel_root(sel) else {
+            return Ok(None);
+        };
+        Ok(lookup_item(&self.fs.reader, &r, key)?)
+    }
+
+    pub fn sel_lookup_le(&self, sel: TreeSel, key: &Key) -> Result<Option<(Key, Vec<u8>)>> {
+        let Some(r) = self.sel_root(sel) else {
+            return Ok(None);
+        };
+        Ok(lookup_le(&self.fs.reader, &r, key)?)
+    }
+
+    pub fn sel_items(
+        &self,
+        sel: TreeSel,
+        start: Key,
+        max: usize,
+        keep: impl Fn(&Key) -> bool,
+    ) -> Result<Vec<(Key, Vec<u8>)>> {
+        let Some(r) = self.sel_root(sel) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for it in TreeIter::new(&self.fs.reader, r, start) {
+            let (k, b, s) = it?;
+            if !keep(&k) || out.len() >= max {
+                break;
+            }
+            out.push((
+                k,
+                b.item_data(s)
+                    .map_err(|e| FsError::corrupt(format!("{k}: {e}")))?
+                    .to_vec(),
+            ));
+        }
+        Ok(out)
+    }
+
+    pub fn sel_insert(&mut self, sel: TreeSel, key: Key, data: &[u8]) -> Result<()> {
+        match sel {
+            TreeSel::Fs(id) => self.insert(id, key, data),
+            TreeSel::Log(id) => {
+                let reader = &self.fs.reader;
+                Ok(self
+                    .t
+                    .modify_log_tree(reader, id, |w, r| w.insert_item(r, key, data))?)
+            }
+        }
+    }
+
+    pub fn sel_update(&mut self, sel: TreeSel, key: &Key, data: &[u8]) -> Result<()> {
+        match sel {
+            TreeSel::Fs(id) => self.update(id, key, data),
+            TreeSel::Log(id) => {
+                let reader = &self.fs.reader;
+                Ok(self
+                    .t
+                    .modify_log_tree(reader, id, |w, r| w.update_item(r, key, data))?)
+            }
+        }
+    }
+
+    pub fn sel_delete(&mut self, sel: TreeSel, key: &Key) -> Result<()> {
+        match sel {
+            TreeSel::Fs(id) => self.delete(id, key),
+            TreeSel::Log(id) => {
+                let reader = &self.fs.reader;
+                Ok(self
+                    .t
+                    .modify_log_tree(reader, id, |w, r| w.delete_item(r, key))?)
+            }
+        }
     }
 
     /// Add a data chunk (the data space is full). False when the device has no room.
