@@ -902,7 +902,8 @@ impl FsInfo {
         }
         for id in trees {
             if let Ok(Some((_, ri))) = self.read_root_item(id) {
-                num_bytes += ri.bytes_used;
+                // bytes_used comes from the disk.
+                num_bytes = num_bytes.saturating_add(ri.bytes_used);
                 min_items += 1;
             }
         }

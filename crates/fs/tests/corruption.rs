@@ -424,13 +424,18 @@ fn item_fields(t: u8) -> &'static [(usize, usize)] {
             (37, 8),
             (45, 8),
         ],
-        // inode (size, mode), generation, root_dirid, bytenr, refs, drop key, drop_level, level.
+        // inode (size, mode), generation, root_dirid, bytenr, byte_limit, bytes_used,
+        // last_snapshot, flags, refs, drop key, drop_level, level.
         item::ROOT_ITEM => &[
             (16, 8),
             (52, 4),
             (160, 8),
             (168, 8),
             (176, 8),
+            (184, 8),
+            (192, 8),
+            (200, 8),
+            (208, 8),
             (216, 4),
             (220, 8),
             (237, 1),
@@ -1053,4 +1058,23 @@ fn regression_compressed_extent_offset_overflow() {
     let got = read_file_at(&fx, ino, 4096 + 100, 4096).unwrap();
     assert!(got.iter().all(|&b| b == 0));
     must_not_panic(&fx);
+}
+
+// Test scenario: the extent and csum trees' ROOT_ITEMs claim u64::MAX and 1 bytes used (root
+// checksum recomputed): the global block reserve estimate for statfs, computed at open, summed
+// them with an overflowing `+`. Now the sum saturates (the reserve is capped at 512 MiB anyway).
+#[test]
+fn regression_root_item_bytes_used_overflow() {
+    let fx = build_fixture("reg-bytes-used");
+    let mut p = Patcher::new(&fx.img);
+    for (tree, v) in [(2u64, u64::MAX), (7, 1)] {
+        let (idx, slot, _) = find_item(&fx, |k| {
+            k.objectid == tree && k.item_type == item::ROOT_ITEM
+        });
+        patch_item(&fx, &mut p, idx, slot, 192, &v.to_le_bytes());
+    }
+    match must_not_panic(&fx) {
+        Outcome::Served(r) => assert!(r.errors.is_empty(), "{:?}", r.errors),
+        Outcome::Refused(msg) => panic!("refused: {msg}"),
+    }
 }
