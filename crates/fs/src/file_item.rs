@@ -19,7 +19,14 @@ pub fn lookup_csums(fs: &FsInfo, start: u64, nr: usize) -> Result<Vec<Option<Vec
     };
     let ss = u64::from(fs.sectorsize());
     let csize = fs.reader.csum_type.size();
-    let end = start + nr as u64 * ss;
+    let end = (nr as u64)
+        .checked_mul(ss)
+        .and_then(|len| start.checked_add(len))
+        .ok_or_else(|| {
+            FsError::corrupt(format!(
+                "checksums of {nr} sectors at logical {start} overflow the address space"
+            ))
+        })?;
     let key = Key::new(objectid::EXTENT_CSUM, item::EXTENT_CSUM, start);
     let (mut path, found) = Path::search(&fs.reader, &root, &key)?;
     if !found && path.prev_item(&fs.reader)? {
@@ -28,7 +35,9 @@ pub fn lookup_csums(fs: &FsInfo, start: u64, nr: usize) -> Result<Vec<Option<Vec
             Some((k, d)) => {
                 k.objectid == objectid::EXTENT_CSUM
                     && k.item_type == item::EXTENT_CSUM
-                    && k.offset + (d.len() / csize) as u64 * ss > start
+                    && k.offset
+                        .checked_add((d.len() / csize) as u64 * ss)
+                        .is_none_or(|item_end| item_end > start)
             }
             None => false,
         };
@@ -52,7 +61,12 @@ pub fn lookup_csums(fs: &FsInfo, start: u64, nr: usize) -> Result<Vec<Option<Vec
             )));
         }
         let n_item = (d.len() / csize) as u64;
-        let item_end = k.offset + n_item * ss;
+        // Key offsets come from the disk: an item reaching past u64::MAX is corrupt.
+        let item_end = k.offset.checked_add(n_item * ss).ok_or_else(|| {
+            FsError::corrupt(format!(
+                "csum item {k}: {n_item} sectors overflow the address space"
+            ))
+        })?;
         let lo = k.offset.max(start);
         let hi = item_end.min(end);
         let mut s = lo;

@@ -880,14 +880,19 @@ fn find_item(fx: &Fixture, pred: impl Fn(&Key) -> bool) -> (usize, usize, Key) {
 /// Overwrite `bytes` at `off` inside the data of item `slot` of fixture block `idx`, on every
 /// copy, with the block checksum recomputed (so the damage reaches the tree-checker).
 fn patch_item(fx: &Fixture, p: &mut Patcher, idx: usize, slot: usize, off: usize, bytes: &[u8]) {
-    let (_, mirrors, clean) = &fx.blocks[idx];
-    let it = clean.item(slot).unwrap();
+    let it = fx.blocks[idx].2.item(slot).unwrap();
     assert!(
         off + bytes.len() <= it.size as usize,
         "patch outside the item"
     );
+    patch_block(fx, p, idx, HEADER_SIZE + it.offset as usize + off, bytes);
+}
+
+/// Overwrite `bytes` at byte `at` of fixture block `idx`, on every copy, with the block
+/// checksum recomputed.
+fn patch_block(fx: &Fixture, p: &mut Patcher, idx: usize, at: usize, bytes: &[u8]) {
+    let (_, mirrors, _) = &fx.blocks[idx];
     let mut buf = p.read(mirrors[0], fx.nodesize);
-    let at = HEADER_SIZE + it.offset as usize + off;
     buf[at..at + bytes.len()].copy_from_slice(bytes);
     let c = fx.csum_type.compute(&buf[CSUM_FIELD_SIZE..]);
     buf[..CSUM_FIELD_SIZE].copy_from_slice(&c);
@@ -1077,4 +1082,41 @@ fn regression_root_item_bytes_used_overflow() {
         Outcome::Served(r) => assert!(r.errors.is_empty(), "{:?}", r.errors),
         Outcome::Refused(msg) => panic!("refused: {msg}"),
     }
+}
+
+// Test scenario: the last EXTENT_CSUM item of the csum tree is re-keyed to logical 2^64 - 8192
+// (sector aligned, key order kept, block checksum recomputed) while it holds more than two
+// sectors' checksums, and lookup_csums is asked for ranges up there: the item's end and the
+// range's end were computed with overflowing `+`. Now both are corrupt errors.
+#[test]
+fn regression_csum_item_end_overflow() {
+    let fx = build_fixture("reg-csum-end");
+    let mut p = Patcher::new(&fx.img);
+    let csum = 7u64;
+    let (idx, _, _) = find_item(&fx, |k| k.item_type == item::EXTENT_CSUM);
+    let leaf = &fx.blocks[idx].2;
+    assert_eq!(leaf.header.owner, csum);
+    let slot = leaf.nritems() - 1;
+    // No parent key to keep in step: the item is not its leaf's first, or the leaf is the root.
+    let (ridx, rslot, _) = find_item(&fx, |k| {
+        k.objectid == csum && k.item_type == item::ROOT_ITEM
+    });
+    let root = RootItem::parse(fx.blocks[ridx].2.item_data(rslot).unwrap()).unwrap();
+    assert!(slot > 0 || root.bytenr == fx.blocks[idx].0);
+    assert!(leaf.item(slot).unwrap().size >= 3 * 4);
+    let top = 0u64.wrapping_sub(8192);
+    patch_block(
+        &fx,
+        &mut p,
+        idx,
+        HEADER_SIZE + slot * ITEM_SIZE + 9,
+        &top.to_le_bytes(),
+    );
+    let fs = FsInfo::open(&fx.img, MountOptions::default()).unwrap();
+    let e = ubtrfs_fs::file_item::lookup_csums(&fs, top, 1).unwrap_err();
+    assert!(e.to_string().contains("overflow"), "{e}");
+    let e = ubtrfs_fs::file_item::lookup_csums(&fs, top + 4096, 2).unwrap_err();
+    assert!(e.to_string().contains("overflow"), "{e}");
+    drop(fs);
+    must_not_panic(&fx);
 }
