@@ -774,15 +774,9 @@ impl Filesystem for UbtrfsFuse {
         if !self.rw {
             return reply.ok();
         }
-        // Until the tree-log exists, fsync is a full transaction commit (btrfs_sync_file's
-        // fallback), after writing back the inode.
+        // btrfs_sync_file: log the inode and sync the log, or fall back to a full commit.
         let r = self.resolve(ino.0).and_then(|(root, i)| {
-            ubtrfs_fs::file_write::btrfs_writeback(&self.fs, root, i)?;
-            self.fs
-                .counters
-                .fsync_full_commit
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.fs.commit().map(|_| ())
+            ubtrfs_fs::tree_log::btrfs_sync_file(&self.fs, root, i).map(|_| ())
         });
         match r {
             Ok(()) => reply.ok(),

@@ -206,6 +206,9 @@ pub struct SpaceInfo {
     pub nodesize: u32,
     meta_hint: u64,
     data_hint: u64,
+    /// Data extents claimed during a log replay (so that several logged items of one extent
+    /// claim it once).
+    claimed: std::collections::BTreeSet<(u64, u64)>,
 }
 
 /// Which block group type an allocation needs.
@@ -464,6 +467,16 @@ impl SpaceInfo {
         bg.used += len;
         bg.dirty = true;
         Ok(())
+    }
+
+    pub fn is_claimed(&self, start: u64, len: u64) -> bool {
+        self.claimed.contains(&(start, len))
+    }
+    pub fn mark_claimed(&mut self, start: u64, len: u64) {
+        self.claimed.insert((start, len));
+    }
+    pub fn clear_claimed(&mut self) {
+        self.claimed.clear();
     }
 
     /// After a durable commit: pinned space becomes free (`btrfs_finish_extent_commit`).

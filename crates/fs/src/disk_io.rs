@@ -106,9 +106,20 @@ pub struct FsCounters {
     pub commit_ns_total: AtomicU64,
     pub commit_ns_last: AtomicU64,
     pub commit_blocks_written: AtomicU64,
-    /// fsync calls that fell back to a full transaction commit (all of them until the
-    /// tree-log exists).
+    /// fsync calls that fell back to a full transaction commit.
     pub fsync_full_commit: AtomicU64,
+    /// fsync calls that logged through the fast path (modified extent maps).
+    pub fsync_fast: AtomicU64,
+    /// fsync calls that logged through the full path (NEEDS_FULL_SYNC).
+    pub fsync_full: AtomicU64,
+    /// fsync calls with nothing to log.
+    pub fsync_skipped: AtomicU64,
+    /// Log syncs (superblock writes pointing at the log).
+    pub log_syncs: AtomicU64,
+    /// What the log replay at mount did.
+    pub replay: Mutex<Option<crate::tree_log::ReplayStats>>,
+    /// Full-commit fallbacks by reason.
+    pub full_commit_reasons: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 /// The mounted filesystem (`struct btrfs_fs_info`).
@@ -422,12 +433,21 @@ impl FsInfo {
             fs.trans = Some(Mutex::new(t));
         }
         if fs.sb.log_root != 0 {
-            tracing::warn!(
-                "{}: the filesystem has a log tree (fsync'd data since generation {}) that ubtrfs \
-                 does not replay yet; showing the last committed state",
-                path.display(),
-                fs.sb.generation
-            );
+            if fs.options.nologreplay {
+                tracing::warn!(
+                    "{}: a log tree is pending; rescue=nologreplay shows the last committed state \
+                     (generation {})",
+                    path.display(),
+                    fs.sb.generation
+                );
+            } else {
+                fs.replay_log().map_err(|e| {
+                    FsError::Mount(format!(
+                        "replaying the log tree: {e} (mount with -o ro,rescue=nologreplay to see \
+                         the last committed state)"
+                    ))
+                })?;
+            }
         }
         Ok(Arc::new(fs))
     }
@@ -566,12 +586,6 @@ impl FsInfo {
                 "unknown compat_ro features {:#x}",
                 sb.compat_ro_flags & !KNOWN_COMPAT_RO
             ));
-        }
-        if sb.log_root != 0 && !self.options.nologreplay {
-            return refuse(
-                "a log tree is pending and ubtrfs cannot replay it yet (mount -o ro to look)"
-                    .into(),
-            );
         }
         let g = self.read_guard();
         let mut roots = std::collections::BTreeMap::new();
@@ -739,6 +753,83 @@ impl FsInfo {
             .get(&(root, ino))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// `btrfs_recover_log_trees` at mount: a read-write mount replays into its transaction and
+    /// commits; a read-only mount replays into an in-memory transaction that is never
+    /// committed, so the replayed state is served while nothing is written to the image.
+    fn replay_log(&mut self) -> Result<()> {
+        let rw = self.trans.is_some();
+        let mut t = match self.trans.take() {
+            Some(t) => t.into_inner(),
+            None => self.start_rw().map_err(|e| {
+                FsError::Mount(format!("the log cannot be replayed on this image: {e}"))
+            })?,
+        };
+        IN_WRITE_OP.with(|c| c.set(true));
+        let r = {
+            let mut c = crate::transaction::WriteCtx {
+                fs: self,
+                t: &mut t,
+            };
+            crate::tree_log::btrfs_recover_log_trees(&mut c)
+        };
+        IN_WRITE_OP.with(|c| c.set(false));
+        let st = r?;
+        self.publish_roots(&t);
+        tracing::info!("{}: replayed the log: {st:?}", self.path.display());
+        self.counters.replay.lock().replace(st);
+        if rw {
+            self.trans = Some(Mutex::new(t));
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Count a full-commit fallback of fsync.
+    pub fn note_full_commit_reason(&self, reason: &'static str) {
+        *self
+            .counters
+            .full_commit_reasons
+            .lock()
+            .entry(reason)
+            .or_insert(0) += 1;
+    }
+
+    /// `btrfs_set_log_full_commit`: fsync in this transaction must commit (a rename, unlink or
+    /// link made the log unable to express the namespace).
+    pub fn btrfs_set_log_full_commit(&self, reason: &'static str) {
+        if let Some(trans) = &self.trans {
+            trans.lock().log.full_commit.get_or_insert(reason);
+        }
+    }
+
+    /// `btrfs_sync_log`: write the running transaction's logs and point the primary superblock
+    /// at them.
+    pub fn sync_log(&self) -> Result<()> {
+        let Some(trans) = self.trans.as_ref() else {
+            return Ok(());
+        };
+        let _g = self.tree_lock.write();
+        let mut t = trans.lock();
+        let sb = self.sb_live.lock();
+        match t.sync_log(&self.reader, &sb) {
+            Ok(_) => {
+                self.counters.log_syncs.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                // A failed log sync: the superblock may or may not point at a partial log; a
+                // full commit (which frees the log and clears log_root) is the only safe state.
+                t.log.full_commit = Some("log sync error");
+                drop(sb);
+                drop(t);
+                drop(_g);
+                tracing::error!("log sync failed: {e}; committing instead");
+                self.commit()?;
+                Ok(())
+            }
+        }
     }
 
     /// `sync_filesystem`: write back every dirty inode, then commit.

@@ -54,6 +54,38 @@ pub enum FsError {
     /// Refused at mount: unsupported feature or unusable device.
     #[error("{0}")]
     Mount(String),
+    /// The directory still has entries (ENOTEMPTY).
+    #[error("directory not empty")]
+    NotEmpty,
+    /// A name or symlink target is longer than btrfs stores (ENAMETOOLONG).
+    #[error("name too long")]
+    NameTooLong,
+    /// The operation would cross subvolumes (EXDEV), as the kernel refuses for links and
+    /// renames between subvolumes.
+    #[error("cross-subvolume operation")]
+    CrossDevice,
+    /// The inode has the maximum number of links, or its names no longer fit (EMLINK).
+    #[error("too many links")]
+    TooManyLinks,
+    /// The operation is not permitted on this inode, e.g. a hard link to a directory (EPERM).
+    #[error("operation not permitted")]
+    NotPermitted,
+    /// The operation or mode is not supported (EOPNOTSUPP).
+    #[error("operation not supported: {0}")]
+    Unsupported(String),
+    /// An extended attribute name is empty or longer than 255 bytes, or a buffer is too
+    /// small (ERANGE).
+    #[error("result out of range")]
+    Range,
+    /// An extended attribute value is larger than the VFS accepts (E2BIG).
+    #[error("argument list too long")]
+    TooBig,
+    /// A size or offset beyond the maximum file size (EFBIG).
+    #[error("file too large")]
+    FileTooBig,
+    /// SEEK_DATA/SEEK_HOLE at or beyond the end of the file, or no data after it (ENXIO).
+    #[error("no such offset")]
+    NoSuchOffset,
 }
 
 impl From<TreeError> for FsError {

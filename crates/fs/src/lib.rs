@@ -27,6 +27,7 @@ pub mod file_write;
 pub mod inode;
 pub mod mkfs;
 pub mod transaction;
+pub mod tree_log;
 pub mod xattr;
 
 pub use disk_io::{FsInfo, FsRoot, MountOptions};

@@ -1,0 +1,365 @@
+//! fsync through the tree-log, checked by the oracles: a "crash" (the FsInfo is dropped without
+//! a commit, so the superblock's log_root points at the log) is replayed by the kernel and by
+//! ubtrfs, and `btrfs check --readonly` (which checks the log tree) is clean before and after.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use ubtrfs_fs::dir_item::Target;
+use ubtrfs_fs::tree_log::SyncOutcome;
+use ubtrfs_fs::{FsInfo, MountOptions};
+
+fn tmpdir(name: &str) -> PathBuf {
+    let base = std::env::var_os("UBTRFS_TEST_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let d = base.join(format!("log-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn mkfs(img: &Path, size: u64) {
+    let f = std::fs::File::create(img).unwrap();
+    f.set_len(size).unwrap();
+    drop(f);
+    let out = Command::new("mkfs.btrfs")
+        .args(["-q", "-f"])
+        .arg(img)
+        .output()
+        .expect("mkfs.btrfs must be installed");
+    assert!(
+        out.status.success(),
+        "mkfs.btrfs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn btrfs_check(img: &Path) -> String {
+    let out = Command::new("btrfs")
+        .args(["check", "--readonly"])
+        .arg(img)
+        .output()
+        .expect("btrfs-progs must be installed");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("ERROR") && text.contains("no error found"),
+        "btrfs check failed:\n{text}"
+    );
+    text
+}
+
+/// The superblock's log_root, as btrfs-progs reads it.
+fn log_root(img: &Path) -> u64 {
+    let out = Command::new("btrfs")
+        .args(["inspect-internal", "dump-super"])
+        .arg(img)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("log_root\t") || l.starts_with("log_root "))
+        .unwrap_or_else(|| panic!("no log_root in:\n{text}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn rw() -> MountOptions {
+    MountOptions {
+        readonly: false,
+        commit_interval: 3600,
+        ..MountOptions::default()
+    }
+}
+
+struct KernelMount {
+    dir: PathBuf,
+    dev: String,
+}
+
+impl KernelMount {
+    fn new(img: &Path, dir: &Path, opts: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(img)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let st = Command::new("mount")
+            .args(["-o", opts, &dev])
+            .arg(dir)
+            .status()
+            .unwrap();
+        if !st.success() {
+            let _ = Command::new("losetup").args(["-d", &dev]).status();
+            panic!("kernel mount of {} failed", img.display());
+        }
+        KernelMount {
+            dir: dir.to_path_buf(),
+            dev,
+        }
+    }
+}
+
+impl Drop for KernelMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn ino_of(fs: &FsInfo, root: u64, dir: u64, name: &str) -> u64 {
+    match ubtrfs_fs::dir_item::lookup(fs, root, dir, name.as_bytes()).unwrap() {
+        Target::Inode { ino, .. } => ino,
+        _ => panic!("{name} is not an inode"),
+    }
+}
+
+fn read_all(fs: &FsInfo, root: u64, ino: u64) -> Vec<u8> {
+    let ii = ubtrfs_fs::inode::read_inode(fs, root, ino).unwrap();
+    let emi = fs.ems.inode(root, ino);
+    ubtrfs_fs::file::read(fs, root, ino, &ii, &emi, 0, u32::MAX).unwrap()
+}
+
+/// The workload: a committed file, then in a new transaction a new file, an append to the
+/// committed one, an overwrite in its middle, each fsynced; then more writes that are NOT
+/// fsynced, then a crash. Returns the fsynced state (name, content).
+fn workload(img: &Path) -> Vec<(String, Vec<u8>)> {
+    let fs = FsInfo::open(img, rw()).unwrap();
+    let root = fs.mount_root;
+    let dir = fs.root(root).unwrap().item.root_dirid;
+    let base = pattern(1, 300_000);
+    let (old, _) =
+        ubtrfs_fs::inode::btrfs_new_inode(&fs, root, dir, b"old", 0o100644, 0, 0, 0).unwrap();
+    ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, old, 0, &base).unwrap();
+    fs.sync().unwrap();
+    // Transaction 2: fsynced changes.
+    let mut expect_old = base.clone();
+    let more = pattern(2, 70_000);
+    ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, old, base.len() as u64, &more).unwrap();
+    expect_old.extend_from_slice(&more);
+    let patch = pattern(3, 20_000);
+    ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, old, 100_000, &patch).unwrap();
+    expect_old[100_000..120_000].copy_from_slice(&patch);
+    assert_eq!(
+        ubtrfs_fs::tree_log::btrfs_sync_file(&fs, root, old).unwrap(),
+        SyncOutcome::Logged
+    );
+    let (new, _) =
+        ubtrfs_fs::inode::btrfs_new_inode(&fs, root, dir, b"new", 0o100600, 0, 1000, 1000).unwrap();
+    let newc = pattern(4, 123_457);
+    ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, new, 0, &newc).unwrap();
+    assert_eq!(
+        ubtrfs_fs::tree_log::btrfs_sync_file(&fs, root, new).unwrap(),
+        SyncOutcome::Logged
+    );
+    let (small, _) =
+        ubtrfs_fs::inode::btrfs_new_inode(&fs, root, dir, b"small", 0o100644, 0, 0, 0).unwrap();
+    ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, small, 0, b"inline data, fsynced")
+        .unwrap();
+    assert_eq!(
+        ubtrfs_fs::tree_log::btrfs_sync_file(&fs, root, small).unwrap(),
+        SyncOutcome::Logged
+    );
+    // A second fsync of "old" in the same transaction re-logs its changed range.
+    let patch2 = pattern(5, 5000);
+    ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, old, 4096, &patch2).unwrap();
+    expect_old[4096..4096 + 5000].copy_from_slice(&patch2);
+    assert_eq!(
+        ubtrfs_fs::tree_log::btrfs_sync_file(&fs, root, old).unwrap(),
+        SyncOutcome::Logged
+    );
+    // Not fsynced: lost in the crash.
+    let (lost, _) =
+        ubtrfs_fs::inode::btrfs_new_inode(&fs, root, dir, b"not-fsynced", 0o100644, 0, 0, 0)
+            .unwrap();
+    ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, lost, 0, b"gone").unwrap();
+    ubtrfs_fs::file_write::btrfs_writeback(&fs, root, lost).unwrap();
+    assert_eq!(
+        fs.counters
+            .log_syncs
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4
+    );
+    // Crash: no commit.
+    drop(fs);
+    vec![
+        ("old".into(), expect_old),
+        ("new".into(), newc),
+        ("small".into(), b"inline data, fsynced".to_vec()),
+    ]
+}
+
+// Test scenario: ubtrfs fsyncs through the log and "crashes"; btrfs check accepts the image with
+// its pending log; the kernel replays the log and shows exactly the fsynced state.
+#[test]
+fn kernel_replays_ubtrfs_log() {
+    let d = tmpdir("kernel");
+    let img = d.join("img");
+    mkfs(&img, 1 << 30);
+    let expect = workload(&img);
+    assert_ne!(log_root(&img), 0, "the crash image must have a pending log");
+    btrfs_check(&img);
+    {
+        let m = KernelMount::new(&img, &d.join("mnt"), "rw");
+        for (name, content) in &expect {
+            let got = std::fs::read(m.dir.join(name)).unwrap();
+            assert!(
+                got == *content,
+                "kernel replay: {name} differs ({} vs {} bytes)",
+                got.len(),
+                content.len()
+            );
+        }
+        assert!(!m.dir.join("not-fsynced").exists());
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(m.dir.join("new")).unwrap();
+        assert_eq!((md.uid(), md.mode() & 0o7777), (1000, 0o600));
+    }
+    btrfs_check(&img);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+// Test scenario: the same crash image is mounted by ubtrfs: read-only replays in memory and
+// writes nothing; read-write replays and commits; both show the fsynced state; btrfs check is
+// clean afterwards and the kernel sees the same files.
+#[test]
+fn ubtrfs_replays_its_own_log() {
+    let d = tmpdir("own");
+    let img = d.join("img");
+    mkfs(&img, 1 << 30);
+    let expect = workload(&img);
+    let before = std::fs::read(&img).unwrap();
+    {
+        let fs = FsInfo::open(&img, MountOptions::default()).unwrap();
+        let root = fs.mount_root;
+        let dir = fs.root(root).unwrap().item.root_dirid;
+        for (name, content) in &expect {
+            assert!(
+                read_all(&fs, root, ino_of(&fs, root, dir, name)) == *content,
+                "ro replay: {name}"
+            );
+        }
+        assert!(ubtrfs_fs::dir_item::lookup(&fs, root, dir, b"not-fsynced").is_err());
+    }
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a read-only mount wrote to the image"
+    );
+    {
+        let fs = FsInfo::open(
+            &img,
+            MountOptions {
+                nologreplay: true,
+                ..MountOptions::default()
+            },
+        )
+        .unwrap();
+        let root = fs.mount_root;
+        let dir = fs.root(root).unwrap().item.root_dirid;
+        assert!(
+            ubtrfs_fs::dir_item::lookup(&fs, root, dir, b"new").is_err(),
+            "nologreplay shows the committed state"
+        );
+    }
+    {
+        let fs = FsInfo::open(&img, rw()).unwrap();
+        let root = fs.mount_root;
+        let dir = fs.root(root).unwrap().item.root_dirid;
+        for (name, content) in &expect {
+            assert!(
+                read_all(&fs, root, ino_of(&fs, root, dir, name)) == *content,
+                "rw replay: {name}"
+            );
+        }
+    }
+    btrfs_check(&img);
+    assert_eq!(log_root(&img), 0, "the replay commit must clear log_root");
+    let m = KernelMount::new(&img, &d.join("mnt"), "ro");
+    for (name, content) in &expect {
+        assert!(
+            std::fs::read(m.dir.join(name)).unwrap() == *content,
+            "kernel after ubtrfs replay: {name}"
+        );
+    }
+    drop(m);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+// Test scenario: the kernel fsyncs (a new file, an append to a committed file) with a long
+// commit interval and the image is copied while mounted (a crash image with a pending log);
+// ubtrfs's replay shows what the kernel's own replay of a second copy shows.
+#[test]
+fn ubtrfs_replays_kernel_log() {
+    let d = tmpdir("klog");
+    let img = d.join("img");
+    mkfs(&img, 1 << 30);
+    let crash = d.join("crash");
+    {
+        let m = KernelMount::new(&img, &d.join("mnt"), "commit=300");
+        std::fs::create_dir(m.dir.join("dir")).unwrap();
+        std::fs::write(m.dir.join("dir/committed"), pattern(7, 50_000)).unwrap();
+        assert!(Command::new("sync").status().unwrap().success());
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .open(m.dir.join("dir/newfile"))
+            .unwrap();
+        f.write_all(&pattern(8, 200_000)).unwrap();
+        f.sync_all().unwrap();
+        let mut g = std::fs::OpenOptions::new()
+            .append(true)
+            .open(m.dir.join("dir/committed"))
+            .unwrap();
+        g.write_all(&pattern(9, 10_000)).unwrap();
+        g.sync_all().unwrap();
+        std::fs::copy(&img, &crash).unwrap();
+    }
+    assert_ne!(
+        log_root(&crash),
+        0,
+        "no pending log in the kernel's crash image"
+    );
+    let oracle = d.join("oracle");
+    std::fs::copy(&crash, &oracle).unwrap();
+    let (kernel_new, kernel_committed) = {
+        let m = KernelMount::new(&oracle, &d.join("mnt2"), "rw");
+        (
+            std::fs::read(m.dir.join("dir/newfile")).unwrap(),
+            std::fs::read(m.dir.join("dir/committed")).unwrap(),
+        )
+    };
+    assert_eq!(kernel_new.len(), 200_000);
+    assert_eq!(kernel_committed.len(), 60_000);
+    let fs = FsInfo::open(&crash, rw()).unwrap();
+    let root = fs.mount_root;
+    let top = fs.root(root).unwrap().item.root_dirid;
+    let dir = ino_of(&fs, root, top, "dir");
+    assert!(read_all(&fs, root, ino_of(&fs, root, dir, "newfile")) == kernel_new);
+    assert!(read_all(&fs, root, ino_of(&fs, root, dir, "committed")) == kernel_committed);
+    drop(fs);
+    btrfs_check(&crash);
+    let _ = std::fs::remove_dir_all(&d);
+}
