@@ -324,6 +324,7 @@ fn ubtrfs_replays_kernel_log() {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
             .create(true)
+            .truncate(true)
             .write(true)
             .open(m.dir.join("dir/newfile"))
             .unwrap();
