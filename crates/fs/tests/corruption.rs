@@ -1,13 +1,17 @@
 //! Damaged images never make the read path panic or hang (ARCHITECTURE.md contract 3: "Bad input
 //! gets a clear error, never a panic").
 //!
-//! - A seeded corruption loop over a small `mkfs.btrfs --rootdir` image with nodesize 4096: each
-//!   case flips, zeroes or rewrites bytes inside tree blocks (mostly recomputing the block
-//!   checksum afterwards, so that the damage gets past checksum verification and reaches the
+//! - A seeded corruption loop over a small `mkfs.btrfs --rootdir` image with nodesize 4096 (and
+//!   three extents turned into zstd, zlib and lzo extents by hand, as mkfs.btrfs 6.2 cannot
+//!   compress): each case flips, zeroes or rewrites bytes or whole fields inside tree blocks, or
+//!   grafts a node's key pointer onto another block (mostly recomputing the block checksum
+//!   afterwards, so that the damage gets past checksum verification and reaches the
 //!   tree-checker, the item parsers and their readers), inside the superblock (with its checksum
 //!   recomputed), in data, or anywhere; then `FsInfo::open` and a full walk (see
 //!   `common/walk.rs`). Any `Result` is fine; a panic or a case that does not finish within
-//!   [`CASE_TIMEOUT`] fails the test with the case seed and the list of mutations.
+//!   [`CASE_TIMEOUT`] fails the test with the case seed and the list of mutations. Case seeds
+//!   replay on the machine that printed them (the image layout follows the source directory's
+//!   readdir order).
 //!   Environment: `UBTRFS_FUZZ_ITERS` (cases, default 500), `UBTRFS_FUZZ_SEED` (base seed,
 //!   default fixed), `UBTRFS_FUZZ_SECONDS` (stop starting cases after this long),
 //!   `UBTRFS_FUZZ_CASE` (run only the case with this seed, as printed by a failure).
@@ -188,7 +192,7 @@ fn build_fixture(name: &str) -> Fixture {
     let csum_type = reader.csum_type;
     drop(fs);
     let image_len = std::fs::metadata(&img).unwrap().len();
-    Fixture {
+    let mut fx = Fixture {
         _dir: dir,
         src,
         img,
@@ -197,7 +201,150 @@ fn build_fixture(name: &str) -> Fixture {
         blocks,
         data_ranges,
         image_len,
+    };
+    // mkfs.btrfs 6.2 cannot compress; make compressed extents by hand so that the compressed
+    // read path (and the extent fields it trusts) meets the damage too.
+    let mut p = Patcher::new(&fx.img);
+    compress_file(&fx, &mut p, "file-70000", 3);
+    compress_file(&fx, &mut p, "a/b/leaf", 1);
+    compress_file(&fx, &mut p, "a/b/c/leaf", 2);
+    drop(p);
+    for (_, mirrors, block) in &mut fx.blocks {
+        let mut b = vec![0u8; fx.nodesize];
+        File::open(&fx.img)
+            .unwrap()
+            .read_exact_at(&mut b, mirrors[0])
+            .unwrap();
+        *block = TreeBlock::new(b).unwrap();
     }
+    fx
+}
+
+/// Compressible content: words and numbers.
+fn text(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    let words: [&[u8]; 6] = [b"btrfs ", b"extent ", b"leaf ", b"node ", b"csum ", b"\n"];
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        v.extend_from_slice(words[rng.index(words.len())]);
+    }
+    v.truncate(len);
+    v
+}
+
+/// Compress `data` the way btrfs stores it: zlib (1) and zstd (3) as one stream, lzo (2) in
+/// btrfs's segmented format (total length, then per-sector segments whose headers never cross
+/// a sector boundary).
+fn btrfs_compress(kind: u8, data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    match kind {
+        1 => {
+            let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(3));
+            z.write_all(data).unwrap();
+            z.finish().unwrap()
+        }
+        2 => {
+            let mut out = vec![0u8; 4];
+            for chunk in data.chunks(4096) {
+                let left = 4096 - out.len() % 4096;
+                if left < 4 {
+                    out.resize(out.len() + left, 0);
+                }
+                let c = lzokay::compress::compress(chunk).unwrap();
+                out.extend_from_slice(&(c.len() as u32).to_le_bytes());
+                out.extend_from_slice(&c);
+            }
+            let total = out.len() as u32;
+            out[..4].copy_from_slice(&total.to_le_bytes());
+            out
+        }
+        _ => zstd::bulk::compress(data, 3).unwrap(),
+    }
+}
+
+/// Inode number of `path` (relative to the top level) in an opened image.
+fn ino_of(fs: &FsInfo, path: &str) -> u64 {
+    let root = fs.mount_root;
+    let mut ino = fs.root(root).unwrap().item.root_dirid;
+    for c in path.split('/') {
+        match ubtrfs_fs::dir_item::lookup(fs, root, ino, c.as_bytes()).unwrap() {
+            ubtrfs_fs::dir_item::Target::Inode { ino: i, .. } => ino = i,
+            t => panic!("{path}: {t:?}"),
+        }
+    }
+    ino
+}
+
+/// Turn the single regular extent of `path` into a compressed extent (1 zlib, 2 lzo, 3 zstd)
+/// of new compressible content, which also replaces the file in the source tree: the
+/// compressed bytes go to the extent's first sector, the extent item says compressed with one
+/// sector on disk, and that sector's data checksum is updated.
+fn compress_file(fx: &Fixture, p: &mut Patcher, path: &str, kind: u8) {
+    let fs = FsInfo::open(&fx.img, MountOptions::default()).unwrap();
+    let ino = ino_of(&fs, path);
+    let size = ubtrfs_fs::inode::read_inode(&fs, fs.mount_root, ino)
+        .unwrap()
+        .size;
+    let (idx, slot, key) = find_item(fx, |k| *k == Key::new(ino, item::EXTENT_DATA, 0));
+    let fe = ubtrfs_format::items::FileExtentItem::parse(fx.blocks[idx].2.item_data(slot).unwrap())
+        .unwrap();
+    assert!(
+        fe.extent_type == 1 && fe.num_bytes >= size && fe.num_bytes <= 128 << 10,
+        "{path}: {key} is not one small regular extent: {fe:?}"
+    );
+    let content = text(size as usize, ino);
+    let mut disk = btrfs_compress(kind, &content);
+    let disk_num_bytes = (disk.len() as u64).next_multiple_of(4096);
+    assert!(
+        disk_num_bytes < fe.disk_num_bytes,
+        "{path}: compressed to {} bytes",
+        disk.len()
+    );
+    disk.resize(disk_num_bytes as usize, 0);
+    // One chunk stripe holds the whole extent (data chunks are single on one device).
+    let phys = fs
+        .reader
+        .chunks()
+        .map(fe.disk_bytenr, disk_num_bytes)
+        .unwrap()[0]
+        .mirrors[0]
+        .1;
+    drop(fs);
+    p.write(phys, &disk);
+    patch_item(fx, p, idx, slot, FE_COMPRESSION, &[kind]);
+    patch_item(
+        fx,
+        p,
+        idx,
+        slot,
+        FE_DISK_NUM_BYTES,
+        &disk_num_bytes.to_le_bytes(),
+    );
+    patch_item(fx, p, idx, slot, FE_RAM_BYTES, &fe.num_bytes.to_le_bytes());
+    // Compressed extents are summed over their on-disk sectors.
+    let csize = fx.csum_type.size();
+    for (i, sector) in disk.chunks(4096).enumerate() {
+        let logical = fe.disk_bytenr + i as u64 * 4096;
+        let covers = |b: &TreeBlock, slot: usize| {
+            let it = b.item(slot).unwrap();
+            let end = it.key.offset + u64::from(it.size) / csize as u64 * 4096;
+            it.key.item_type == item::EXTENT_CSUM && (it.key.offset..end).contains(&logical)
+        };
+        let (cidx, cslot) = fx
+            .blocks
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, _, b))| b.is_leaf() && b.header.owner == 7)
+            .flat_map(|(i, (_, _, b))| (0..b.nritems()).map(move |s| (i, s, b)))
+            .find(|&(_, s, b)| covers(b, s))
+            .map(|(i, s, _)| (i, s))
+            .unwrap_or_else(|| panic!("no csum item covers {path} at {logical}"));
+        let ckey = fx.blocks[cidx].2.item_key(cslot).unwrap();
+        let at = ((logical - ckey.offset) / 4096) as usize * csize;
+        let c = fx.csum_type.compute(sector);
+        patch_item(fx, p, cidx, cslot, at, &c[..csize]);
+    }
+    std::fs::write(fx.src.join(path), &content).unwrap();
 }
 
 /// Byte writes to the image that can be undone.
@@ -670,7 +817,8 @@ fn clean_image_still_opens(fx: &Fixture) {
 }
 
 // Test scenario: the walker reads the undamaged image completely and exactly: every file's
-// content, every symlink target and every xattr equal the source tree, with no error.
+// content (compressed extents included), every symlink target and every xattr equal the source
+// tree, with no error.
 #[test]
 fn walk_of_clean_image_matches_source() {
     let fx = build_fixture("clean-walk");
@@ -682,6 +830,12 @@ fn walk_of_clean_image_matches_source() {
         r.errors
     );
     assert!(!r.truncated && r.cycles == 0);
+    // The hand-made zstd, zlib and lzo extents were read through decompression.
+    let decompressed = fs
+        .counters
+        .decompressed_extents
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(decompressed >= 3, "{decompressed} extents decompressed");
     let mut files = 0;
     for (path, content) in &r.contents {
         let want = std::fs::read(fx.src.join(path.trim_start_matches('/'))).unwrap();
