@@ -404,7 +404,11 @@ impl SpaceInfo {
         let (_, bg) = self.groups.range_mut(..=start).next_back().ok_or_else(|| {
             Error::corrupt(format!("extent {start}+{len} outside every block group"))
         })?;
-        if start + len > bg.start + bg.length {
+        // start and len can come from a damaged log tree's file extent items.
+        if start
+            .checked_add(len)
+            .is_none_or(|end| end > bg.start + bg.length)
+        {
             return Err(Error::corrupt(format!(
                 "extent {start}+{len} crosses block group {}",
                 bg.start

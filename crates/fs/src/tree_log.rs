@@ -705,6 +705,15 @@ fn replay_subvol(
             }
             item::EXTENT_CSUM if k.objectid == objectid::EXTENT_CSUM => {
                 let n = (d.len() / c.fs.reader.csum_type.size()) as u64;
+                // The range is deleted from the csum tree before the item is copied: it must be
+                // a real one (the tree-checker does not look at csum items).
+                if n == 0 || !k.offset.is_multiple_of(ss) || k.offset.checked_add(n * ss).is_none()
+                {
+                    return Err(FsError::corrupt(format!(
+                        "log item {k}: {} bytes of checksums do not make a valid range",
+                        d.len()
+                    )));
+                }
                 let reader = &c.fs.reader;
                 c.t.modify_tree(reader, objectid::CSUM_TREE, |w, r| {
                     ubtrfs_ctree::extent_tree::delete_csums(w, r, k.offset, n * ss)
@@ -723,7 +732,12 @@ fn replay_subvol(
         {
             continue;
         }
-        let from = logged.size.div_ceil(ss) * ss;
+        let from = logged.size.checked_next_multiple_of(ss).ok_or_else(|| {
+            FsError::corrupt(format!(
+                "log of root {root}: inode {ino} size {} overflows",
+                logged.size
+            ))
+        })?;
         let dropped = btrfs_drop_extents_in(c, TreeSel::Fs(root), ino, from, u64::MAX)?;
         if dropped.bytes_found > 0 {
             let mut ii = c.read_inode(root, ino)?;
@@ -896,7 +910,15 @@ fn replay_one_extent(
         return Ok(()); // identical item already there
     }
     let end = if fe.extent_type == 0 {
-        (k.offset + fe.ram_bytes).div_ceil(ss) * ss
+        k.offset
+            .checked_add(fe.ram_bytes)
+            .and_then(|e| e.checked_next_multiple_of(ss))
+            .ok_or_else(|| {
+                FsError::corrupt(format!(
+                    "log item {k}: inline ram_bytes {} overflows",
+                    fe.ram_bytes
+                ))
+            })?
     } else {
         k.offset + fe.num_bytes
     };
