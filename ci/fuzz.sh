@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Bounded fuzz run: the parser property tests with many more cases than `cargo test` runs, then
-# the seeded corruption loop of crates/fs/tests/corruption.rs (damaged tree blocks, superblock,
-# data; open + full walk of each case; a panic or a 30 s hang fails) for the rest of the time.
+# the seeded corruption loops of crates/fs/tests/corruption.rs (damaged tree blocks, superblock,
+# data, log trees; open + full walk of each case; a panic or a 30 s hang fails) for the rest of
+# the time, both loops side by side.
 #
 # ci/test.sh calls this (its fuzz hook: `[ -x ci/fuzz.sh ]`) with FUZZ_SECONDS in the
 # environment; developers can run it directly. Environment:
@@ -10,7 +11,7 @@
 #                      failure replays with the same value)
 #   PROPTEST_CASES     cases per parser property test, default 20000
 # A failing corruption case prints its case seed; `UBTRFS_FUZZ_CASE=<seed> cargo test -p
-# ubtrfs-fs --test corruption random_corruption_never_panics` runs that case alone.
+# ubtrfs-fs --test corruption <test name>` runs that case alone.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -33,11 +34,12 @@ PROPTEST_CASES="$PROPTEST_CASES" timeout --kill-after=10 "$((FUZZ_SECONDS + 60))
 
 left=$(( FUZZ_SECONDS - (SECONDS - start) ))
 [ "$left" -ge 10 ] || left=10
-log "corruption loop for ${left}s, base seed ${seed}" \
+log "corruption loops for ${left}s, base seed ${seed}" \
     "(replay: UBTRFS_FUZZ_SEED=${seed} UBTRFS_FUZZ_SECONDS=${left} ci/fuzz.sh)"
-# The loop stops starting cases after UBTRFS_FUZZ_SECONDS; one case may take up to 30 s more
-# before it counts as a hang.
+# The loops stop starting cases after UBTRFS_FUZZ_SECONDS; one case may take up to 30 s more
+# before it counts as a hang. "random_" selects random_corruption_never_panics and
+# random_log_corruption_never_panics.
 UBTRFS_FUZZ_SEED="$seed" UBTRFS_FUZZ_ITERS=1000000000 UBTRFS_FUZZ_SECONDS="$left" \
     timeout --kill-after=10 "$((left + 120))" \
-    cargo test -p ubtrfs-fs --test corruption random_corruption_never_panics -- --nocapture
+    cargo test -p ubtrfs-fs --test corruption random_ -- --nocapture
 log "done: no panic, no hang"

@@ -15,6 +15,8 @@
 //!   Environment: `UBTRFS_FUZZ_ITERS` (cases, default 500), `UBTRFS_FUZZ_SEED` (base seed,
 //!   default fixed), `UBTRFS_FUZZ_SECONDS` (stop starting cases after this long),
 //!   `UBTRFS_FUZZ_CASE` (run only the case with this seed, as printed by a failure).
+//! - The same loop over an image with a pending log tree (ubtrfs fsyncs, then "crashes"), half
+//!   of the tree-block damage in the log trees: every read-only open replays the log in memory.
 //! - The damaged images of btrfs-progs' fuzz tests (shared testdata): each is refused at open
 //!   with a message or served with errors, never a panic or a hang.
 //! - Regression tests: the smallest reproducer of every bug this suite found.
@@ -131,6 +133,9 @@ struct Fixture {
     blocks: Vec<(u64, Vec<u64>, TreeBlock)>,
     /// Physical ranges of data chunks (first copy).
     data_ranges: Vec<(u64, u64)>,
+    /// Indices into `blocks` that half of the tree-block mutations pick (the log tree blocks of
+    /// the log fixture); empty means uniform.
+    hot: Vec<usize>,
     image_len: u64,
 }
 
@@ -141,16 +146,112 @@ fn build_fixture(name: &str) -> Fixture {
     image::generate_tree(&src, TREE_SEED);
     let img = dir.join("image.raw");
     image::mkfs_rootdir(&src, &img, IMAGE_SIZE, NODESIZE);
-    let fs = FsInfo::open(&img, MountOptions::default())
-        .unwrap_or_else(|e| panic!("opening the clean image: {e}"));
+    let mut fx = collect_fixture(dir, src, img);
+    // mkfs.btrfs 6.2 cannot compress; make compressed extents by hand so that the compressed
+    // read path (and the extent fields it trusts) meets the damage too.
+    let mut p = Patcher::new(&fx.img);
+    compress_file(&fx, &mut p, "file-70000", 3);
+    compress_file(&fx, &mut p, "a/b/leaf", 1);
+    compress_file(&fx, &mut p, "a/b/c/leaf", 2);
+    drop(p);
+    for (_, mirrors, block) in &mut fx.blocks {
+        let mut b = vec![0u8; fx.nodesize];
+        File::open(&fx.img)
+            .unwrap()
+            .read_exact_at(&mut b, mirrors[0])
+            .unwrap();
+        *block = TreeBlock::new(b).unwrap();
+    }
+    fx
+}
+
+/// The test image with a pending log tree: after mkfs, ubtrfs mounts it read-write, writes and
+/// fsyncs (a new file, an append, an inline file), then "crashes" (drops the FsInfo without a
+/// commit). Every read-only open replays the log in memory, so damage to the log trees reaches
+/// log replay; the log tree blocks are the hot blocks.
+fn build_log_fixture(name: &str) -> Fixture {
+    let dir = TestDir::new(name);
+    let src = dir.join("src");
+    std::fs::create_dir(&src).unwrap();
+    image::generate_tree(&src, TREE_SEED);
+    let img = dir.join("image.raw");
+    image::mkfs_rootdir(&src, &img, IMAGE_SIZE, NODESIZE);
+    {
+        use ubtrfs_fs::{file_write, inode, tree_log};
+        let rw = MountOptions {
+            readonly: false,
+            commit_interval: 3600,
+            ..MountOptions::default()
+        };
+        let fs = FsInfo::open(&img, rw).unwrap();
+        let root = fs.mount_root;
+        let dir = fs.root(root).unwrap().item.root_dirid;
+        let mut rng = Rng::new(TREE_SEED);
+        let mut data = vec![0u8; 70_000];
+        rng.fill(&mut data);
+        let (new, _) =
+            inode::btrfs_new_inode(&fs, root, dir, b"logged", 0o100644, 0, 0, 0).unwrap();
+        file_write::btrfs_buffered_write(&fs, root, new, 0, &data).unwrap();
+        tree_log::btrfs_sync_file(&fs, root, new).unwrap();
+        let old = ino_of(&fs, "file-4096");
+        file_write::btrfs_buffered_write(&fs, root, old, 4096, &data[..10_000]).unwrap();
+        tree_log::btrfs_sync_file(&fs, root, old).unwrap();
+        let (small, _) =
+            inode::btrfs_new_inode(&fs, root, dir, b"inline", 0o100600, 0, 0, 0).unwrap();
+        file_write::btrfs_buffered_write(&fs, root, small, 0, b"fsynced inline").unwrap();
+        tree_log::btrfs_sync_file(&fs, root, small).unwrap();
+        // Crash: no commit.
+    }
+    let mut fx = collect_fixture(dir, src, img);
+    assert!(!fx.hot.is_empty(), "the log fixture has no log tree");
+    // The source tree is not what the image holds any more; nothing compares with it.
+    fx.src = PathBuf::new();
+    fx
+}
+
+/// Open the image (without log replay, so that the trees are the ones on disk) and list every
+/// tree block reachable from the superblock, the log trees included.
+fn collect_fixture(dir: TestDir, src: PathBuf, img: PathBuf) -> Fixture {
+    let opts = MountOptions {
+        nologreplay: true,
+        ..MountOptions::default()
+    };
+    let fs = FsInfo::open(&img, opts).unwrap_or_else(|e| panic!("opening the clean image: {e}"));
     let reader = &fs.reader;
-    // Roots: chunk tree, root tree, and every tree the root tree names.
+    // Roots: chunk tree, root tree, and every tree the root tree names; the log root tree and
+    // every log tree it names.
     let mut todo = vec![fs.sb.chunk_root, fs.sb.root];
     for r in TreeIter::new(reader, fs.tree_root(), Key::MIN) {
         let (key, block, slot) = r.expect("iterating the clean root tree");
         if key.item_type == item::ROOT_ITEM {
             let ri = RootItem::parse(block.item_data(slot).unwrap()).unwrap();
             todo.push(ri.bytenr);
+        }
+    }
+    // Blocks below the log root tree, and below every log tree its ROOT_ITEMs name, are log
+    // blocks.
+    let mut log_blocks = BTreeSet::new();
+    let mut log_todo = Vec::new();
+    if fs.sb.log_root != 0 {
+        log_todo.push(fs.sb.log_root);
+    }
+    while let Some(b) = log_todo.pop() {
+        if !log_blocks.insert(b) {
+            continue;
+        }
+        todo.push(b);
+        let blk = reader.read_tree_block(b, BlockExpect::default()).unwrap();
+        if !blk.is_leaf() {
+            for s in 0..blk.nritems() {
+                log_todo.push(blk.key_ptr(s).unwrap().blockptr);
+            }
+        } else if blk.header.owner == ubtrfs_format::key::objectid::TREE_LOG {
+            for s in 0..blk.nritems() {
+                if blk.item_key(s).unwrap().item_type == item::ROOT_ITEM {
+                    let ri = RootItem::parse(blk.item_data(s).unwrap()).unwrap();
+                    log_todo.push(ri.bytenr);
+                }
+            }
         }
     }
     let mut seen = BTreeSet::new();
@@ -192,7 +293,13 @@ fn build_fixture(name: &str) -> Fixture {
     let csum_type = reader.csum_type;
     drop(fs);
     let image_len = std::fs::metadata(&img).unwrap().len();
-    let mut fx = Fixture {
+    let hot = blocks
+        .iter()
+        .enumerate()
+        .filter(|(_, (b, _, _))| log_blocks.contains(b))
+        .map(|(i, _)| i)
+        .collect();
+    Fixture {
         _dir: dir,
         src,
         img,
@@ -200,24 +307,9 @@ fn build_fixture(name: &str) -> Fixture {
         nodesize: NODESIZE as usize,
         blocks,
         data_ranges,
+        hot,
         image_len,
-    };
-    // mkfs.btrfs 6.2 cannot compress; make compressed extents by hand so that the compressed
-    // read path (and the extent fields it trusts) meets the damage too.
-    let mut p = Patcher::new(&fx.img);
-    compress_file(&fx, &mut p, "file-70000", 3);
-    compress_file(&fx, &mut p, "a/b/leaf", 1);
-    compress_file(&fx, &mut p, "a/b/c/leaf", 2);
-    drop(p);
-    for (_, mirrors, block) in &mut fx.blocks {
-        let mut b = vec![0u8; fx.nodesize];
-        File::open(&fx.img)
-            .unwrap()
-            .read_exact_at(&mut b, mirrors[0])
-            .unwrap();
-        *block = TreeBlock::new(b).unwrap();
     }
-    fx
 }
 
 /// Compressible content: words and numbers.
@@ -458,7 +550,12 @@ fn mutate_range(rng: &mut Rng, buf: &mut [u8], lo: usize, hi: usize, nodesize: u
 /// Damage one tree block: a region (header, item table or one item's data), a mutation, then
 /// usually a recomputed checksum; written to every copy or only the first.
 fn mutate_tree_block(rng: &mut Rng, fx: &Fixture, p: &mut Patcher) -> String {
-    let (bytenr, mirrors, block) = &fx.blocks[rng.index(fx.blocks.len())];
+    let pick = if !fx.hot.is_empty() && rng.chance(1, 2) {
+        fx.hot[rng.index(fx.hot.len())]
+    } else {
+        rng.index(fx.blocks.len())
+    };
+    let (bytenr, mirrors, block) = &fx.blocks[pick];
     let ns = fx.nodesize;
     let mut buf = p.read(mirrors[0], ns);
     let n = block.nritems();
@@ -866,20 +963,17 @@ fn walk_of_clean_image_matches_source() {
     );
 }
 
-// Test scenario: seeded random corruption of tree blocks (mostly with a recomputed checksum so
-// the damage reaches the tree-checker and item parsers), of the superblock, of data and of
-// arbitrary bytes; each case is opened and walked. No case may panic or hang.
-#[test]
-fn random_corruption_never_panics() {
-    let fx = build_fixture("fuzz");
+/// Run the seeded corruption loop over `fx` (see the module doc for the environment).
+fn fuzz_loop(fx: &Fixture, what: &str, default_iters: u64) {
     let base = env_u64("UBTRFS_FUZZ_SEED").unwrap_or(DEFAULT_FUZZ_SEED);
-    let iters = env_u64("UBTRFS_FUZZ_ITERS").unwrap_or(500);
+    let iters = env_u64("UBTRFS_FUZZ_ITERS").unwrap_or(default_iters);
     let deadline = env_u64("UBTRFS_FUZZ_SECONDS").map(|s| Instant::now() + Duration::from_secs(s));
     let only = env_u64("UBTRFS_FUZZ_CASE");
     eprintln!(
-        "corruption fuzz: base seed {base:#x}, {iters} cases, {} tree blocks \
+        "{what}: base seed {base:#x}, {iters} cases, {} tree blocks ({} hot) \
          (replay: UBTRFS_FUZZ_SEED={base:#x}; one case: UBTRFS_FUZZ_CASE=<case seed>)",
-        fx.blocks.len()
+        fx.blocks.len(),
+        fx.hot.len()
     );
     let mut p = Patcher::new(&fx.img);
     let mut stats: HashMap<&str, u64> = HashMap::new();
@@ -890,7 +984,7 @@ fn random_corruption_never_panics() {
             break;
         }
         let seed = only.unwrap_or_else(|| case_seed(base, i));
-        let muts = apply_case(seed, &fx, &mut p);
+        let muts = apply_case(seed, fx, &mut p);
         let result = open_and_walk(&fx.img, CASE_TIMEOUT);
         ran += 1;
         match &result {
@@ -901,7 +995,7 @@ fn random_corruption_never_panics() {
             Ok(Outcome::Served(_)) => *stats.entry("served with errors").or_default() += 1,
             Err(f) => {
                 let msg = format!(
-                    "case {i} seed {seed:#x}: {f}\n  mutations:\n    {}",
+                    "{what} case {i} seed {seed:#x}: {f}\n  mutations:\n    {}",
                     muts.join("\n    ")
                 );
                 eprintln!("FAILED {msg}");
@@ -914,23 +1008,41 @@ fn random_corruption_never_panics() {
         }
         p.restore();
         if i % 256 == 255 {
-            clean_image_still_opens(&fx);
+            clean_image_still_opens(fx);
         }
         if failures.len() >= MAX_FAILURES || only.is_some() {
             break;
         }
     }
     p.restore();
-    clean_image_still_opens(&fx);
+    clean_image_still_opens(fx);
     let mut s: Vec<_> = stats.into_iter().collect();
     s.sort();
-    eprintln!("corruption fuzz: {ran} cases run: {s:?}");
+    eprintln!("{what}: {ran} cases run: {s:?}");
     assert!(
         failures.is_empty(),
         "{} failing case(s) (base seed {base:#x}):\n{}",
         failures.len(),
         failures.join("\n")
     );
+}
+
+// Test scenario: seeded random corruption of tree blocks (mostly with a recomputed checksum so
+// the damage reaches the tree-checker and item parsers), of the superblock, of data and of
+// arbitrary bytes; each case is opened and walked. No case may panic or hang.
+#[test]
+fn random_corruption_never_panics() {
+    let fx = build_fixture("fuzz");
+    fuzz_loop(&fx, "corruption fuzz", 500);
+}
+
+// Test scenario: the same seeded corruption on an image with a pending log tree (written by
+// ubtrfs's fsync, then a crash), half of the tree-block damage in the log trees: every open
+// replays the damaged log in memory. No case may panic or hang.
+#[test]
+fn random_log_corruption_never_panics() {
+    let fx = build_log_fixture("log-fuzz");
+    fuzz_loop(&fx, "log corruption fuzz", 300);
 }
 
 fn testdata_dir() -> PathBuf {
@@ -1273,4 +1385,99 @@ fn regression_csum_item_end_overflow() {
     assert!(e.to_string().contains("overflow"), "{e}");
     drop(fs);
     must_not_panic(&fx);
+}
+
+/// The hot (log tree) block index and slot of the last log item whose key and data satisfy
+/// `pred`.
+fn find_log_item(fx: &Fixture, pred: impl Fn(&Key, &[u8]) -> bool) -> (usize, usize, Key) {
+    let mut found = None;
+    for &i in &fx.hot {
+        let b = &fx.blocks[i].2;
+        if !b.is_leaf() || b.header.owner != ubtrfs_format::key::objectid::TREE_LOG {
+            continue;
+        }
+        for slot in 0..b.nritems() {
+            let k = b.item_key(slot).unwrap();
+            if pred(&k, b.item_data(slot).unwrap()) {
+                found = Some((i, slot, k));
+            }
+        }
+    }
+    found.expect("no such item in the log trees")
+}
+
+/// Damage the log fixture with `patch`, then open (replaying the log in memory) and walk: a
+/// corrupt error is fine, a panic is not. Returns the outcome.
+fn log_case(name: &str, patch: impl Fn(&Fixture, &mut Patcher)) -> Outcome {
+    let fx = build_log_fixture(name);
+    let mut p = Patcher::new(&fx.img);
+    patch(&fx, &mut p);
+    must_not_panic(&fx)
+}
+
+// Test scenario: (found by random_log_corruption_never_panics, case seed 0x644d59b79518031) a
+// logged regular file's INODE_ITEM in the log tree claims u64::MAX bytes: log replay rounded the
+// size up to a sector with an overflowing multiply. Now the replay fails as corrupt and the
+// mount says so.
+#[test]
+fn regression_log_inode_size_overflow() {
+    let o = log_case("reg-log-isize", |fx, p| {
+        // A regular file: S_IFREG (0o100000) in the mode at bytes 52..56.
+        let (idx, slot, _) = find_log_item(fx, |k, d| {
+            k.item_type == item::INODE_ITEM && d[53] & 0xf0 == 0x80
+        });
+        patch_item(fx, p, idx, slot, 16, &u64::MAX.to_le_bytes());
+    });
+    match o {
+        Outcome::Refused(msg) => assert!(msg.contains("overflows"), "{msg}"),
+        Outcome::Served(_) => {}
+    }
+}
+
+// Test scenario: (found by random_log_corruption_never_panics, case seed 0xceaa30f9251ab810) a
+// logged regular extent's disk_bytenr is 2^64 - 4096: replay asked the block groups for
+// [disk_bytenr, +len) and the end overflowed. Now it is a corrupt error.
+#[test]
+fn regression_log_extent_bytenr_overflow() {
+    log_case("reg-log-bytenr", |fx, p| {
+        let (idx, slot, _) =
+            find_log_item(fx, |k, d| k.item_type == item::EXTENT_DATA && d[20] == 1);
+        patch_item(
+            fx,
+            p,
+            idx,
+            slot,
+            FE_DISK_BYTENR,
+            &0u64.wrapping_sub(4096).to_le_bytes(),
+        );
+    });
+}
+
+// Test scenario: a logged EXTENT_CSUM item re-keyed to 2^64 - 4096 (sector aligned, the last
+// checksum item of the log leaf so key order holds): replay deleted the range it covers from the
+// csum tree with an overflowing end. Now the item is refused as corrupt before that.
+#[test]
+fn regression_log_csum_range_overflow() {
+    let o = log_case("reg-log-csum", |fx, p| {
+        let (idx, slot, _) = find_log_item(fx, |k, _| k.item_type == item::EXTENT_CSUM);
+        let at = HEADER_SIZE + slot * ITEM_SIZE + 9;
+        patch_block(fx, p, idx, at, &0u64.wrapping_sub(4096).to_le_bytes());
+    });
+    match o {
+        Outcome::Refused(msg) => assert!(msg.contains("valid range"), "{msg}"),
+        Outcome::Served(_) => panic!("replayed a csum item past the address space"),
+    }
+}
+
+// Test scenario: the logged inline extent claims to be zlib-compressed with u64::MAX bytes of
+// decompressed data (compressed, so the tree-checker does not compare it with the item size):
+// replay computed the extent's end with overflowing arithmetic. Now it is a corrupt error.
+#[test]
+fn regression_log_inline_ram_bytes_overflow() {
+    log_case("reg-log-inline", |fx, p| {
+        let (idx, slot, _) =
+            find_log_item(fx, |k, d| k.item_type == item::EXTENT_DATA && d[20] == 0);
+        patch_item(fx, p, idx, slot, FE_COMPRESSION, &[1]);
+        patch_item(fx, p, idx, slot, FE_RAM_BYTES, &u64::MAX.to_le_bytes());
+    });
 }
