@@ -4,9 +4,16 @@
 //! Without `-f` the command returns once the mount is live and a background daemon serves it;
 //! `umount MOUNTPOINT` ends the daemon. The mount(8) helper form `ubtrfs IMAGE MOUNTPOINT -o OPTS`
 //! (what `mount -t fuse.ubtrfs` runs through mount.fuse3) is accepted too.
+//!
+//! `ubtrfs stats MOUNTPOINT` and `ubtrfs shrink MOUNTPOINT` talk to a running daemon through
+//! its control socket (control.rs); the daemon also watches memory pressure (pressure.rs).
 
+mod control;
 mod fuse;
 mod options;
+mod pressure;
+mod stats;
+mod trace;
 
 use clap::{Parser, Subcommand};
 use std::io::{BufRead, BufReader, Write};
@@ -68,6 +75,31 @@ enum Cmd {
         quiet: bool,
         image: PathBuf,
     },
+    /// Print the counters of a running ubtrfs mount, grouped, with units: extent maps, the
+    /// shrinker, invariant violations, fsync, transactions, caches, checksum errors, I/O,
+    /// memory pressure.
+    Stats {
+        mountpoint: PathBuf,
+        /// Print what changed every SECS seconds (after one full report), until interrupted.
+        #[arg(long, value_name = "SECS")]
+        watch: Option<f64>,
+        /// With --watch: stop after N reports.
+        #[arg(long, value_name = "N", requires = "watch")]
+        count: Option<u64>,
+        /// One JSON object, for scripts (with --watch: one object per line).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the extent-map shrinker of a running ubtrfs mount now and print what it did.
+    Shrink {
+        mountpoint: PathBuf,
+        /// Maps to scan (default: every cached map).
+        #[arg(long, value_name = "N")]
+        nr: Option<u64>,
+        /// Run again and again until interrupted, printing a summary every second.
+        #[arg(long = "loop")]
+        looping: bool,
+    },
 }
 
 fn parse_csum(s: &str) -> Result<ubtrfs_format::CsumType, String> {
@@ -75,25 +107,20 @@ fn parse_csum(s: &str) -> Result<ubtrfs_format::CsumType, String> {
         .ok_or_else(|| format!("unknown checksum type '{s}' (crc32c, xxhash, sha256, blake2)"))
 }
 
+/// `RUST_LOG` to stderr; the mount command installs its own (trace=, trace_file=).
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser=error"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(false)
-        .without_time()
-        .try_init();
+    let _ = trace::init(None, None);
 }
 
 fn main() -> ExitCode {
-    init_tracing();
     let mut args: Vec<String> = std::env::args().collect();
     // mount(8) helper form: ubtrfs IMAGE MOUNTPOINT [-o OPTS]
     if args.len() >= 3
         && !args[1].starts_with('-')
-        && !matches!(args[1].as_str(), "mount" | "mkfs" | "help")
+        && !matches!(
+            args[1].as_str(),
+            "mount" | "mkfs" | "stats" | "shrink" | "help"
+        )
     {
         args.insert(1, "mount".into());
     }
@@ -123,7 +150,27 @@ fn main() -> ExitCode {
             features,
             quiet,
             image,
-        } => cmd_mkfs(size, csum, nodesize, label, features, quiet, &image),
+        } => {
+            init_tracing();
+            cmd_mkfs(size, csum, nodesize, label, features, quiet, &image)
+        }
+        Cmd::Stats {
+            mountpoint,
+            watch,
+            count,
+            json,
+        } => {
+            init_tracing();
+            stats::cmd_stats(&mountpoint, watch, count, json)
+        }
+        Cmd::Shrink {
+            mountpoint,
+            nr,
+            looping,
+        } => {
+            init_tracing();
+            stats::cmd_shrink(&mountpoint, nr, looping)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -228,6 +275,12 @@ fn cmd_mount(
         _ => return Err("usage: ubtrfs mount [-o OPTIONS] [-f] IMAGE MOUNTPOINT".into()),
     };
     let parsed = options::parse(&opts)?;
+    let daemon = foreground || std::env::var_os(READY_ENV).is_some();
+    if daemon {
+        trace::init(parsed.trace.as_deref(), parsed.trace_file.as_deref())?;
+    } else {
+        init_tracing();
+    }
     if !mountpoint.is_dir() {
         return Err(format!(
             "mountpoint {} does not exist or is not a directory",
@@ -237,7 +290,7 @@ fn cmd_mount(
     if !image.exists() {
         return Err(format!("{}: no such file or device", image.display()));
     }
-    if !foreground && std::env::var_os(READY_ENV).is_none() {
+    if !daemon {
         return spawn_daemon(&image, &mountpoint, &opts);
     }
     let fs = match ubtrfs_fs::FsInfo::open(&image, parsed.fs.clone()) {
@@ -392,6 +445,32 @@ fn serve(
         * 2;
     cfg.n_threads = Some(threads);
     cfg.clone_fd = true;
+    // The extent-map budget (em_max=, em_max_bytes=): a scan runs whenever an insert leaves
+    // the cache above it.
+    fs.ems.set_budget(p.em_max, p.em_max_bytes);
+    // The control socket is bound before the mount appears, so that `ubtrfs stats` works as
+    // soon as the mount is visible. Without it the mount is still served.
+    let daemon = match control::canonical_mountpoint(mountpoint) {
+        Ok(mnt) => Some(Arc::new(stats::Daemon {
+            fs: fs.clone(),
+            mountpoint: mnt,
+            image: std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf()),
+            started: std::time::Instant::now(),
+            budget_maps: p.em_max,
+            budget_bytes: p.em_max_bytes,
+            pressure: Arc::default(),
+        })),
+        Err(e) => {
+            tracing::warn!("no control socket: {e}");
+            None
+        }
+    };
+    let control = daemon.as_ref().and_then(|d| {
+        control::ControlServer::start(d.clone())
+            .map_err(|e| tracing::warn!("no control socket (ubtrfs stats/shrink): {e}"))
+            .inspect(|c| tracing::debug!("control socket {}", c.path().display()))
+            .ok()
+    });
     let fuse_fs = fuse::UbtrfsFuse::new(fs.clone());
     let session = match kernel_mount(&fsname, mountpoint, p, readonly) {
         Ok(fd) => fuser::Session::from_fd(fuse_fs, fd, cfg.acl, cfg),
@@ -401,6 +480,12 @@ fn serve(
         Err(e) => Err(e),
     }
     .map_err(|e| format!("mounting on {}: {e}", mountpoint.display()))?;
+    // kswapd's part: run the shrinker when the system or our cgroup reports memory pressure.
+    let monitor = daemon.as_ref().and_then(|d| {
+        pressure::PressureMonitor::start(fs.clone(), d.pressure.clone())
+            .map_err(|e| tracing::warn!("no memory pressure monitor: {e}"))
+            .ok()
+    });
     if std::env::var_os(READY_ENV).is_some() {
         let mut out = std::io::stdout();
         let _ = writeln!(out, "ready");
@@ -431,6 +516,13 @@ fn serve(
             .expect("spawning the commit thread")
     });
     let r = session.run();
+    if let Some(m) = monitor {
+        m.shutdown();
+    }
+    if let Some(c) = control {
+        c.shutdown();
+    }
+    drop(daemon);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(c) = committer {
         let _ = c.join();

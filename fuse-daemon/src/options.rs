@@ -21,6 +21,14 @@ pub struct ParsedOptions {
     pub allow_other: bool,
     /// Whether `rw` was asked for explicitly (or implied by no `ro`).
     pub rw_requested: bool,
+    /// `em_max=COUNT`: the shrinker keeps at most this many extent maps cached (0: no limit).
+    pub em_max: u64,
+    /// `em_max_bytes=BYTES`: and at most this much memory in them (0: no limit).
+    pub em_max_bytes: u64,
+    /// `trace=FILTER`: tracing directives, `+`-separated (trace.rs), checked.
+    pub trace: Option<String>,
+    /// `trace_file=PATH`: where tracing output goes (appended).
+    pub trace_file: Option<std::path::PathBuf>,
 }
 
 /// VFS and mount(8) options that need nothing from us beyond acceptance.
@@ -114,6 +122,10 @@ pub fn parse(opts: &[String]) -> Result<ParsedOptions, String> {
         dirsync: false,
         allow_other: true,
         rw_requested: true,
+        em_max: 0,
+        em_max_bytes: 0,
+        trace: None,
+        trace_file: None,
     };
     for group in opts {
         for o in group.split(',').map(str::trim).filter(|o| !o.is_empty()) {
@@ -173,6 +185,20 @@ pub fn parse(opts: &[String]) -> Result<ParsedOptions, String> {
                     )
                     })?
                 }
+                ("em_max", Some(v)) => {
+                    p.em_max = v
+                        .parse()
+                        .map_err(|_| format!("invalid em_max={v} (a number of extent maps)"))?
+                }
+                ("em_max_bytes", Some(v)) => {
+                    p.em_max_bytes = parse_size(v)
+                        .ok_or_else(|| format!("invalid em_max_bytes={v} (bytes, K/M/G suffix)"))?
+                }
+                ("trace", Some(v)) => {
+                    crate::trace::directives(v)?;
+                    p.trace = Some(v.to_string());
+                }
+                ("trace_file", Some(v)) if !v.is_empty() => p.trace_file = Some(v.into()),
                 ("block_cache", Some(v)) => {
                     p.fs.block_cache_bytes =
                         parse_size(v).ok_or_else(|| format!("invalid block_cache={v}"))?
@@ -217,5 +243,38 @@ mod tests {
         assert!(parse(&["shrinker=fixed-both".into()]).is_ok());
         assert!(parse(&["shrinker=nope".into()]).is_err());
         assert_eq!(parse_size("64M"), Some(64 << 20));
+    }
+
+    // Test scenario: the observability options parse into ParsedOptions and bad values are
+    // refused by name; shrinker= reaches MountOptions::policy (which FsInfo::open hands to
+    // FsExtentMaps::new).
+    #[test]
+    fn observability_options() {
+        let p = parse(&[
+            "em_max=1000,em_max_bytes=4M,trace=btrfs_sync_file+btrfs_get_extent=debug".into(),
+            "trace_file=/tmp/t.log,shrinker=kernel".into(),
+        ])
+        .unwrap();
+        assert_eq!((p.em_max, p.em_max_bytes), (1000, 4 << 20));
+        assert_eq!(
+            p.trace.as_deref(),
+            Some("btrfs_sync_file+btrfs_get_extent=debug")
+        );
+        assert_eq!(
+            p.trace_file.as_deref(),
+            Some(std::path::Path::new("/tmp/t.log"))
+        );
+        assert_eq!(p.fs.policy, Policy::Kernel);
+        assert_eq!(parse(&[]).unwrap().em_max, 0);
+        for bad in [
+            "em_max=lots",
+            "em_max_bytes=1Q",
+            "trace=x=loud",
+            "trace=",
+            "trace_file=",
+        ] {
+            let e = parse(&[bad.into()]).unwrap_err();
+            assert!(e.contains(bad.split('=').next().unwrap()), "{bad}: {e}");
+        }
     }
 }

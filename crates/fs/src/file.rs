@@ -214,6 +214,7 @@ pub fn btrfs_get_extent(
             "root {root} ino {ino}: adding extent map at {start}: {e:?}"
         ))
     })
+    .inspect(|em| tracing::debug!(target: "btrfs_get_extent", root, ino, start = em.start, len = em.len, flags = em.flags))
 }
 
 /// Read and verify `len` bytes of data at `logical`, which file offset `file_pos` maps to.
