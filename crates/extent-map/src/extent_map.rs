@@ -1164,8 +1164,21 @@ impl BtrfsInode {
     /// `try_release_extent_mapping`'s extent-map part (folio release) for `[start, end]`
     /// (inclusive): stop at a PINNED map or one not starting where expected; remove maps that
     /// are unlisted or LOGGING, or listed with a generation older than the fs generation.
-    /// (The io_tree EXTENT_LOCKED test is the caller's business and not modelled.)
-    pub fn try_release_extent_mapping(&self, mut start: u64, end: u64) {
+    /// (The io_tree EXTENT_LOCKED test is the caller's business: see
+    /// [`BtrfsInode::try_release_extent_mapping_unless_locked`].)
+    pub fn try_release_extent_mapping(&self, start: u64, end: u64) {
+        self.try_release_extent_mapping_unless_locked(start, end, |_, _| false);
+    }
+
+    /// [`BtrfsInode::try_release_extent_mapping`] with the kernel's io_tree test: a map whose
+    /// range `[map start, map end]` (inclusive) has EXTENT_LOCKED bits (`locked` returns true)
+    /// is left in place and the walk goes on after it. `locked` runs with the tree lock held.
+    pub fn try_release_extent_mapping_unless_locked(
+        &self,
+        mut start: u64,
+        end: u64,
+        locked: impl Fn(u64, u64) -> bool,
+    ) {
         while start <= end {
             let cur_gen = self.core.generation();
             let len = (end - start).saturating_add(1);
@@ -1179,7 +1192,9 @@ impl BtrfsInode {
                 break;
             }
             let listed = Locked::node_is_listed(&s.node);
-            if !listed || s.em.has(flags::LOGGING) || s.em.generation < cur_gen {
+            if locked(s.em.start, s.em.end().saturating_sub(1)) {
+                // EXTENT_LOCKED somewhere in the map's range: keep it (`goto next`).
+            } else if !listed || s.em.has(flags::LOGGING) || s.em.generation < cur_gen {
                 if let Some(r) = l.remove_extent_mapping(s.em.start) {
                     l.put(&r.node, &r.em);
                 }

@@ -62,6 +62,10 @@ pub(crate) struct FsCore {
     owner: Weak<FsExtentMaps>,
     #[cfg(feature = "sched-points")]
     hook: RwLock<Option<SchedHook>>,
+    /// A hook is installed: lets `sched` skip the lock when none is (the feature can be on in
+    /// a mounting binary that also links the race explorer).
+    #[cfg(feature = "sched-points")]
+    has_hook: AtomicBool,
 }
 
 impl FsCore {
@@ -122,6 +126,9 @@ impl FsCore {
 
     #[cfg(feature = "sched-points")]
     pub(crate) fn sched(&self, p: SchedPoint) {
+        if !self.has_hook.load(Ordering::Acquire) {
+            return;
+        }
         let hook = *self.hook.read();
         if let Some(h) = hook {
             h(p);
@@ -175,6 +182,8 @@ impl FsExtentMaps {
                 owner: owner.clone(),
                 #[cfg(feature = "sched-points")]
                 hook: RwLock::new(None),
+                #[cfg(feature = "sched-points")]
+                has_hook: AtomicBool::new(false),
             }),
             roots: RwLock::new(BTreeMap::new()),
             nr_to_scan: AtomicU64::new(0),
@@ -267,7 +276,9 @@ impl FsExtentMaps {
     /// Installs (or removes) the scheduling hook ([`crate::sched`]).
     #[cfg(feature = "sched-points")]
     pub fn set_sched_hook(&self, hook: Option<SchedHook>) {
-        *self.core.hook.write() = hook;
+        let mut h = self.core.hook.write();
+        *h = hook;
+        self.core.has_hook.store(h.is_some(), Ordering::Release);
     }
 
     /// Counter snapshot.

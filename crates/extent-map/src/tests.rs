@@ -1285,3 +1285,23 @@ fn folio_release_of_stale_logging_piece() {
     i2.try_release_extent_mapping(4 * K, 5 * K - 1);
     assert_eq!(fs2.stats().total_violations(), 0);
 }
+
+#[test]
+fn folio_release_skips_io_locked_maps() {
+    // Test scenario: try_release_extent_mapping_unless_locked keeps a removable map whose range
+    // has EXTENT_LOCKED bits (the caller's io_tree test, run per map over the map's whole
+    // range) and goes on with the next one.
+    let (_fs, inode) = fs(Policy::Kernel);
+    inode
+        .btrfs_add_extent_mapping(reg(0, 2 * K, 1 << 20), 0, K)
+        .unwrap();
+    inode
+        .btrfs_add_extent_mapping(reg(2 * K, K, 3 << 20), 2 * K, K)
+        .unwrap();
+    // The first map's range [0, 2K-1] overlaps the locked [K, K]: kept.
+    let locked = |s: u64, e: u64| s <= K && e >= K;
+    inode.try_release_extent_mapping_unless_locked(0, 3 * K - 1, locked);
+    assert_eq!(ranges(&inode), vec![(0, 2 * K)]);
+    inode.try_release_extent_mapping_unless_locked(0, 3 * K - 1, |_, _| false);
+    assert!(ranges(&inode).is_empty());
+}
