@@ -100,6 +100,9 @@ enum Cmd {
         #[arg(long = "loop")]
         looping: bool,
     },
+    /// Race explorer: kernel code paths as actors over the real extent-map code, explored by
+    /// seed or exhaustively; prints violations per invariant and replayable schedules.
+    Race(ubtrfs_race::cli::RaceArgs),
 }
 
 fn parse_csum(s: &str) -> Result<ubtrfs_format::CsumType, String> {
@@ -119,7 +122,7 @@ fn main() -> ExitCode {
         && !args[1].starts_with('-')
         && !matches!(
             args[1].as_str(),
-            "mount" | "mkfs" | "stats" | "shrink" | "help"
+            "mount" | "mkfs" | "race" | "stats" | "shrink" | "help"
         )
     {
         args.insert(1, "mount".into());
@@ -171,6 +174,7 @@ fn main() -> ExitCode {
             init_tracing();
             stats::cmd_shrink(&mountpoint, nr, looping)
         }
+        Cmd::Race(args) => ubtrfs_race::cli::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
