@@ -299,13 +299,18 @@ impl SpaceInfo {
                     bg.fst_bitmaps = flags & FREE_SPACE_USING_BITMAPS != 0;
                 }
                 item::FREE_SPACE_EXTENT => {
-                    if key.objectid + key.offset > end || key.offset == 0 {
+                    // Key offsets are disk data: the sum must not wrap.
+                    if key.objectid.checked_add(key.offset).is_none_or(|e| e > end)
+                        || key.offset == 0
+                    {
                         return Err(bad("extent beyond its block group"));
                     }
                     range_insert(&mut bg.free, key.objectid, key.offset);
                 }
                 item::FREE_SPACE_BITMAP => {
-                    if key.objectid + key.offset > end || key.offset % ss != 0 {
+                    if key.objectid.checked_add(key.offset).is_none_or(|e| e > end)
+                        || key.offset % ss != 0
+                    {
                         return Err(bad("bitmap beyond its block group"));
                     }
                     let bits = key.offset / ss;

@@ -1481,3 +1481,30 @@ fn regression_log_inline_ram_bytes_overflow() {
         patch_item(fx, p, idx, slot, FE_RAM_BYTES, &u64::MAX.to_le_bytes());
     });
 }
+
+// Test scenario: (found by random_log_corruption_never_panics, case seed 0x58672d712f214c44) a
+// FREE_SPACE_EXTENT key of the free space tree gets offset (length) 2^64 - 2, key order kept:
+// loading the block groups for log replay checked objectid + offset against the group's end
+// with an overflowing `+`. Now the item is refused as corrupt.
+#[test]
+fn regression_free_space_extent_length_overflow() {
+    log_case("reg-fst-extent", |fx, p| {
+        let mut target = None;
+        for (i, (_, _, b)) in fx.blocks.iter().enumerate() {
+            if !b.is_leaf() || b.header.owner != 10 {
+                continue;
+            }
+            for s in 0..b.nritems() {
+                let k = b.item_key(s).unwrap();
+                let next_is_later =
+                    s + 1 == b.nritems() || b.item_key(s + 1).unwrap().objectid > k.objectid;
+                if k.item_type == item::FREE_SPACE_EXTENT && s > 0 && next_is_later {
+                    target = Some((i, s));
+                }
+            }
+        }
+        let (idx, slot) = target.expect("a free space extent item to damage");
+        let at = HEADER_SIZE + slot * ITEM_SIZE + 9;
+        patch_block(fx, p, idx, at, &0u64.wrapping_sub(2).to_le_bytes());
+    });
+}
