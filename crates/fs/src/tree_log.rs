@@ -946,7 +946,11 @@ fn replay_one_extent(
         }
     }
     let mut ii = c.read_inode(root, ino)?;
-    ii.nbytes = ii.nbytes.saturating_sub(dropped.bytes_found) + added;
+    // nbytes of the subvolume's inode is disk data: saturate rather than wrap.
+    ii.nbytes = ii
+        .nbytes
+        .saturating_sub(dropped.bytes_found)
+        .saturating_add(added);
     c.write_inode(root, ino, &ii)?;
     st.extents += 1;
     Ok(())

@@ -1508,3 +1508,28 @@ fn regression_free_space_extent_length_overflow() {
         patch_block(fx, p, idx, at, &0u64.wrapping_sub(2).to_le_bytes());
     });
 }
+
+// Test scenario: (found by ci/fuzz.sh, log corruption case seed 0x3ae038ac282ee9c) the
+// subvolume's INODE_ITEM of a file whose extents the log replays claims nbytes 2^64 - 4096:
+// replay added the logged extent's bytes with an overflowing `+`. Now the count saturates.
+#[test]
+fn regression_log_replay_nbytes_overflow() {
+    let o = log_case("reg-log-nbytes", |fx, p| {
+        let fs = FsInfo::open(&fx.img, MountOptions::default()).unwrap();
+        let ino = ino_of(&fs, "file-4096");
+        drop(fs);
+        let (idx, slot) = fx
+            .blocks
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, _, b))| b.is_leaf() && b.header.owner == 5)
+            .find_map(|(i, (_, _, b))| {
+                (0..b.nritems())
+                    .find(|&s| b.item_key(s).unwrap() == Key::new(ino, item::INODE_ITEM, 0))
+                    .map(|s| (i, s))
+            })
+            .expect("the inode item of file-4096 in the subvolume tree");
+        patch_item(fx, p, idx, slot, 24, &0u64.wrapping_sub(4096).to_le_bytes());
+    });
+    assert!(matches!(o, Outcome::Served(_)), "{o:?}");
+}
