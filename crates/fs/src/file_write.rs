@@ -153,6 +153,28 @@ pub fn btrfs_buffered_write(
         let seq = d.seq;
         d.sectors.insert(0, (seq, s0.into_boxed_slice()));
     }
+    // btrfs_cont_expand → btrfs_truncate_block: a write that starts in a sector after the one
+    // holding EOF first zeroes the rest of that sector, whose bytes after EOF may be stale on
+    // disk (a kernel truncate to an unaligned size leaves them there); the extension would
+    // expose them otherwise.
+    let eof = d.size;
+    if offset > eof && eof % ss != 0 && offset / ss > eof / ss {
+        let idx = eof / ss;
+        let z = (eof % ss) as usize;
+        d.seq += 1;
+        let seq = d.seq;
+        match d.sectors.get_mut(&idx) {
+            Some((sq, buf)) => {
+                buf[z..].fill(0);
+                *sq = seq;
+            }
+            None => {
+                let mut buf = read_sector_from_disk(fs, root, ino, &disk_ii, idx)?;
+                buf[z..].fill(0);
+                d.sectors.insert(idx, (seq, buf.into_boxed_slice()));
+            }
+        }
+    }
     let mut pos = offset;
     while pos < end {
         let idx = pos / ss;
@@ -646,4 +668,803 @@ pub fn extent_type_name(t: u8) -> &'static str {
         FILE_EXTENT_PREALLOC => "prealloc",
         _ => "unknown",
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fallocate, hole punching, range zeroing, SEEK_DATA/SEEK_HOLE and copy_file_range (the
+// kernel's file.c `btrfs_fallocate`, `btrfs_punch_hole`, `btrfs_zero_range`,
+// `find_desired_extent`, inode.c `btrfs_truncate_block`, `btrfs_cont_expand`,
+// `__btrfs_prealloc_file_range`).
+//
+// # Invariants
+// - A PREALLOC item references a whole fresh extent (offset 0, num_bytes = disk_num_bytes =
+//   ram_bytes), has no checksums, counts in nbytes and holds one data ref (root, ino, file
+//   offset); its extent map carries PREALLOC and the transid and goes on the modified list.
+// - Partial sectors are never zeroed in place on disk: the sector is rewritten through the
+//   buffered write path (copy-on-write), as `btrfs_truncate_block` dirties the page.
+// - Every operation starts by writing back the inode's dirty data and leaves the inode clean
+//   (dirty sectors it creates are written back before it returns), so that the in-memory size
+//   and the inode item never disagree.
+// ---------------------------------------------------------------------------------------------
+
+/// `fallocate(2)` modes.
+pub const FALLOC_FL_KEEP_SIZE: u32 = 0x01;
+pub const FALLOC_FL_PUNCH_HOLE: u32 = 0x02;
+pub const FALLOC_FL_ZERO_RANGE: u32 = 0x10;
+/// `lseek(2)` whence values handled by [`btrfs_llseek_data_hole`].
+pub const SEEK_DATA: u32 = 3;
+pub const SEEK_HOLE: u32 = 4;
+/// Preallocated extents are reserved in pieces of at most this (`__btrfs_prealloc_file_range`).
+const MAX_PREALLOC_EXTENT: u64 = 256 << 20;
+
+fn no_holes(fs: &FsInfo) -> bool {
+    fs.sb.incompat_flags & ubtrfs_format::super_block::incompat::NO_HOLES != 0
+}
+
+/// The in-memory i_size of `ino` (dirty data included).
+fn current_size(fs: &FsInfo, root: u64, ino: u64) -> Result<(InodeItem, u64)> {
+    let ii = crate::inode::read_inode(fs, root, ino)?;
+    let size = dirty_inode(fs, root, ino)
+        .map(|d| d.lock().size)
+        .unwrap_or(ii.size);
+    Ok((ii, size))
+}
+
+/// `btrfs_truncate_block`: zero part of the sector holding `from` — from `from` to the end of
+/// the sector (`len` 0), `len` bytes from `from`, or with `front` the bytes before `from` — by
+/// rewriting the sector's bytes up to EOF through [`btrfs_buffered_write`]. Bytes of the sector
+/// after EOF become zeros too. Returns whether a sector was dirtied (no-op when aligned or
+/// beyond EOF). The inode's in-memory mtime is left as it was. The caller holds the inode lock.
+pub fn btrfs_truncate_block(
+    fs: &FsInfo,
+    root: u64,
+    ino: u64,
+    from: u64,
+    len: u64,
+    front: bool,
+) -> Result<bool> {
+    let ss = u64::from(fs.sectorsize());
+    let off = from % ss;
+    if off == 0 && (len == 0 || len.is_multiple_of(ss)) {
+        return Ok(false);
+    }
+    let s = from - off;
+    let (ii, size) = current_size(fs, root, ino)?;
+    if s >= size {
+        return Ok(false);
+    }
+    let n = (size - s).min(ss) as usize;
+    let emi = fs.ems.inode(root, ino);
+    let mut buf = crate::file::read(fs, root, ino, &ii, &emi, s, n as u32)?;
+    buf.resize(n, 0);
+    let off = off as usize;
+    if front {
+        buf[..off.min(n)].fill(0);
+    } else {
+        let end = if len == 0 {
+            ss as usize
+        } else {
+            (off as u64 + len).min(ss) as usize
+        };
+        if off < n {
+            buf[off..end.min(n)].fill(0);
+        }
+    }
+    let prev_mtime = dirty_inode(fs, root, ino).and_then(|d| d.lock().mtime);
+    btrfs_buffered_write(fs, root, ino, s, &buf)?;
+    if let Some(d) = dirty_inode(fs, root, ino) {
+        d.lock().mtime = prev_mtime;
+    }
+    Ok(true)
+}
+
+/// Whether the sector holding `size` (unaligned) has non-zero bytes after `size` on disk, in
+/// a regular extent (stale data a later extension would expose).
+pub fn tail_is_stale(fs: &FsInfo, root: u64, ino: u64, size: u64) -> Result<bool> {
+    let ss = u64::from(fs.sectorsize());
+    let s = size - size % ss;
+    let ii = crate::inode::read_inode(fs, root, ino)?;
+    let emi = fs.ems.inode(root, ino);
+    let em = crate::file::btrfs_get_extent(fs, root, ino, &emi, s, ss)?;
+    if !em.is_regular() || em.flags & ubtrfs_extent_map::flags::PREALLOC != 0 {
+        return Ok(false);
+    }
+    let raw_view = InodeItem { size: s + ss, ..ii };
+    let raw = crate::file::read_disk(fs, root, ino, &raw_view, &emi, s, ss as u32)?;
+    Ok(raw
+        .get((size - s) as usize..)
+        .is_some_and(|t| t.iter().any(|&b| b != 0)))
+}
+
+/// Write back, then zero the partial sector at `from` like `btrfs_truncate_block` and write
+/// that back too, keeping the inode's times (the caller sets them).
+fn truncate_block_clean(
+    fs: &FsInfo,
+    root: u64,
+    ino: u64,
+    from: u64,
+    len: u64,
+    front: bool,
+) -> Result<bool> {
+    let done = btrfs_truncate_block(fs, root, ino, from, len, front)?;
+    if done {
+        crate::inode::forget_dirty_mtime(fs, root, ino);
+        btrfs_writeback(fs, root, ino)?;
+    }
+    Ok(done)
+}
+
+/// A file extent item describing a hole (`btrfs_insert_hole_extent`), for filesystems
+/// without NO_HOLES.
+fn insert_hole_item(c: &mut WriteCtx<'_>, root: u64, ino: u64, start: u64, len: u64) -> Result<()> {
+    let fe = FileExtentItem {
+        generation: c.transid(),
+        ram_bytes: len,
+        compression: 0,
+        encryption: 0,
+        other_encoding: 0,
+        extent_type: FILE_EXTENT_REG,
+        disk_bytenr: 0,
+        disk_num_bytes: 0,
+        offset: 0,
+        num_bytes: len,
+        inline_data: Vec::new(),
+    };
+    c.insert(
+        root,
+        Key::new(ino, item::EXTENT_DATA, start),
+        &fe.to_bytes(),
+    )
+}
+
+/// The true holes (not prealloc, not data) of `[start, end)` by extent map, merged.
+fn hole_ranges(fs: &FsInfo, root: u64, ino: u64, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
+    let emi = fs.ems.inode(root, ino);
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut cur = start;
+    while cur < end {
+        let em = crate::file::btrfs_get_extent(fs, root, ino, &emi, cur, end - cur)?;
+        let piece_end = em.end().min(end);
+        if piece_end <= cur {
+            return Err(FsError::corrupt(format!(
+                "root {root} ino {ino}: extent map does not cover {cur}"
+            )));
+        }
+        if em.disk_bytenr == ubtrfs_extent_map::EXTENT_MAP_HOLE {
+            match out.last_mut() {
+                Some((s, l)) if *s + *l == cur => *l += piece_end - cur,
+                _ => out.push((cur, piece_end - cur)),
+            }
+        }
+        cur = piece_end;
+    }
+    Ok(out)
+}
+
+/// `btrfs_cont_expand` from `old_size`: zero the tail of the old last sector; the holes up to
+/// `new_size` (sector-rounded) get hole items when the filesystem lacks NO_HOLES (in the
+/// write operation `finish` runs in, which usually sets the new size) and hole extent maps on
+/// the modified list.
+fn btrfs_cont_expand(
+    fs: &FsInfo,
+    root: u64,
+    ino: u64,
+    old_size: u64,
+    new_size: u64,
+    finish: impl FnOnce(&mut WriteCtx<'_>) -> Result<()>,
+) -> Result<()> {
+    let ss = u64::from(fs.sectorsize());
+    truncate_block_clean(fs, root, ino, old_size, 0, false)?;
+    let hole_start = old_size.div_ceil(ss) * ss;
+    let block_end = new_size.div_ceil(ss) * ss;
+    let holes = if block_end > hole_start {
+        hole_ranges(fs, root, ino, hole_start, block_end)?
+    } else {
+        Vec::new()
+    };
+    fs.write_op(|c| {
+        if !no_holes(c.fs) {
+            for &(s, l) in &holes {
+                let drop = btrfs_drop_extents(c, root, ino, s, s + l)?;
+                insert_hole_item(c, root, ino, s, l)?;
+                if drop.bytes_found > 0 {
+                    let mut ii = c.read_inode(root, ino)?;
+                    ii.nbytes = ii.nbytes.saturating_sub(drop.bytes_found);
+                    c.write_inode(root, ino, &ii)?;
+                }
+            }
+        }
+        finish(c)
+    })?;
+    let emi = fs.ems.inode(root, ino);
+    let gen = fs.ems.generation();
+    for (s, l) in holes {
+        let _ = emi.btrfs_replace_extent_map_range(ExtentMap::hole(s, l, gen), true);
+    }
+    Ok(())
+}
+
+/// `btrfs_cont_expand` + the size update of an expanding truncate: the file grows from its
+/// current size to `new_size` (mtime and ctime set to now).
+pub fn btrfs_expand_to(fs: &FsInfo, root: u64, ino: u64, new_size: u64) -> Result<()> {
+    btrfs_writeback(fs, root, ino)?;
+    let ii = crate::inode::read_inode(fs, root, ino)?;
+    let old = ii.size;
+    btrfs_cont_expand(fs, root, ino, old, new_size, |c| {
+        let mut ii = c.read_inode(root, ino)?;
+        let now = crate::disk_io::now_timespec();
+        ii.size = new_size;
+        ii.mtime = now;
+        ii.ctime = now;
+        ii.transid = c.transid();
+        ii.sequence += 1;
+        c.write_inode(root, ino, &ii)
+    })?;
+    truncate_dirty(fs, root, ino, new_size);
+    Ok(())
+}
+
+/// `find_free_extent` for data as `write_run` does it: the whole length if any group (or a
+/// new data chunk) has room, else the largest free piece of at least a sector.
+fn alloc_data_extent(c: &mut WriteCtx<'_>, want: u64) -> Result<(u64, u64)> {
+    use ubtrfs_ctree::block_group::AllocKind;
+    let ss = u64::from(c.fs.sectorsize());
+    if let Some(b) = c.t.space.alloc(AllocKind::Data, want) {
+        return Ok((b, want));
+    }
+    if c.alloc_data_chunk()? {
+        if let Some(b) = c.t.space.alloc(AllocKind::Data, want) {
+            return Ok((b, want));
+        }
+    }
+    c.t.space.alloc_data_upto(ss, want).ok_or(FsError::NoSpace)
+}
+
+/// `__btrfs_prealloc_file_range`: PREALLOC extents over `[start, start+num_bytes)` (sector
+/// aligned), replacing whatever items the range had. Without KEEP_SIZE the size grows with
+/// each piece up to `actual_len`. Sets the inode's PREALLOC flag and ctime.
+fn btrfs_prealloc_file_range(
+    fs: &FsInfo,
+    root: u64,
+    ino: u64,
+    mode: u32,
+    start: u64,
+    num_bytes: u64,
+    actual_len: u64,
+) -> Result<()> {
+    let emi = fs.ems.inode(root, ino);
+    let mut cur = start;
+    let mut left = num_bytes;
+    let mut last_alloc = u64::MAX;
+    while left > 0 {
+        let want = left.min(MAX_PREALLOC_EXTENT).min(last_alloc);
+        let (bytenr, got, transid) = fs.write_op(|c| {
+            let (bytenr, got) = alloc_data_extent(c, want)?;
+            let transid = c.transid();
+            let drop = btrfs_drop_extents(c, root, ino, cur, cur + got)?;
+            let fe = FileExtentItem {
+                generation: transid,
+                ram_bytes: got,
+                compression: 0,
+                encryption: 0,
+                other_encoding: 0,
+                extent_type: FILE_EXTENT_PREALLOC,
+                disk_bytenr: bytenr,
+                disk_num_bytes: got,
+                offset: 0,
+                num_bytes: got,
+                inline_data: Vec::new(),
+            };
+            c.insert(root, Key::new(ino, item::EXTENT_DATA, cur), &fe.to_bytes())?;
+            c.t.refs.add(
+                bytenr,
+                got,
+                RefKind::Data {
+                    root,
+                    ino,
+                    offset: cur,
+                },
+                1,
+            );
+            let mut ii = c.read_inode(root, ino)?;
+            ii.nbytes = ii.nbytes.saturating_sub(drop.bytes_found) + got;
+            ii.flags |= inode_flags::PREALLOC;
+            ii.ctime = crate::disk_io::now_timespec();
+            if mode & FALLOC_FL_KEEP_SIZE == 0 && actual_len > ii.size && cur + got > ii.size {
+                ii.size = (cur + got).min(actual_len);
+            }
+            ii.transid = transid;
+            ii.sequence += 1;
+            c.write_inode(root, ino, &ii)?;
+            Ok((bytenr, got, transid))
+        })?;
+        let em = ExtentMap {
+            start: cur,
+            len: got,
+            disk_bytenr: bytenr,
+            disk_num_bytes: got,
+            offset: 0,
+            ram_bytes: got,
+            generation: transid,
+            flags: ubtrfs_extent_map::flags::PREALLOC,
+        };
+        emi.btrfs_replace_extent_map_range(em, true)
+            .map_err(|e| FsError::corrupt(format!("root {root} ino {ino}: extent map: {e:?}")))?;
+        cur += got;
+        left -= got;
+        last_alloc = got;
+    }
+    Ok(())
+}
+
+/// `btrfs_fallocate_update_isize`: without KEEP_SIZE, a size below `end` grows to it (ctime).
+fn fallocate_update_isize(fs: &FsInfo, root: u64, ino: u64, end: u64, mode: u32) -> Result<()> {
+    if mode & FALLOC_FL_KEEP_SIZE != 0 {
+        return Ok(());
+    }
+    fs.write_op(|c| {
+        let mut ii = c.read_inode(root, ino)?;
+        if end <= ii.size {
+            return Ok(());
+        }
+        ii.size = end;
+        ii.ctime = crate::disk_io::now_timespec();
+        ii.transid = c.transid();
+        ii.sequence += 1;
+        c.write_inode(root, ino, &ii)
+    })
+}
+
+/// `file_modified`: mtime and ctime to now.
+fn file_modified(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
+    fs.write_op(|c| {
+        let mut ii = c.read_inode(root, ino)?;
+        let now = crate::disk_io::now_timespec();
+        ii.mtime = now;
+        ii.ctime = now;
+        ii.transid = c.transid();
+        ii.sequence += 1;
+        c.write_inode(root, ino, &ii)
+    })
+}
+
+/// `find_first_non_hole`: if `[start, start+len)` begins in a true hole, skip it: returns the
+/// new (start, len) and true; else unchanged and false.
+fn find_first_non_hole(
+    fs: &FsInfo,
+    root: u64,
+    ino: u64,
+    start: u64,
+    len: u64,
+) -> Result<(u64, u64, bool)> {
+    let ss = u64::from(fs.sectorsize());
+    let emi = fs.ems.inode(root, ino);
+    let em = crate::file::btrfs_get_extent(
+        fs,
+        root,
+        ino,
+        &emi,
+        start - start % ss,
+        len.div_ceil(ss) * ss,
+    )?;
+    if em.disk_bytenr != ubtrfs_extent_map::EXTENT_MAP_HOLE {
+        return Ok((start, len, false));
+    }
+    let em_end = em.end();
+    let new_len = (start + len).saturating_sub(em_end);
+    Ok((em_end, new_len, true))
+}
+
+/// `btrfs_punch_hole` (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE): partial sectors at the
+/// edges are zeroed through the buffered write path, whole sectors lose their extents (hole
+/// items only without NO_HOLES); nbytes shrinks by what was dropped; mtime and ctime change
+/// unless the whole range already was a hole.
+fn btrfs_punch_hole(fs: &FsInfo, root: u64, ino: u64, offset: u64, len: u64) -> Result<()> {
+    let ss = u64::from(fs.sectorsize());
+    let ii = crate::inode::read_inode(fs, root, ino)?;
+    let ino_size = ii.size.div_ceil(ss) * ss;
+    let orig_start = offset;
+    let (mut offset, mut len, hole) = find_first_non_hole(fs, root, ino, offset, len)?;
+    if hole && len == 0 {
+        return Ok(());
+    }
+    let mut truncated = false;
+    let mut lockstart = offset.div_ceil(ss) * ss;
+    let lockend = (offset + len) - (offset + len) % ss; // exclusive
+    let same_block = offset / ss == (offset + len - 1) / ss;
+    if same_block && len < ss {
+        if offset < ino_size {
+            truncated |= truncate_block_clean(fs, root, ino, offset, len, false)?;
+        }
+        if truncated {
+            file_modified(fs, root, ino)?;
+        }
+        return Ok(());
+    }
+    if offset < ino_size {
+        truncated |= truncate_block_clean(fs, root, ino, offset, 0, false)?;
+    }
+    if offset == orig_start {
+        // After zeroing the first partial sector, skip a hole that follows it.
+        len = offset + len - lockstart;
+        offset = lockstart;
+        let (o, l, hole) = find_first_non_hole(fs, root, ino, offset, len)?;
+        offset = o;
+        len = l;
+        if hole && len == 0 {
+            if truncated {
+                file_modified(fs, root, ino)?;
+            }
+            return Ok(());
+        }
+        lockstart = offset;
+    }
+    let tail_start = lockend;
+    let tail_len = (offset + len).saturating_sub(tail_start);
+    if tail_len > 0 {
+        let (ts, tl, hole) = find_first_non_hole(fs, root, ino, tail_start, tail_len)?;
+        if !hole && ts + tl < ino_size {
+            truncated |= truncate_block_clean(fs, root, ino, ts + tl, 0, true)?;
+        }
+    }
+    if lockend <= lockstart {
+        if truncated {
+            file_modified(fs, root, ino)?;
+        }
+        return Ok(());
+    }
+    // btrfs_replace_file_extents with no new extent: drop, then a hole item if needed.
+    let transid = fs.write_op(|c| {
+        let drop = btrfs_drop_extents(c, root, ino, lockstart, lockend)?;
+        if !no_holes(c.fs) {
+            insert_hole_item(c, root, ino, lockstart, lockend - lockstart)?;
+        }
+        let mut ii = c.read_inode(root, ino)?;
+        let now = crate::disk_io::now_timespec();
+        ii.nbytes = ii.nbytes.saturating_sub(drop.bytes_found);
+        ii.mtime = now;
+        ii.ctime = now;
+        ii.transid = c.transid();
+        ii.sequence += 1;
+        c.write_inode(root, ino, &ii)?;
+        Ok(c.transid())
+    })?;
+    let emi = fs.ems.inode(root, ino);
+    let hole = ExtentMap::hole(lockstart, lockend - lockstart, transid);
+    if emi.btrfs_replace_extent_map_range(hole, true).is_err() {
+        emi.btrfs_drop_extent_map_range(lockstart, lockend - 1, false);
+        emi.btrfs_set_inode_full_sync();
+    }
+    Ok(())
+}
+
+/// What the sector at `offset` holds (`btrfs_zero_range_check_range_boundary`).
+#[derive(PartialEq, Eq)]
+enum RangeBoundary {
+    Written,
+    Prealloc,
+    Hole,
+}
+
+fn range_boundary(fs: &FsInfo, root: u64, ino: u64, offset: u64) -> Result<RangeBoundary> {
+    let ss = u64::from(fs.sectorsize());
+    let emi = fs.ems.inode(root, ino);
+    let em = crate::file::btrfs_get_extent(fs, root, ino, &emi, offset - offset % ss, ss)?;
+    Ok(if em.disk_bytenr == ubtrfs_extent_map::EXTENT_MAP_HOLE {
+        RangeBoundary::Hole
+    } else if em.flags & ubtrfs_extent_map::flags::PREALLOC != 0 {
+        RangeBoundary::Prealloc
+    } else {
+        RangeBoundary::Written
+    })
+}
+
+/// `btrfs_zero_range` (FALLOC_FL_ZERO_RANGE): the range reads as zeros afterwards and stays
+/// allocated: whole sectors become PREALLOC extents (replacing what was there), partial
+/// sectors of written extents are zeroed through the buffered write path; already
+/// preallocated parts are left alone.
+fn btrfs_zero_range(
+    fs: &FsInfo,
+    root: u64,
+    ino: u64,
+    offset: u64,
+    len: u64,
+    mode: u32,
+) -> Result<()> {
+    let ss = u64::from(fs.sectorsize());
+    let emi = fs.ems.inode(root, ino);
+    let (mut offset, mut len) = (offset, len);
+    let mut alloc_start = offset - offset % ss;
+    let mut alloc_end = (offset + len).div_ceil(ss) * ss;
+    let em =
+        crate::file::btrfs_get_extent(fs, root, ino, &emi, alloc_start, alloc_end - alloc_start)?;
+    if em.start <= alloc_start && em.flags & ubtrfs_extent_map::flags::PREALLOC != 0 {
+        let em_end = em.end();
+        if em_end >= offset + len {
+            return fallocate_update_isize(fs, root, ino, offset + len, mode);
+        }
+        alloc_start = em_end;
+        len = offset + len - alloc_start;
+        offset = alloc_start;
+    }
+    if offset / ss == (offset + len - 1) / ss {
+        let em = crate::file::btrfs_get_extent(fs, root, ino, &emi, offset - offset % ss, ss)?;
+        if em.flags & ubtrfs_extent_map::flags::PREALLOC != 0 {
+            return fallocate_update_isize(fs, root, ino, offset + len, mode);
+        }
+        if len < ss && em.disk_bytenr != ubtrfs_extent_map::EXTENT_MAP_HOLE {
+            truncate_block_clean(fs, root, ino, offset, len, false)?;
+            return fallocate_update_isize(fs, root, ino, offset + len, mode);
+        }
+        alloc_start = offset - offset % ss;
+        alloc_end = alloc_start + ss;
+    } else {
+        alloc_start = offset.div_ceil(ss) * ss;
+        alloc_end = (offset + len) - (offset + len) % ss;
+        if offset % ss != 0 {
+            match range_boundary(fs, root, ino, offset)? {
+                RangeBoundary::Hole => alloc_start = offset - offset % ss,
+                RangeBoundary::Written => {
+                    truncate_block_clean(fs, root, ino, offset, 0, false)?;
+                }
+                RangeBoundary::Prealloc => {}
+            }
+        }
+        if (offset + len) % ss != 0 {
+            match range_boundary(fs, root, ino, offset + len)? {
+                RangeBoundary::Hole => alloc_end = (offset + len).div_ceil(ss) * ss,
+                RangeBoundary::Written => {
+                    truncate_block_clean(fs, root, ino, offset + len, 0, true)?;
+                }
+                RangeBoundary::Prealloc => {}
+            }
+        }
+    }
+    if alloc_start < alloc_end {
+        btrfs_prealloc_file_range(
+            fs,
+            root,
+            ino,
+            mode,
+            alloc_start,
+            alloc_end - alloc_start,
+            offset + len,
+        )?;
+    }
+    fallocate_update_isize(fs, root, ino, offset + len, mode)
+}
+
+/// `btrfs_fallocate`: the default mode preallocates the holes of the range (PREALLOC extents,
+/// nbytes grows, size grows to `offset + len` unless `FALLOC_FL_KEEP_SIZE`);
+/// `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE` deallocates; `FALLOC_FL_ZERO_RANGE` zeroes.
+/// Other modes are refused as the kernel refuses them (EOPNOTSUPP). The caller holds the inode
+/// lock.
+pub fn btrfs_fallocate(
+    fs: &FsInfo,
+    root: u64,
+    ino: u64,
+    mode: u32,
+    offset: u64,
+    len: u64,
+) -> Result<()> {
+    if fs.is_readonly() {
+        return Err(FsError::ReadOnly);
+    }
+    if mode & !(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
+        return Err(FsError::Unsupported(format!("fallocate mode {mode:#x}")));
+    }
+    if mode & FALLOC_FL_PUNCH_HOLE != 0
+        && (mode & FALLOC_FL_KEEP_SIZE == 0 || mode & FALLOC_FL_ZERO_RANGE != 0)
+    {
+        return Err(FsError::Unsupported(
+            "punch hole needs KEEP_SIZE and excludes ZERO_RANGE".into(),
+        ));
+    }
+    if len == 0 {
+        return Err(FsError::Invalid("fallocate of zero bytes".into()));
+    }
+    let end = offset
+        .checked_add(len)
+        .filter(|e| *e <= i64::MAX as u64)
+        .ok_or(FsError::FileTooBig)?;
+    let ii = crate::inode::read_inode(fs, root, ino)?;
+    match ii.mode & crate::inode::S_IFMT {
+        crate::inode::S_IFREG => {}
+        crate::inode::S_IFDIR => return Err(FsError::IsDir),
+        _ => return Err(FsError::Unsupported("fallocate of a special file".into())),
+    }
+    let ss = u64::from(fs.sectorsize());
+    // btrfs_wait_ordered_range: no dirty data in the way.
+    btrfs_writeback(fs, root, ino)?;
+    if mode & FALLOC_FL_PUNCH_HOLE != 0 {
+        return btrfs_punch_hole(fs, root, ino, offset, len);
+    }
+    file_modified(fs, root, ino)?;
+    let size = crate::inode::read_inode(fs, root, ino)?.size;
+    let alloc_start = offset - offset % ss;
+    let alloc_end = end.div_ceil(ss) * ss;
+    if alloc_start > size {
+        btrfs_cont_expand(fs, root, ino, size, alloc_start, |_| Ok(()))?;
+    } else if end > size {
+        truncate_block_clean(fs, root, ino, size, 0, false)?;
+    }
+    if mode & FALLOC_FL_ZERO_RANGE != 0 {
+        return btrfs_zero_range(fs, root, ino, offset, len, mode);
+    }
+    // Ranges to preallocate: holes, and anything but prealloc beyond EOF.
+    let emi = fs.ems.inode(root, ino);
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut cur = alloc_start;
+    while cur < alloc_end {
+        let em = crate::file::btrfs_get_extent(fs, root, ino, &emi, cur, alloc_end - cur)?;
+        let last = em.end().min(alloc_end).div_ceil(ss) * ss;
+        if last <= cur {
+            return Err(FsError::corrupt(format!(
+                "root {root} ino {ino}: extent map does not cover {cur}"
+            )));
+        }
+        if em.disk_bytenr == ubtrfs_extent_map::EXTENT_MAP_HOLE
+            || (cur >= size && em.flags & ubtrfs_extent_map::flags::PREALLOC == 0)
+        {
+            match ranges.last_mut() {
+                Some((s, l)) if *s + *l == cur => *l += last - cur,
+                _ => ranges.push((cur, last - cur)),
+            }
+        }
+        cur = last;
+    }
+    for (s, l) in ranges {
+        btrfs_prealloc_file_range(fs, root, ino, mode, s, l, end)?;
+    }
+    fallocate_update_isize(fs, root, ino, end, mode)
+}
+
+/// `find_desired_extent` (lseek SEEK_DATA / SEEK_HOLE): data is any sector of a regular or
+/// inline extent, or dirty (written, not yet written back); holes and prealloc extents are
+/// holes. An offset at or past EOF gives ENXIO; SEEK_HOLE finds the implicit hole at EOF.
+pub fn btrfs_llseek_data_hole(
+    fs: &FsInfo,
+    root: u64,
+    ino: u64,
+    offset: i64,
+    whence: u32,
+) -> Result<u64> {
+    if whence != SEEK_DATA && whence != SEEK_HOLE {
+        return Err(FsError::Invalid(format!("whence {whence}")));
+    }
+    let ss = u64::from(fs.sectorsize());
+    let (_, size) = current_size(fs, root, ino)?;
+    let offset = offset.max(0) as u64;
+    if size == 0 || offset >= size {
+        return Err(FsError::NoSuchOffset);
+    }
+    // Data ranges from the file extent items that reach past `offset`.
+    let mut data: Vec<(u64, u64)> = Vec::new();
+    {
+        let _g = fs.read_guard();
+        let r = fs.root(root)?;
+        let first = offset - offset % ss;
+        let start = match ubtrfs_ctree::ctree::lookup_le(
+            &fs.reader,
+            &r.ptr,
+            &Key::new(ino, item::EXTENT_DATA, first),
+        )? {
+            Some((k, _)) if k.objectid == ino && k.item_type == item::EXTENT_DATA => k.offset,
+            _ => first,
+        };
+        for it in
+            ubtrfs_ctree::TreeIter::new(&fs.reader, r.ptr, Key::new(ino, item::EXTENT_DATA, start))
+        {
+            let (key, block, slot) = it?;
+            if key.objectid != ino || key.item_type != item::EXTENT_DATA || key.offset >= size {
+                break;
+            }
+            let raw = block
+                .item_data(slot)
+                .map_err(|e| FsError::corrupt(format!("root {root} {key}: {e}")))?;
+            let fe = FileExtentItem::parse(raw)
+                .map_err(|e| FsError::corrupt(format!("root {root} {key}: {e}")))?;
+            let (is_data, end) = match fe.extent_type {
+                FILE_EXTENT_INLINE => (true, (key.offset + fe.ram_bytes).div_ceil(ss) * ss),
+                FILE_EXTENT_REG => (fe.disk_bytenr != 0, key.offset + fe.num_bytes),
+                _ => (false, key.offset + fe.num_bytes),
+            };
+            if is_data && end > offset {
+                data.push((key.offset, end));
+            }
+        }
+    }
+    if let Some(d) = dirty_inode(fs, root, ino) {
+        let d = d.lock();
+        for &idx in d.sectors.keys() {
+            data.push((idx * ss, idx * ss + ss));
+        }
+    }
+    data.sort_unstable();
+    // Merge and clamp to EOF.
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in data {
+        let e = e.min(size);
+        if s >= e {
+            continue;
+        }
+        match merged.last_mut() {
+            Some((_, me)) if s <= *me => *me = (*me).max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    if whence == SEEK_DATA {
+        for &(s, e) in &merged {
+            if e > offset {
+                return Ok(s.max(offset));
+            }
+        }
+        return Err(FsError::NoSuchOffset);
+    }
+    let mut pos = offset;
+    for &(s, e) in &merged {
+        if e <= pos {
+            continue;
+        }
+        if s > pos {
+            break;
+        }
+        pos = e;
+    }
+    Ok(pos.min(size))
+}
+
+/// `copy_file_range` by read and buffered write (FUSE cannot reflink): up to `len` bytes from
+/// `off_in` of (root_in, ino_in) to `off_out` of (root_out, ino_out), short at the source's
+/// EOF. Overlapping ranges of one file are refused (EINVAL), as the VFS does. Returns the
+/// bytes copied. The caller holds the destination's inode lock.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_file_range(
+    fs: &FsInfo,
+    root_in: u64,
+    ino_in: u64,
+    off_in: u64,
+    root_out: u64,
+    ino_out: u64,
+    off_out: u64,
+    len: u64,
+) -> Result<u64> {
+    const CHUNK: u64 = 1 << 20;
+    let check = |root, ino| -> Result<()> {
+        let ii = crate::inode::read_inode(fs, root, ino)?;
+        match ii.mode & crate::inode::S_IFMT {
+            crate::inode::S_IFREG => Ok(()),
+            crate::inode::S_IFDIR => Err(FsError::IsDir),
+            _ => Err(FsError::Invalid("copy_file_range of a special file".into())),
+        }
+    };
+    check(root_in, ino_in)?;
+    check(root_out, ino_out)?;
+    if off_out.checked_add(len).is_none_or(|e| e > i64::MAX as u64) {
+        return Err(FsError::FileTooBig);
+    }
+    if (root_in, ino_in) == (root_out, ino_out)
+        && off_in < off_out.saturating_add(len)
+        && off_out < off_in.saturating_add(len)
+    {
+        return Err(FsError::Invalid(
+            "overlapping copy_file_range in one file".into(),
+        ));
+    }
+    let emi = fs.ems.inode(root_in, ino_in);
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(CHUNK);
+        let ii = crate::inode::read_inode(fs, root_in, ino_in)?;
+        let buf = crate::file::read(fs, root_in, ino_in, &ii, &emi, off_in + done, n as u32)?;
+        if buf.is_empty() {
+            break;
+        }
+        btrfs_buffered_write(fs, root_out, ino_out, off_out + done, &buf)?;
+        done += buf.len() as u64;
+        if (buf.len() as u64) < n {
+            break;
+        }
+    }
+    Ok(done)
 }
