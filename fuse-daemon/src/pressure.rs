@@ -15,6 +15,8 @@
 //! - **The cgroup memory limit.** Reclaim in the daemon's memory cgroup: `memory.events`
 //!   `high`/`max` (v2) or `memory.failcnt` (v1) grew since the last check (once a second):
 //!   the cgroup hit its limit and the kernel reclaimed, which is when it would shrink slabs.
+//!   The cgroup is looked up again every second: a daemon moved into another cgroup while it
+//!   runs (`echo PID > cgroup.procs`, a systemd scope) is watched there.
 //!
 //! Each pressure event scans a share of the cached maps that grows while the pressure lasts,
 //! the shape of kswapd lowering its scan priority until reclaim succeeds: 1/8, 1/4, 1/2, then
@@ -150,7 +152,7 @@ impl PressureMonitorState {
 // cgroups
 
 /// The daemon's memory cgroup.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Cgroup {
     version: u8,
     /// Path inside the hierarchy ("/a/b").
@@ -417,41 +419,47 @@ impl Drop for PressureMonitor {
     }
 }
 
-fn run(fs: &FsInfo, state: &PressureMonitorState, stop: &AtomicBool, stop_rx: &OwnedFd) {
-    let cg = find_memory_cgroup();
-    let psi = psi_file(cg.as_ref());
+/// Describe what is watched for `cg` and arm its PSI trigger: returns the PSI file and the
+/// trigger (None where the kernel refuses triggers or has no PSI).
+fn watch(state: &PressureMonitorState, cg: Option<&Cgroup>) -> (Option<PathBuf>, Option<File>) {
+    let psi = psi_file(cg);
     let mut trigger = None;
-    {
-        let mut d = state.desc.lock();
-        d.cgroup_version = cg.as_ref().map(|c| c.version);
-        d.cgroup = cg.as_ref().map(|c| c.rel.clone());
-        d.psi_file = psi.as_ref().map(|p| p.display().to_string());
-        match &psi {
-            None => {
-                d.psi_mode = PsiMode::Unavailable;
-                d.psi_note = Some("no /proc/pressure/memory: kernel without PSI, or psi=0".into());
-            }
-            Some(p) => match open_trigger(p) {
-                Ok(f) => {
-                    d.psi_mode = PsiMode::Trigger;
-                    d.psi_trigger = Some(PSI_TRIGGER.into());
-                    trigger = Some(f);
-                }
-                Err(e) => {
-                    d.psi_mode = PsiMode::Poll;
-                    d.psi_note = Some(format!("trigger refused: {e}"));
-                }
-            },
+    let mut d = state.desc.lock();
+    d.cgroup_version = cg.map(|c| c.version);
+    d.cgroup = cg.map(|c| c.rel.clone());
+    d.psi_file = psi.as_ref().map(|p| p.display().to_string());
+    d.psi_trigger = None;
+    d.psi_note = None;
+    match &psi {
+        None => {
+            d.psi_mode = PsiMode::Unavailable;
+            d.psi_note = Some("no /proc/pressure/memory: kernel without PSI, or psi=0".into());
         }
-        tracing::debug!(
-            target: "ubtrfs_memory_pressure",
-            "watching memory pressure: PSI {}; memory cgroup {}",
-            d.psi_description(),
-            cg.as_ref()
-                .map(|c| format!("v{} {}", c.version, c.rel))
-                .unwrap_or_else(|| "none found".into())
-        );
+        Some(p) => match open_trigger(p) {
+            Ok(f) => {
+                d.psi_mode = PsiMode::Trigger;
+                d.psi_trigger = Some(PSI_TRIGGER.into());
+                trigger = Some(f);
+            }
+            Err(e) => {
+                d.psi_mode = PsiMode::Poll;
+                d.psi_note = Some(format!("trigger refused: {e}"));
+            }
+        },
     }
+    tracing::debug!(
+        target: "ubtrfs_memory_pressure",
+        "watching memory pressure: PSI {}; memory cgroup {}",
+        d.psi_description(),
+        cg.map(|c| format!("v{} {}", c.version, c.rel))
+            .unwrap_or_else(|| "none found".into())
+    );
+    (psi, trigger)
+}
+
+fn run(fs: &FsInfo, state: &PressureMonitorState, stop: &AtomicBool, stop_rx: &OwnedFd) {
+    let mut cg = find_memory_cgroup();
+    let (mut psi, mut trigger) = watch(state, cg.as_ref());
     let mut last_reclaim = cg.as_ref().and_then(reclaim_events);
     let mut level = 0usize;
     let mut last_event: Option<Instant> = None;
@@ -464,6 +472,14 @@ fn run(fs: &FsInfo, state: &PressureMonitorState, stop: &AtomicBool, stop_rx: &O
         let mut limit_pressure = false;
         if last_tick.elapsed() >= TICK {
             last_tick = Instant::now();
+            // The daemon may be moved to another cgroup while it runs (`echo PID >
+            // cgroup.procs`, systemd scopes): follow it.
+            let now_cg = find_memory_cgroup();
+            if now_cg != cg {
+                cg = now_cg;
+                (psi, trigger) = watch(state, cg.as_ref());
+                last_reclaim = cg.as_ref().and_then(reclaim_events);
+            }
             let avg = psi.as_deref().and_then(some_avg10);
             if trigger.is_none() && avg.is_some_and(|a| a >= POLL_AVG10_PERCENT) {
                 psi_pressure = true;
