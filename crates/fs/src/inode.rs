@@ -692,6 +692,8 @@ pub fn btrfs_unlink(fs: &FsInfo, root: u64, dir: u64, name: &[u8]) -> Result<()>
         if is_dir_mode(ii.mode) {
             return Err(FsError::IsDir);
         }
+        // btrfs_set_log_full_commit: the log of this transaction cannot express the names.
+        c.t.log.full_commit.get_or_insert("unlink");
         let now = crate::disk_io::now_timespec();
         let ii = unlink_inode(c, root, dir, ino, name, now)?;
         if ii.nlink == 0 {
@@ -724,6 +726,8 @@ pub fn btrfs_rmdir(fs: &FsInfo, root: u64, dir: u64, name: &[u8]) -> Result<()> 
         if ii.size > 0 {
             return Err(FsError::NotEmpty);
         }
+        // btrfs_set_log_full_commit: the log of this transaction cannot express the names.
+        c.t.log.full_commit.get_or_insert("rmdir");
         let now = crate::disk_io::now_timespec();
         let ii = unlink_inode(c, root, dir, ino, name, now)?;
         if ii.nlink == 0 {
@@ -826,6 +830,8 @@ pub fn btrfs_link(
             return Err(FsError::TooManyLinks);
         }
         let index = next_dir_index(c, root, newdir)?;
+        // btrfs_set_log_full_commit: the log of this transaction cannot express the names.
+        c.t.log.full_commit.get_or_insert("link");
         let now = crate::disk_io::now_timespec();
         add_link(c, root, newdir, ino, ii.mode, newname, index, true, now)?;
         fold_dirty_mtime(c, root, ino, &mut ii);
@@ -1005,6 +1011,8 @@ pub fn btrfs_rename(
                 }
             }
         }
+        // btrfs_set_log_full_commit: the log of this transaction cannot express the names.
+        c.t.log.full_commit.get_or_insert("rename");
         let now = crate::disk_io::now_timespec();
         if exchange {
             let new_ino = new_ino.unwrap_or(0);
@@ -1081,14 +1089,13 @@ pub struct SetAttr {
 /// `btrfs_truncate_inode_items` for file data (min type EXTENT_DATA): drop the file extent
 /// items wholly beyond `new_size`, shrink the one that straddles it (regular and prealloc
 /// items to the sector boundary; an uncompressed inline item in place, a compressed one is
-/// rewritten uncompressed), dropping the data references of removed items. Returns the bytes
-/// to subtract from nbytes.
+/// rewritten uncompressed), dropping the data references of removed items.
 pub fn btrfs_truncate_inode_items(
     c: &mut WriteCtx<'_>,
     root: u64,
     ino: u64,
     new_size: u64,
-) -> Result<u64> {
+) -> Result<TruncateResult> {
     let ss = u64::from(c.fs.sectorsize());
     let start = match c.lookup_le(root, &Key::new(ino, item::EXTENT_DATA, new_size))? {
         Some((k, _)) if k.objectid == ino && k.item_type == item::EXTENT_DATA => k.offset,
@@ -1101,8 +1108,16 @@ pub fn btrfs_truncate_inode_items(
         |k| k.objectid == ino && k.item_type == item::EXTENT_DATA,
     )?;
     let mut sub = 0u64;
+    let mut found = 0u64;
     for (key, data) in items {
         let mut fe = FileExtentItem::parse(&data).map_err(|e| corrupt_at(root, &key, e))?;
+        if key.offset >= new_size
+            || fe.extent_type == FILE_EXTENT_INLINE && key.offset + fe.ram_bytes > new_size
+            || fe.extent_type != FILE_EXTENT_INLINE
+                && fe.num_bytes > (new_size - key.offset).div_ceil(ss) * ss
+        {
+            found += 1;
+        }
         if fe.extent_type == FILE_EXTENT_INLINE {
             let end = key.offset + fe.ram_bytes;
             if key.offset >= new_size {
@@ -1155,7 +1170,19 @@ pub fn btrfs_truncate_inode_items(
             }
         }
     }
-    Ok(sub)
+    Ok(TruncateResult {
+        sub_bytes: sub,
+        extents_found: found,
+    })
+}
+
+/// What [`btrfs_truncate_inode_items`] did (`struct btrfs_truncate_control` outputs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TruncateResult {
+    /// Bytes to subtract from the inode's nbytes.
+    pub sub_bytes: u64,
+    /// File extent items dropped or trimmed.
+    pub extents_found: u64,
 }
 
 /// Drop the in-memory mtime of the dirty buffer, so that a later writeback does not replace
@@ -1181,10 +1208,10 @@ fn btrfs_setsize(fs: &FsInfo, root: u64, ino: u64, new_size: u64) -> Result<()> 
     if new_size > old {
         return crate::file_write::btrfs_expand_to(fs, root, ino, new_size);
     }
-    fs.write_op(|c| {
-        let sub = btrfs_truncate_inode_items(c, root, ino, new_size)?;
+    let found = fs.write_op(|c| {
+        let tr = btrfs_truncate_inode_items(c, root, ino, new_size)?;
         let mut ii = c.read_inode(root, ino)?;
-        ii.nbytes = ii.nbytes.saturating_sub(sub);
+        ii.nbytes = ii.nbytes.saturating_sub(tr.sub_bytes);
         if new_size != ii.size {
             let now = crate::disk_io::now_timespec();
             ii.size = new_size;
@@ -1192,11 +1219,16 @@ fn btrfs_setsize(fs: &FsInfo, root: u64, ino: u64, new_size: u64) -> Result<()> 
             ii.ctime = now;
         }
         touch(c, &mut ii);
-        c.write_inode(root, ino, &ii)
+        c.write_inode(root, ino, &ii)?;
+        Ok(tr.extents_found)
     })?;
-    fs.ems
-        .inode(root, ino)
-        .btrfs_drop_extent_map_range(new_size - new_size % ss, u64::MAX, false);
+    let emi = fs.ems.inode(root, ino);
+    emi.btrfs_drop_extent_map_range(new_size - new_size % ss, u64::MAX, false);
+    // btrfs_truncate: items were dropped or trimmed, so the next fsync must log the inode's
+    // extents from the tree, not from the (dropped) modified maps.
+    if found > 0 {
+        emi.btrfs_set_inode_full_sync();
+    }
     crate::file_write::truncate_dirty(fs, root, ino, new_size);
     // Stale bytes after the new EOF in its last sector are replaced by zeros, so that no later
     // extension can expose them (the kernel zeroes them in the page cache and again at every

@@ -1894,6 +1894,8 @@ fn run_random(seed: u64, kind: Mkfs, steps: usize) {
             f.sync();
             drop(f);
             handles.clear();
+            // The crashed state (orphans of open files included) is consistent.
+            btrfs_check(&img);
             f = Fs::open(&img);
             ubtrfs_fs::inode::orphan_cleanup(&f.fs).unwrap();
             Ok(())
