@@ -2065,3 +2065,72 @@ fn holes_without_no_holes_feature() {
         assert!(s[&format!("./{name}")].data == *w, "{name}");
     }
 }
+
+/// Two different names with the same btrfs name hash: `{prefix}1371838` and
+/// `{prefix}2000402` collide for any prefix (found by a birthday search; crc32c is linear, so
+/// for two names that differ only in their tails the common prefix drops out).
+fn colliding_names(prefix: &str) -> (String, String) {
+    let (a, b) = (format!("{prefix}1371838"), format!("{prefix}2000402"));
+    assert_eq!(
+        ubtrfs_format::csum::name_hash(a.as_bytes()),
+        ubtrfs_format::csum::name_hash(b.as_bytes()),
+        "{a} and {b} must collide"
+    );
+    (a, b)
+}
+
+// Test scenario: names whose hashes collide share one DIR_ITEM (and xattr names one
+// XATTR_ITEM): creating, renaming away, replacing and removing one of them must keep the
+// other entry intact in the same item, as the kernel's btrfs_delete_one_dir_name does.
+#[test]
+fn hash_collision_items() {
+    let (a, b) = colliding_names("c");
+    let (xa, xb) = colliding_names("user.x");
+    for kind in BOTH {
+        let d = TestDir::new(&format!("collide-{kind:?}"));
+        let img = make_image(&d, kind, 512 << 20, &[]);
+        {
+            let f = Fs::open(&img);
+            f.mkdir("dir");
+            let ia = f.file(&format!("dir/{a}"), b"first");
+            f.file(&format!("dir/{b}"), b"second");
+            let set =
+                |n: &str, v: &[u8], fl| btrfs_setxattr(&f.fs, f.root, ia, n.as_bytes(), v, fl);
+            set(&xa, b"one", XATTR_CREATE).unwrap();
+            set(&xb, b"two", XATTR_CREATE).unwrap();
+            assert!(matches!(set(&xb, b"2", XATTR_CREATE), Err(FsError::Exists)));
+            f.sync();
+            let dump = dump_fs_tree(&img);
+            assert!(dump.contains(&format!("name: {a}")) && dump.contains(&format!("name: {b}")));
+            set(&xa, b"one, replaced and longer", XATTR_REPLACE).unwrap();
+            f.sync();
+        }
+        let s = verify_image(&img, &d);
+        assert_eq!(s[&format!("./dir/{a}")].data, b"first");
+        assert_eq!(s[&format!("./dir/{b}")].data, b"second");
+        let x = &s[&format!("./dir/{a}")].xattrs;
+        assert_eq!(x[xa.as_bytes()], b"one, replaced and longer");
+        assert_eq!(x[xb.as_bytes()], b"two");
+        {
+            let f = Fs::open(&img);
+            let ia = f.ino(&format!("dir/{a}"));
+            btrfs_removexattr(&f.fs, f.root, ia, xa.as_bytes()).unwrap();
+            f.rename(&format!("dir/{a}"), "moved", 0).unwrap();
+            f.link(&format!("dir/{b}"), &format!("dir/{a}")).unwrap();
+            f.sync();
+        }
+        let s = verify_image(&img, &d);
+        assert_eq!(s["./moved"].data, b"first");
+        assert_eq!(s["./moved"].xattrs.len(), 1);
+        assert_eq!(s[&format!("./dir/{a}")].data, b"second");
+        assert_eq!(nlink_of(&s, &format!("./dir/{b}")), 2);
+        {
+            let f = Fs::open(&img);
+            f.unlink(&format!("dir/{b}")).unwrap();
+            f.sync();
+        }
+        let s = verify_image(&img, &d);
+        assert_eq!(s[&format!("./dir/{a}")].data, b"second");
+        assert!(!s.contains_key(&format!("./dir/{b}")));
+    }
+}
