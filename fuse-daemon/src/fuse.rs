@@ -79,12 +79,65 @@ pub fn errno_of(e: &FsError) -> Errno {
 
 fn log_error(op: &str, e: &FsError) {
     match e {
+        // What applications provoke in normal use is not worth a log line.
         FsError::NotFound
         | FsError::NoXattr
         | FsError::NotDir
         | FsError::IsDir
-        | FsError::ReadOnly => {}
+        | FsError::ReadOnly
+        | FsError::Exists
+        | FsError::NameTooLong
+        | FsError::NotEmpty
+        | FsError::Invalid(_)
+        | FsError::CrossDevice
+        | FsError::TooManyLinks
+        | FsError::NotPermitted
+        | FsError::Range
+        | FsError::TooBig
+        | FsError::FileTooBig
+        | FsError::NoSuchOffset
+        | FsError::NoSpace => {}
         other => tracing::error!("{op}: {other}"),
+    }
+}
+
+fn timespec_of(t: SystemTime) -> ubtrfs_format::items::Timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => ubtrfs_format::items::Timespec {
+            sec: d.as_secs(),
+            nsec: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let mut sec = -(d.as_secs() as i64);
+            let mut nsec = d.subsec_nanos();
+            if nsec > 0 {
+                sec -= 1;
+                nsec = 1_000_000_000 - nsec;
+            }
+            ubtrfs_format::items::Timespec {
+                sec: sec as u64,
+                nsec,
+            }
+        }
+    }
+}
+
+fn time_set(t: fuser::TimeOrNow) -> ubtrfs_fs::inode::TimeSet {
+    match t {
+        fuser::TimeOrNow::Now => ubtrfs_fs::inode::TimeSet::Now,
+        fuser::TimeOrNow::SpecificTime(st) => ubtrfs_fs::inode::TimeSet::At(timespec_of(st)),
+    }
+}
+
+/// Reply to an empty-result request.
+fn reply_empty(r: Result<(), FsError>, op: &str, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => {
+            log_error(op, &e);
+            reply.error(errno_of(&e))
+        }
     }
 }
 
@@ -474,10 +527,278 @@ impl Filesystem for UbtrfsFuse {
     ) {
         if self.rw {
             if let Ok((root, i)) = self.resolve(ino.0) {
-                self.fs.note_release(root, i);
+                if self.fs.note_release(root, i) {
+                    // The last close of an unlinked inode evicts it (and its orphan item).
+                    match ubtrfs_fs::inode::read_inode(&self.fs, root, i) {
+                        Ok(ii) if ii.nlink == 0 => {
+                            if let Err(e) = ubtrfs_fs::inode::btrfs_evict_inode(&self.fs, root, i) {
+                                log_error("evict", &e);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
             }
         }
         reply.ok();
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.inode_of(parent.0).and_then(|(root, dir, _)| {
+            ubtrfs_fs::inode::btrfs_unlink(&self.fs, root, dir, name.as_bytes())?;
+            Ok(())
+        });
+        reply_empty(r, "unlink", reply)
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.inode_of(parent.0).and_then(|(root, dir, _)| {
+            ubtrfs_fs::inode::btrfs_rmdir(&self.fs, root, dir, name.as_bytes())?;
+            Ok(())
+        });
+        reply_empty(r, "rmdir", reply)
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        let r = self.inode_of(parent.0).and_then(|(root, dir, pii)| {
+            let (uid, gid, _) = self.new_owner(req, &pii, 0o120777);
+            let (ino, ii) = ubtrfs_fs::inode::btrfs_symlink(
+                &self.fs,
+                root,
+                dir,
+                link_name.as_bytes(),
+                target.as_os_str().as_bytes(),
+                uid,
+                gid,
+            )?;
+            let node = self.remember(root, ino, ii)?;
+            Ok((node, root, ino, ii))
+        });
+        self.reply_entry(r, "symlink", reply)
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let r = (|| {
+            let (root, i, _) = self.inode_of(ino.0)?;
+            let (nroot, ndir, _) = self.inode_of(newparent.0)?;
+            if nroot != root {
+                return Err(FsError::CrossDevice);
+            }
+            let mut ii = ubtrfs_fs::inode::btrfs_link(&self.fs, root, i, ndir, newname.as_bytes())?;
+            // The kernel refreshes its cached attributes from this reply: report the in-memory
+            // size of data not yet written back.
+            ubtrfs_fs::file_write::live_attrs(&self.fs, root, i, &mut ii);
+            let node = self.remember(root, i, ii)?;
+            Ok((node, root, i, ii))
+        })();
+        self.reply_entry(r, "link", reply)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let r = (|| {
+            let (root, dir, _) = self.inode_of(parent.0)?;
+            let (nroot, ndir, _) = self.inode_of(newparent.0)?;
+            if nroot != root {
+                return Err(FsError::CrossDevice);
+            }
+            ubtrfs_fs::inode::btrfs_rename(
+                &self.fs,
+                root,
+                dir,
+                name.as_bytes(),
+                ndir,
+                newname.as_bytes(),
+                flags.bits(),
+            )?;
+            Ok(())
+        })();
+        reply_empty(r, "rename", reply)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<fuser::TimeOrNow>,
+        mtime: Option<fuser::TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        if !self.rw {
+            return reply.error(Errno::EROFS);
+        }
+        let r = (|| {
+            let (root, i) = self.resolve(ino.0)?;
+            let attrs = ubtrfs_fs::inode::SetAttr {
+                mode,
+                uid,
+                gid,
+                size,
+                atime: atime.map(time_set),
+                mtime: mtime.map(time_set),
+                ctime: ctime.map(timespec_of),
+            };
+            let em = self.extent_maps(ino.0, root, i);
+            let _l = em.inode_lock().write();
+            let mut ii = ubtrfs_fs::inode::btrfs_setattr(&self.fs, root, i, &attrs)?;
+            ubtrfs_fs::file_write::live_attrs(&self.fs, root, i, &mut ii);
+            Ok(ii)
+        })();
+        match r {
+            Ok(ii) => reply.attr(&self.ttl, &self.attr(ino.0, &ii)),
+            Err(e) => {
+                log_error("setattr", &e);
+                reply.error(errno_of(&e))
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        if !self.rw {
+            return reply.error(Errno::EROFS);
+        }
+        let r = self.resolve(ino.0).and_then(|(root, i)| {
+            ubtrfs_fs::xattr::btrfs_setxattr(
+                &self.fs,
+                root,
+                i,
+                name.as_bytes(),
+                value,
+                flags as u32,
+            )
+        });
+        reply_empty(r, "setxattr", reply)
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if !self.rw {
+            return reply.error(Errno::EROFS);
+        }
+        let r = self.resolve(ino.0).and_then(|(root, i)| {
+            ubtrfs_fs::xattr::btrfs_removexattr(&self.fs, root, i, name.as_bytes())
+        });
+        reply_empty(r, "removexattr", reply)
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        if !self.rw {
+            return reply.error(Errno::EROFS);
+        }
+        let r = self.resolve(ino.0).and_then(|(root, i)| {
+            let em = self.extent_maps(ino.0, root, i);
+            let _l = em.inode_lock().write();
+            ubtrfs_fs::file_write::btrfs_fallocate(&self.fs, root, i, mode as u32, offset, length)
+        });
+        reply_empty(r, "fallocate", reply)
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        let r = self.resolve(ino.0).and_then(|(root, i)| {
+            ubtrfs_fs::file_write::btrfs_llseek_data_hole(&self.fs, root, i, offset, whence as u32)
+        });
+        match r {
+            Ok(o) => reply.offset(o as i64),
+            Err(e) => {
+                log_error("lseek", &e);
+                reply.error(errno_of(&e))
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        _fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: fuser::ReplyWrite,
+    ) {
+        if !self.rw {
+            return reply.error(Errno::EROFS);
+        }
+        let r = (|| {
+            let (rin, iin) = self.resolve(ino_in.0)?;
+            let (rout, iout) = self.resolve(ino_out.0)?;
+            let em = self.extent_maps(ino_out.0, rout, iout);
+            let _l = em.inode_lock().write();
+            ubtrfs_fs::file_write::copy_file_range(
+                &self.fs, rin, iin, offset_in, rout, iout, offset_out, len,
+            )
+        })();
+        match r {
+            Ok(n) => reply.written(n.min(u64::from(u32::MAX)) as u32),
+            Err(e) => {
+                log_error("copy_file_range", &e);
+                reply.error(errno_of(&e))
+            }
+        }
     }
 
     fn create(

@@ -449,6 +449,15 @@ impl FsInfo {
                 })?;
             }
         }
+        if !fs.is_readonly() {
+            // btrfs_orphan_cleanup: inodes unlinked while open when the last mount ended.
+            let n = crate::inode::orphan_cleanup(&fs)
+                .map_err(|e| FsError::Mount(format!("orphan cleanup: {e}")))?;
+            if n > 0 {
+                tracing::info!("{}: cleaned up {n} orphan inodes", path.display());
+                fs.commit()?;
+            }
+        }
         Ok(Arc::new(fs))
     }
 
