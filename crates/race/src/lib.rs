@@ -17,8 +17,10 @@
 //!   in the kernel's modes (the table in [`actors`]); a blocked acquisition makes the actor
 //!   not runnable.
 //! - Schedule: the list of choices ([`sched`]): at each point, which runnable actor goes on.
-//!   A run is reproducible from (scenario, policy, options, seed) in random mode and from its
-//!   choices in any mode.
+//!   A run is reproducible from (scenario, policy, options, seed) in random mode (seeds cycle
+//!   through PCT with 0 to 3 priority changes and uniform choices) and from its choices in any
+//!   mode; [`run::explore_exhaustive`] enumerates every schedule with at most K preemptions
+//!   (DFS over the choices).
 //! - [`Check`]: the layer's [`ubtrfs_extent_map::Invariant`] counters plus the explorer's
 //!   own ([`check`]).
 //!
