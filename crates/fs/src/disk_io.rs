@@ -235,11 +235,22 @@ fn open_device(path: &Path, readonly: bool) -> Result<Device> {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    if let Some(loopdev) = kernel_loop_holder(path) {
-        return Err(FsError::Mount(format!(
-            "{}: in use by the kernel through {loopdev}",
-            path.display()
-        )));
+    // The kernel holding the image through a loop device is refused the same way; a loop
+    // device being detached right now (losetup -d after umount is asynchronous) is waited for.
+    while let Some(loopdev) = kernel_loop_holder(path) {
+        let mounted = std::fs::read_to_string("/proc/self/mounts")
+            .map(|m| {
+                m.lines()
+                    .any(|l| l.split_whitespace().next() == Some(loopdev.as_str()))
+            })
+            .unwrap_or(true);
+        if mounted || std::time::Instant::now() >= deadline {
+            return Err(FsError::Mount(format!(
+                "{}: in use by the kernel through {loopdev}",
+                path.display()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let size = file
         .seek(SeekFrom::End(0))
