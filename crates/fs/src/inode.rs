@@ -290,10 +290,15 @@ fn touch(c: &WriteCtx<'_>, ii: &mut InodeItem) {
 /// An operation is about to write the inode item of `ino` with a new ctime: the mtime of data
 /// written but not yet written back (kept in the dirty buffer, set at write time as the
 /// kernel's `file_update_time` sets the in-memory inode) moves into the item now, so that a
-/// later writeback does not turn mtime and ctime back to the write's time. The dirty buffer is
-/// only tried (never waited for) because the tree lock is held.
+/// later writeback does not turn mtime and ctime back to the write's time. The dirty map and
+/// buffer are only tried (never waited for) because the tree lock is held: their holders may
+/// be waiting for it (see [`forget_inode`]).
 pub(crate) fn fold_dirty_mtime(c: &WriteCtx<'_>, root: u64, ino: u64, ii: &mut InodeItem) {
-    if let Some(d) = crate::file_write::dirty_inode(c.fs, root, ino) {
+    let dirty =
+        c.fs.dirty
+            .try_lock()
+            .and_then(|m| m.get(&(root, ino)).cloned());
+    if let Some(d) = dirty {
         if let Some(mut d) = d.try_lock() {
             if let Some(m) = d.mtime.take() {
                 ii.mtime = m;
