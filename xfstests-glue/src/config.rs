@@ -137,6 +137,11 @@ impl Setup {
                 let _ = writeln!(s, "export MKFS_FUSE_PROG={libexec}/mkfs.ubtrfs");
                 let _ = writeln!(s, "export FSCK_FUSE_PROG={libexec}/fsck.ubtrfs");
                 s.push_str(
+                    "# A FUSE mount can be busy for a moment after its last user has gone, and\n\
+                     # xfstests unmounts once before checking: retry while busy, up to 10 s.\n",
+                );
+                let _ = writeln!(s, "export UMOUNT_PROG={libexec}/umount.ubtrfs");
+                s.push_str(
                     "# No fsname= here: xfstests remounts the test device with MOUNT_OPTIONS too\n\
                      # (_mount_or_remount_rw), so the helper sets nosubtype,fsname=SOURCE per mount.\n",
                 );

@@ -9,6 +9,7 @@
 //! non-zero. Other changes (a `notrun` that now runs, a `fail` now not run, an unmeasured test
 //! that got a result, a test the file does not list) are reported without failing the run.
 
+use crate::config::Mode;
 use crate::reasons::notrun_reason;
 use crate::results::{one_line, TestResult};
 use crate::{valid_test_name, Status, Totals};
@@ -115,9 +116,9 @@ impl Expected {
 
     /// A new file from a run: each test of `results` gets its measured status. The reason is
     /// the old file's when the status did not change (a hand-written reason survives), and
-    /// otherwise the run's (a "not run" message mapped by [`notrun_reason`]). Tests the run
-    /// has no result for keep their old lines.
-    pub fn updated(&self, results: &[TestResult]) -> Expected {
+    /// otherwise the run's (a "not run" message mapped by [`notrun_reason`] for `mode`). Tests
+    /// the run has no result for keep their old lines.
+    pub fn updated(&self, results: &[TestResult], mode: Mode) -> Expected {
         let mut out = self.clone();
         for r in results {
             let old = self.entries.get(&r.name);
@@ -138,7 +139,7 @@ impl Expected {
                     _ => Entry {
                         status: s,
                         reason: match s {
-                            Status::NotRun => notrun_reason(&r.reason),
+                            Status::NotRun => notrun_reason(mode, &r.reason),
                             _ => one_line(&r.reason, 200),
                         },
                     },

@@ -134,7 +134,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
         }
         "results" => {
             a.only(&["only"])?;
-            let results = read_runs(&a.positional)?;
+            let (results, _) = read_runs_mode(&a.positional)?;
             // Raw reasons, as the run gave them (update-expected maps them).
             for r in results
                 .iter()
@@ -161,8 +161,8 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             } else {
                 Expected::default()
             };
-            let results = read_runs(dirs)?;
-            print!("{}", old.updated(&results).render());
+            let (results, mode) = read_runs_mode(dirs)?;
+            print!("{}", old.updated(&results, mode).render());
             Ok(ExitCode::SUCCESS)
         }
         "totals" => {
@@ -182,16 +182,30 @@ fn read_expected(p: &Path) -> Result<Expected, String> {
     Expected::parse(&text).map_err(|e| format!("{}: {e}", p.display()))
 }
 
-/// Results of several runs, later runs overriding earlier ones for the same test (a test
-/// re-run alone replaces its result in the whole run); unmeasured results never override.
-fn read_runs(dirs: &[String]) -> Result<Vec<TestResult>, String> {
+/// Results of several runs of one mode, later runs overriding earlier ones for the same test
+/// (a test re-run alone replaces its result in the whole run); unmeasured results never
+/// override.
+fn read_runs_mode(dirs: &[String]) -> Result<(Vec<TestResult>, Mode), String> {
     if dirs.is_empty() {
         return Err("no run directory given".into());
     }
     let mut order: Vec<String> = Vec::new();
     let mut by_name: std::collections::HashMap<String, TestResult> = Default::default();
+    let mut mode = None;
     for d in dirs {
         let run = read_run(Path::new(d)).map_err(|e| e.to_string())?;
+        let m = run
+            .info
+            .get("mode")
+            .and_then(|m| Mode::parse(m))
+            .ok_or_else(|| format!("{d}: run.info names no mode (ubtrfs or kernel-btrfs)"))?;
+        if mode.is_some_and(|old| old != m) {
+            return Err(format!(
+                "{d}: a {} run among runs of another mode",
+                m.as_str()
+            ));
+        }
+        mode = Some(m);
         for t in run.tests {
             match by_name.get(&t.name) {
                 None => {
@@ -205,8 +219,9 @@ fn read_runs(dirs: &[String]) -> Result<Vec<TestResult>, String> {
             }
         }
     }
-    Ok(order
+    let results = order
         .into_iter()
         .filter_map(|n| by_name.remove(&n))
-        .collect())
+        .collect();
+    Ok((results, mode.unwrap_or(Mode::Ubtrfs)))
 }

@@ -1,13 +1,72 @@
 //! xfstests' "not run" messages, mapped to a reason that names what is missing: the kernel
 //! interface FUSE does not pass to a daemon, what this machine lacks (device-mapper targets,
-//! the fsgqa user), or the ubtrfs feature that is not there yet.
+//! the fsgqa user, scsi_debug), or the ubtrfs feature that is not there yet.
 //!
-//! The table is matched in order, on the lower-cased message; the first rule whose every
-//! needle occurs wins. A message no rule knows keeps xfstests' own words.
+//! The tables are matched in order on the lower-cased message; the first rule whose every
+//! needle occurs wins. The machine's rules apply to both filesystems, the FUSE and ubtrfs rules
+//! only to ubtrfs runs (the kernel's btrfs has reflink, FIEMAP, ...). A message no rule knows
+//! keeps xfstests' own words.
 
-/// (needles that must all occur, reason)
-const RULES: &[(&[&str], &str)] = &[
-    // What FUSE has no interface for.
+use crate::config::Mode;
+
+type Rule = (&'static [&'static str], &'static str);
+
+/// What this machine lacks, whatever the filesystem.
+const MACHINE: &[Rule] = &[
+    (&["flakey"], "dm-flakey: no device-mapper on this machine"),
+    (
+        &["log-writes"],
+        "dm-log-writes: no device-mapper on this machine",
+    ),
+    (
+        &["log_writes"],
+        "dm-log-writes: no device-mapper on this machine",
+    ),
+    (
+        &["logwrites_dev"],
+        "dm-log-writes: no device-mapper on this machine",
+    ),
+    (&["dm error"], "dm-error: no device-mapper on this machine"),
+    (&["dm-error"], "dm-error: no device-mapper on this machine"),
+    (&["dm delay"], "dm-delay: no device-mapper on this machine"),
+    (&["dm-delay"], "dm-delay: no device-mapper on this machine"),
+    (&["dm thin"], "dm-thin: no device-mapper on this machine"),
+    (&["dm-thin"], "dm-thin: no device-mapper on this machine"),
+    (
+        &["dm snapshot"],
+        "dm-snapshot: no device-mapper on this machine",
+    ),
+    (
+        &["dm-snapshot"],
+        "dm-snapshot: no device-mapper on this machine",
+    ),
+    (
+        &["dm linear"],
+        "dm-linear: no device-mapper on this machine",
+    ),
+    (
+        &["dm-linear"],
+        "dm-linear: no device-mapper on this machine",
+    ),
+    (&["dm dust"], "dm-dust: no device-mapper on this machine"),
+    (&["dm-dust"], "dm-dust: no device-mapper on this machine"),
+    (&["dmsetup"], "device-mapper missing on this machine"),
+    (
+        &["scsi_debug"],
+        "scsi_debug: module missing on this machine",
+    ),
+    (
+        &["123456-fsgqa"],
+        "no 123456-fsgqa test user on this machine (xfstests README, optional step)",
+    ),
+    (
+        &["fsgqa"],
+        "no fsgqa test user on this machine (xfstests README, optional step)",
+    ),
+];
+
+/// What a FUSE mount cannot do, or ubtrfs does not do yet.
+const FUSE: &[Rule] = &[
     (
         &["dedupe"],
         "dedupe: FUSE has no remap_file_range (FIDEDUPERANGE)",
@@ -31,110 +90,129 @@ const RULES: &[(&[&str], &str)] = &[
     ),
     (
         &["idmap"],
-        "idmapped mounts: FUSE does not set FS_ALLOW_IDMAP for this mount",
+        "idmapped mounts: FUSE does not allow them for this mount (FS_ALLOW_IDMAP)",
     ),
     (&["swap"], "swapfiles: FUSE has no swap_activate"),
-    (
-        &["encrypt"],
-        "fscrypt: FUSE has no fscrypt (FS_IOC_SET_ENCRYPTION_POLICY)",
-    ),
+    (&["encrypt"], "fscrypt: FUSE has no fscrypt"),
+    (&["inlinecrypt"], "fscrypt: FUSE has no fscrypt"),
     (
         &["casefold"],
         "casefold: FUSE has no casefolded directories",
     ),
     (&["verity"], "fs-verity: FUSE has no FS_IOC_ENABLE_VERITY"),
     (
-        &["o_tmpfile"],
-        "O_TMPFILE: ubtrfs has no tmpfile handler yet (FUSE_TMPFILE)",
-    ),
-    (
-        &["fsxattr"],
-        "FS_IOC_FSGETXATTR/FSSETXATTR: FUSE passes no fsxattr ioctls",
-    ),
-    (
         &["exchange"],
         "file exchange: FUSE has no XFS_IOC_EXCHANGE_RANGE",
     ),
-    (&["atomic"], "atomic writes: FUSE has no RWF_ATOMIC support"),
-    // What this machine lacks.
-    (&["flakey"], "dm-flakey: no device-mapper on this machine"),
+    (&["atomic"], "atomic writes: FUSE has no RWF_ATOMIC"),
+    (&["quota"], "quota: FUSE has no quotactl"),
     (
-        &["log-writes"],
-        "dm-log-writes: no device-mapper on this machine",
+        &["fcollapse"],
+        "fallocate collapse range: FUSE does not pass the mode (the kernel's btrfs lacks it too)",
     ),
     (
-        &["log_writes"],
-        "dm-log-writes: no device-mapper on this machine",
-    ),
-    (&["dm error"], "dm-error: no device-mapper on this machine"),
-    (&["dm-error"], "dm-error: no device-mapper on this machine"),
-    (&["dm_error"], "dm-error: no device-mapper on this machine"),
-    (&["dm-delay"], "dm-delay: no device-mapper on this machine"),
-    (&["dm delay"], "dm-delay: no device-mapper on this machine"),
-    (&["dm-thin"], "dm-thin: no device-mapper on this machine"),
-    (&["dm thin"], "dm-thin: no device-mapper on this machine"),
-    (
-        &["dm-snapshot"],
-        "dm-snapshot: no device-mapper on this machine",
+        &["finsert"],
+        "fallocate insert range: FUSE does not pass the mode (the kernel's btrfs lacks it too)",
     ),
     (
-        &["dm-linear"],
-        "dm-linear: no device-mapper on this machine",
+        &["defragmentation"],
+        "defrag: xfstests knows no defrag tool for FSTYP=fuse (BTRFS_IOC_DEFRAG is a btrfs ioctl)",
     ),
     (
-        &["dm linear"],
-        "dm-linear: no device-mapper on this machine",
-    ),
-    (&["dm-dust"], "dm-dust: no device-mapper on this machine"),
-    (
-        &["dm target"],
-        "device-mapper target missing on this machine",
-    ),
-    (&["dmsetup"], "device-mapper missing on this machine"),
-    (
-        &["fsgqa"],
-        "no fsgqa test user on this machine (xfstests README, optional step)",
+        &["with geometry"],
+        "stripe geometry: xfstests makes it for xfs and ext4 only (btrfs neither)",
     ),
     (
-        &["123456-fsgqa"],
-        "no 123456-fsgqa test user on this machine (xfstests README, optional step)",
+        &["maximum acl count"],
+        "xfstests knows no ACL count limit for FSTYP=fuse",
+    ),
+    (
+        &["sectorsize"],
+        "sector sizes other than 4096: ubtrfs mkfs makes 4096 only",
+    ),
+    (
+        &["_scratch_mkfs_sized failed"],
+        "small filesystem: below ubtrfs mkfs's minimum (~109 MiB, no mixed block groups)",
+    ),
+    (
+        &["o_tmpfile"],
+        "O_TMPFILE: ubtrfs has no tmpfile handler (FUSE_TMPFILE) yet",
+    ),
+    (
+        &["chattr"],
+        "inode flags: ubtrfs does not answer FS_IOC_GETFLAGS/SETFLAGS (FUSE_IOCTL) yet",
+    ),
+    (
+        &["fitrim"],
+        "FITRIM: ubtrfs does not answer the ioctl (FUSE_IOCTL) yet",
+    ),
+    (
+        &["falloc"],
+        "fallocate: ubtrfs has no fallocate yet (README status: read-write mount)",
+    ),
+    (
+        &["fpunch"],
+        "fallocate punch hole: ubtrfs has no fallocate yet (README status: read-write mount)",
+    ),
+    (
+        &["fzero"],
+        "fallocate zero range: ubtrfs has no fallocate yet (README status: read-write mount)",
     ),
 ];
 
-/// The reason to write for a test xfstests did not run, from its message.
-pub fn notrun_reason(message: &str) -> String {
+fn lookup(rules: &[Rule], lower: &str) -> Option<&'static str> {
+    rules
+        .iter()
+        .find(|(needles, _)| needles.iter().all(|n| lower.contains(n)))
+        .map(|(_, r)| *r)
+}
+
+/// The reason to write for a test xfstests did not run on `mode`, from its message.
+pub fn notrun_reason(mode: Mode, message: &str) -> String {
     let lower = message.to_lowercase();
-    for (needles, reason) in RULES {
-        if needles.iter().all(|n| lower.contains(n)) {
-            return (*reason).to_string();
-        }
+    let found = lookup(MACHINE, &lower).or(match mode {
+        Mode::Ubtrfs => lookup(FUSE, &lower),
+        Mode::KernelBtrfs => None,
+    });
+    match found {
+        Some(r) => r.to_string(),
+        None => message.trim().to_string(),
     }
-    message.trim().to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    // Test scenario: messages xfstests prints for FUSE limits map to the interface's name.
+    // Test scenario: messages xfstests prints for FUSE limits map to the interface's name on
+    // ubtrfs, while the kernel's btrfs keeps xfstests' words except for what the machine lacks.
     #[test]
     fn known_messages() {
+        let u = |m| notrun_reason(Mode::Ubtrfs, m);
+        let k = |m| notrun_reason(Mode::KernelBtrfs, m);
         assert_eq!(
-            notrun_reason("Reflink not supported by scratch filesystem type: fuse"),
+            u("Reflink not supported by scratch filesystem type: fuse"),
             "reflink: FUSE has no remap_file_range (FICLONE/FICLONERANGE)"
         );
         assert_eq!(
-            notrun_reason("Dedupe not supported by test filesystem type: fuse"),
+            u("Dedupe not supported by test filesystem type: fuse"),
             "dedupe: FUSE has no remap_file_range (FIDEDUPERANGE)"
         );
         assert_eq!(
-            notrun_reason("This test requires dm flakey support"),
-            "dm-flakey: no device-mapper on this machine"
-        );
-        assert_eq!(
-            notrun_reason("fuse does not support shutdown"),
+            u("fuse does not support shutdown"),
             "shutdown: FUSE has no FS_IOC_SHUTDOWN (godown)"
         );
-        assert_eq!(notrun_reason("  something new  "), "something new");
+        assert_eq!(
+            k("btrfs does not support shutdown"),
+            "btrfs does not support shutdown"
+        );
+        let m = "This test requires dm flakey support";
+        assert_eq!(u(m), k(m));
+        assert_eq!(u(m), "dm-flakey: no device-mapper on this machine");
+        assert_eq!(
+            k("fsgqa user not defined."),
+            "no fsgqa test user on this machine (xfstests README, optional step)"
+        );
+        assert_eq!(u("  something new  "), "something new");
     }
 }

@@ -7,7 +7,7 @@
 //! run.info                 key=value lines: mode, xfstests commit, ubtrfs version, devices, ...
 //! tests.txt                the tests asked for, in order
 //! log/generic/001.check    check's stdout and stderr for that test
-//! log/generic/001.status   exit=N, seconds=N, timeout=0|1 (written when check returned)
+//! log/generic/001.status   exit=N, seconds=N, timeout=0|1, limit=N (when check returned)
 //! results/generic/001.*    xfstests' own files (RESULT_BASE): .notrun, .out.bad, .full, .dmesg
 //! ```
 //!
@@ -37,6 +37,8 @@ pub struct RunStatus {
     pub exit: Option<i32>,
     pub seconds: Option<u64>,
     pub timed_out: bool,
+    /// The time limit the test ran under, in seconds.
+    pub limit: Option<u64>,
 }
 
 impl RunStatus {
@@ -50,6 +52,7 @@ impl RunStatus {
                 "exit" => st.exit = v.parse().ok(),
                 "seconds" => st.seconds = v.parse().ok(),
                 "timeout" => st.timed_out = v == "1",
+                "limit" => st.limit = v.parse().ok(),
                 _ => {}
             }
         }
@@ -98,14 +101,15 @@ pub fn classify(
     devices: &Devices,
 ) -> TestResult {
     if status.timed_out {
-        let secs = status
-            .seconds
-            .map(|s| format!(" after {s} s"))
-            .unwrap_or_default();
+        let secs = match (status.limit, status.seconds) {
+            (Some(l), _) => format!(" within the {l} s time limit"),
+            (None, Some(s)) => format!(" after {s} s"),
+            (None, None) => String::new(),
+        };
         return TestResult {
             name: name.to_string(),
             status: Status::Fail,
-            reason: format!("timeout: no result{secs} (hang), killed by the glue"),
+            reason: format!("timeout: no result{secs} (hang?), killed by the glue"),
             seconds: status.seconds,
         };
     }
@@ -216,6 +220,14 @@ fn status_seconds(status: Status, check: &str, name: &str) -> Option<u64> {
 
 fn failure_reasons(block: &[&str], devices: &Devices) -> Vec<String> {
     let mut reasons = Vec::new();
+    // An unmount that failed leaves the filesystem mounted, and the check that follows fails
+    // without having looked at it: say that, not "inconsistent".
+    let busy = block
+        .iter()
+        .any(|l| l.contains("umount: ") && l.contains("target is busy"));
+    if busy {
+        reasons.push("umount failed (target is busy): the filesystem could not be checked".into());
+    }
     for (i, line) in block.iter().enumerate() {
         if let Some(pos) = line.find("[failed, exit status ") {
             let rest = &line[pos + "[failed, exit status ".len()..];
@@ -223,7 +235,7 @@ fn failure_reasons(block: &[&str], devices: &Devices) -> Vec<String> {
             reasons.push(format!("exit status {code}"));
         }
         if let Some(pos) = line.find("filesystem on ") {
-            if line.contains("is inconsistent") {
+            if line.contains("is inconsistent") && !busy {
                 let dev = line[pos + "filesystem on ".len()..]
                     .split_whitespace()
                     .next()

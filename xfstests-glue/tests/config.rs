@@ -20,7 +20,10 @@ fn setup(mode: Mode) -> Setup {
 
 /// Source `config` in bash and print the named variables, one per line, as xfstests sees them.
 fn sourced(config: &str, vars: &[&str]) -> Vec<String> {
-    let dir = std::env::temp_dir().join(format!("xfstests-glue-config-{}", std::process::id()));
+    // Tests run on parallel threads: one directory per call.
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("xfstests-glue-config-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("local.config");
     std::fs::write(&file, config).unwrap();
@@ -70,6 +73,7 @@ fn ubtrfs_config_as_bash_sees_it() {
             "FSCK_FUSE_PROG",
             "UBTRFS_BIN",
             "GLUE_LOG",
+            "UMOUNT_PROG",
             "MOUNT_OPTIONS",
         ],
     );
@@ -87,6 +91,7 @@ fn ubtrfs_config_as_bash_sees_it() {
             "/repo/xfstests-glue/libexec/fsck.ubtrfs",
             "/var/tmp/xfstests-glue/run/work/bin/ubtrfs",
             "/var/tmp/xfstests-glue/run/glue.log",
+            "/repo/xfstests-glue/libexec/umount.ubtrfs",
             // fsname= is per mount (the helper), never in MOUNT_OPTIONS: xfstests remounts the
             // test device with MOUNT_OPTIONS too.
             "<unset>",

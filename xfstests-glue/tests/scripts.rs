@@ -15,6 +15,7 @@ fn scripts_parse() {
         ("bash", "run"),
         ("bash", "libexec/mkfs.ubtrfs"),
         ("bash", "libexec/mount-helper"),
+        ("bash", "libexec/umount.ubtrfs"),
         ("sh", "libexec/fsck.ubtrfs"),
         ("sh", "libexec/wait-device-free"),
     ] {
