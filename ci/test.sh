@@ -56,6 +56,7 @@ need_pkgs=()
 command -v mkfs.btrfs >/dev/null 2>&1 || need_pkgs+=(btrfs-progs)
 command -v btrfs >/dev/null 2>&1 || need_pkgs+=(btrfs-progs)
 command -v fusermount3 >/dev/null 2>&1 || need_pkgs+=(fuse3)
+command -v getfattr >/dev/null 2>&1 || need_pkgs+=(attr)
 command -v xz >/dev/null 2>&1 || need_pkgs+=(xz-utils)
 command -v mkfs.ext4 >/dev/null 2>&1 || need_pkgs+=(e2fsprogs)
 for c in losetup mount umount findmnt; do

@@ -570,6 +570,22 @@ fn replay_subvol(
         }
         touched.insert(ino);
         st.inodes += 1;
+        // replay_xattr_deletes: the log holds every xattr of a logged inode; the subvolume's
+        // others were removed before the fsync.
+        let logged_x: BTreeSet<Key> = items
+            .iter()
+            .filter(|(k, _)| k.objectid == ino && k.item_type == item::XATTR_ITEM)
+            .map(|(k, _)| *k)
+            .collect();
+        let have = c.items(root, Key::new(ino, item::XATTR_ITEM, 0), usize::MAX, |k| {
+            k.objectid == ino && k.item_type == item::XATTR_ITEM
+        })?;
+        for (k, _) in have {
+            if !logged_x.contains(&k) {
+                c.delete(root, &k)?;
+                st.xattrs += 1;
+            }
+        }
     }
     // Stage REPLAY_DIR_INDEX: directory entries (replay_one_name), and the index ranges the log
     // is authoritative for (replay_dir_deletes).

@@ -413,3 +413,54 @@ fn block_group_tree_images() {
     btrfs_check(&img);
     let _ = std::fs::remove_dir_all(&d);
 }
+
+// Test scenario: a committed file with xattrs a and b; in the next transaction a is removed and
+// c added, the file is fsynced, then a crash. Replay (ubtrfs and the kernel) shows b and c
+// only: xattrs absent from the log of a logged inode are deleted (replay_xattr_deletes).
+#[test]
+fn replay_deletes_removed_xattrs() {
+    let d = tmpdir("xattr");
+    let img = d.join("img");
+    mkfs(&img, 1 << 30);
+    {
+        let fs = FsInfo::open(&img, rw()).unwrap();
+        let root = fs.mount_root;
+        let dir = fs.root(root).unwrap().item.root_dirid;
+        let (ino, _) =
+            ubtrfs_fs::inode::btrfs_new_inode(&fs, root, dir, b"x", 0o100644, 0, 0, 0).unwrap();
+        ubtrfs_fs::xattr::btrfs_setxattr(&fs, root, ino, b"user.a", b"1", 0).unwrap();
+        ubtrfs_fs::xattr::btrfs_setxattr(&fs, root, ino, b"user.b", b"2", 0).unwrap();
+        fs.sync().unwrap();
+        ubtrfs_fs::xattr::btrfs_removexattr(&fs, root, ino, b"user.a").unwrap();
+        ubtrfs_fs::xattr::btrfs_setxattr(&fs, root, ino, b"user.c", b"3", 0).unwrap();
+        assert_eq!(
+            ubtrfs_fs::tree_log::btrfs_sync_file(&fs, root, ino).unwrap(),
+            SyncOutcome::Logged
+        );
+    }
+    let copy = d.join("copy");
+    std::fs::copy(&img, &copy).unwrap();
+    {
+        let fs = FsInfo::open(&img, rw()).unwrap();
+        let root = fs.mount_root;
+        let dir = fs.root(root).unwrap().item.root_dirid;
+        let ino = ino_of(&fs, root, dir, "x");
+        let mut names = ubtrfs_fs::xattr::list(&fs, root, ino).unwrap();
+        names.sort();
+        assert_eq!(names, vec![b"user.b".to_vec(), b"user.c".to_vec()]);
+    }
+    btrfs_check(&img);
+    let m = KernelMount::new(&copy, &d.join("mnt"), "rw");
+    let out = Command::new("getfattr")
+        .args(["-d", "--absolute-names"])
+        .arg(m.dir.join("x"))
+        .output()
+        .expect("getfattr must be installed (package attr)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        !text.contains("user.a") && text.contains("user.b") && text.contains("user.c"),
+        "kernel replay: {text}"
+    );
+    drop(m);
+    let _ = std::fs::remove_dir_all(&d);
+}
