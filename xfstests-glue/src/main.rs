@@ -7,7 +7,9 @@
 //! xfstests-glue report RUNDIR [--expect FILE]    summary, and the comparison with FILE
 //!                                                (exit 1 on a regression or a fixed failure)
 //! xfstests-glue results [--only TEST] RUNDIR...  one line per test: name, status, seconds, reason
-//! xfstests-glue update-expected FILE RUNDIR...   FILE updated with the runs' results (stdout)
+//! xfstests-glue update-expected [--only-listed] FILE RUNDIR...
+//!                                                FILE updated with the runs' results (stdout);
+//!                                                --only-listed: only the tests FILE lists
 //! xfstests-glue totals FILE...                   the totals of expected-results files
 //! ```
 
@@ -31,7 +33,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// `--name value` pairs and positional arguments.
+/// Options that take no value.
+const BOOL_FLAGS: &[&str] = &["only-listed"];
+
+/// `--name value` pairs (`--flag` for BOOL_FLAGS) and positional arguments.
 struct Args {
     opts: Vec<(String, String)>,
     positional: Vec<String>,
@@ -44,6 +49,10 @@ impl Args {
         let mut it = args.iter();
         while let Some(a) = it.next() {
             if let Some(name) = a.strip_prefix("--") {
+                if BOOL_FLAGS.contains(&name) {
+                    opts.push((name.to_string(), "1".to_string()));
+                    continue;
+                }
                 let (name, value) = match name.split_once('=') {
                     Some((n, v)) => (n.to_string(), v.to_string()),
                     None => (
@@ -152,7 +161,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         "update-expected" => {
-            a.only(&[])?;
+            a.only(&["only-listed"])?;
             let Some((file, dirs)) = a.positional.split_first() else {
                 return Err("update-expected takes FILE RUNDIR...".into());
             };
@@ -161,7 +170,10 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             } else {
                 Expected::default()
             };
-            let (results, mode) = read_runs_mode(dirs)?;
+            let (mut results, mode) = read_runs_mode(dirs)?;
+            if a.get("only-listed").is_some() {
+                results.retain(|r| old.entries.contains_key(&r.name));
+            }
             print!("{}", old.updated(&results, mode).render());
             Ok(ExitCode::SUCCESS)
         }

@@ -312,3 +312,30 @@ fn committed_expected_files() {
         }
     }
 }
+
+// Test scenario: `update-expected --only-listed` updates the tests a file lists (a list
+// restricted to some tests, like the fsync tests of the quick group) and adds none.
+#[test]
+fn update_only_listed() {
+    let dir = std::env::temp_dir().join(format!("xfstests-glue-only-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("list.txt");
+    std::fs::write(
+        &file,
+        "# two tests\ngeneric/003 unmeasured not run yet\ngeneric/999 unmeasured not run yet\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_xfstests-glue"))
+        .args(["update-expected", "--only-listed"])
+        .arg(&file)
+        .arg(testdata("ubtrfs-sample"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let e = Expected::parse(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    let names: Vec<_> = e.entries.keys().map(String::as_str).collect();
+    assert_eq!(names, ["generic/003", "generic/999"]);
+    assert_eq!(e.entries["generic/003"].status, Status::Fail);
+    assert_eq!(e.entries["generic/999"].status, Status::Unmeasured);
+    let _ = std::fs::remove_dir_all(&dir);
+}
