@@ -1,6 +1,9 @@
 //! Read-write commits checked by the oracles: `btrfs check --readonly` and a kernel mount.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::oracle::{btrfs_check, mkfs_btrfs, pattern, KernelMount};
+use std::path::PathBuf;
 use std::process::Command;
 use ubtrfs_fs::{FsInfo, MountOptions};
 
@@ -14,89 +17,10 @@ fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
-fn mkfs(img: &Path, size: u64, extra: &[&str]) {
-    let f = std::fs::File::create(img).unwrap();
-    f.set_len(size).unwrap();
-    drop(f);
-    let out = Command::new("mkfs.btrfs")
-        .arg("-q")
-        .arg("-f")
-        .args(extra)
-        .arg(img)
-        .output()
-        .expect("mkfs.btrfs must be installed");
-    assert!(
-        out.status.success(),
-        "mkfs.btrfs: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `btrfs check --readonly` must exit 0 and report no error.
-fn btrfs_check(img: &Path) {
-    let out = Command::new("btrfs")
-        .args(["check", "--readonly"])
-        .arg(img)
-        .output()
-        .expect("btrfs-progs must be installed");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("ERROR") && text.contains("no error found"),
-        "btrfs check failed:\n{text}"
-    );
-}
-
 fn rw() -> MountOptions {
     MountOptions {
         readonly: false,
         ..MountOptions::default()
-    }
-}
-
-/// A kernel loop mount, unmounted and detached on drop.
-struct KernelMount {
-    dir: PathBuf,
-    dev: String,
-}
-
-impl KernelMount {
-    fn new(img: &Path, dir: &Path) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(img)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let st = Command::new("mount")
-            .args(["-o", "ro", &dev])
-            .arg(dir)
-            .status()
-            .unwrap();
-        if !st.success() {
-            let _ = Command::new("losetup").args(["-d", &dev]).status();
-            panic!("kernel mount of {} failed", img.display());
-        }
-        KernelMount {
-            dir: dir.to_path_buf(),
-            dev,
-        }
-    }
-}
-
-impl Drop for KernelMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
     }
 }
 
@@ -106,7 +30,7 @@ impl Drop for KernelMount {
 fn create_commit_check_and_kernel_mount() {
     let d = tmpdir("create");
     let img = d.join("img");
-    mkfs(&img, 512 << 20, &[]);
+    mkfs_btrfs(&img, 512 << 20, &[]);
     {
         let fs = FsInfo::open(&img, rw()).unwrap();
         let root = fs.mount_root;
@@ -152,7 +76,7 @@ fn create_commit_check_and_kernel_mount() {
         assert_eq!(names, vec!["subdir", "top"]);
     }
     {
-        let m = KernelMount::new(&img, &d.join("mnt"));
+        let m = KernelMount::new(&img, &d.join("mnt"), "ro");
         let n = std::fs::read_dir(m.dir.join("subdir")).unwrap().count();
         assert_eq!(n, 300);
         let md = std::fs::metadata(
@@ -175,18 +99,6 @@ fn create_commit_check_and_kernel_mount() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 // Test scenario: files written through the buffered write path (inline-sized, sector-odd,
 // a 12 MiB file written in 4 KiB pieces, an overwrite in the middle of it that splits its
 // extent, an append) are read back identically by ubtrfs before and after commit, by a fresh
@@ -196,7 +108,7 @@ fn buffered_writes_writeback_and_check() {
     use std::os::unix::fs::MetadataExt;
     let d = tmpdir("write");
     let img = d.join("img");
-    mkfs(&img, 1 << 30, &[]);
+    mkfs_btrfs(&img, 1 << 30, &[]);
     let mut expect: Vec<(String, Vec<u8>)> = Vec::new();
     {
         let fs = FsInfo::open(&img, rw()).unwrap();
@@ -273,7 +185,7 @@ fn buffered_writes_writeback_and_check() {
         }
     }
     {
-        let m = KernelMount::new(&img, &d.join("mnt"));
+        let m = KernelMount::new(&img, &d.join("mnt"), "ro");
         for (name, content) in &expect {
             let got = std::fs::read(m.dir.join(name)).unwrap();
             assert!(got == *content, "kernel reads {name} differently");
@@ -299,7 +211,7 @@ fn buffered_writes_writeback_and_check() {
 fn many_files_skip_superblock_copies() {
     let d = tmpdir("many");
     let img = d.join("img");
-    mkfs(&img, 1 << 30, &[]);
+    mkfs_btrfs(&img, 1 << 30, &[]);
     let before = std::fs::read(&img).unwrap()[(64 << 20)..(64 << 20) + 4096].to_vec();
     {
         let fs = FsInfo::open(&img, rw()).unwrap();
@@ -343,7 +255,7 @@ fn many_files_skip_superblock_copies() {
     assert_eq!(&after[64..72], b"_BHRfS_M");
     assert_ne!(before, after);
     btrfs_check(&img);
-    let m = KernelMount::new(&img, &d.join("mnt"));
+    let m = KernelMount::new(&img, &d.join("mnt"), "ro");
     assert_eq!(std::fs::read_dir(&m.dir).unwrap().count(), 12000);
     drop(m);
     let _ = std::fs::remove_dir_all(&d);

@@ -2,6 +2,9 @@
 //! a commit, so the superblock's log_root points at the log) is replayed by the kernel and by
 //! ubtrfs, and `btrfs check --readonly` (which checks the log tree) is clean before and after.
 
+mod common;
+
+use common::oracle::{btrfs_check, mkfs_btrfs, pattern, KernelMount};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use ubtrfs_fs::dir_item::Target;
@@ -16,40 +19,6 @@ fn tmpdir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn mkfs(img: &Path, size: u64) {
-    let f = std::fs::File::create(img).unwrap();
-    f.set_len(size).unwrap();
-    drop(f);
-    let out = Command::new("mkfs.btrfs")
-        .args(["-q", "-f"])
-        .arg(img)
-        .output()
-        .expect("mkfs.btrfs must be installed");
-    assert!(
-        out.status.success(),
-        "mkfs.btrfs: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn btrfs_check(img: &Path) -> String {
-    let out = Command::new("btrfs")
-        .args(["check", "--readonly"])
-        .arg(img)
-        .output()
-        .expect("btrfs-progs must be installed");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("ERROR") && text.contains("no error found"),
-        "btrfs check failed:\n{text}"
-    );
-    text
 }
 
 /// The superblock's log_root, as btrfs-progs reads it.
@@ -73,60 +42,6 @@ fn rw() -> MountOptions {
         commit_interval: 3600,
         ..MountOptions::default()
     }
-}
-
-struct KernelMount {
-    dir: PathBuf,
-    dev: String,
-}
-
-impl KernelMount {
-    fn new(img: &Path, dir: &Path, opts: &str) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(img)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let st = Command::new("mount")
-            .args(["-o", opts, &dev])
-            .arg(dir)
-            .status()
-            .unwrap();
-        if !st.success() {
-            let _ = Command::new("losetup").args(["-d", &dev]).status();
-            panic!("kernel mount of {} failed", img.display());
-        }
-        KernelMount {
-            dir: dir.to_path_buf(),
-            dev,
-        }
-    }
-}
-
-impl Drop for KernelMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-    }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn ino_of(fs: &FsInfo, root: u64, dir: u64, name: &str) -> u64 {
@@ -217,7 +132,7 @@ fn workload(img: &Path) -> Vec<(String, Vec<u8>)> {
 fn kernel_replays_ubtrfs_log() {
     let d = tmpdir("kernel");
     let img = d.join("img");
-    mkfs(&img, 1 << 30);
+    mkfs_btrfs(&img, 1 << 30, &[]);
     let expect = workload(&img);
     assert_ne!(log_root(&img), 0, "the crash image must have a pending log");
     btrfs_check(&img);
@@ -248,7 +163,7 @@ fn kernel_replays_ubtrfs_log() {
 fn ubtrfs_replays_its_own_log() {
     let d = tmpdir("own");
     let img = d.join("img");
-    mkfs(&img, 1 << 30);
+    mkfs_btrfs(&img, 1 << 30, &[]);
     let expect = workload(&img);
     let before = std::fs::read(&img).unwrap();
     {
@@ -314,7 +229,7 @@ fn ubtrfs_replays_its_own_log() {
 fn ubtrfs_replays_kernel_log() {
     let d = tmpdir("klog");
     let img = d.join("img");
-    mkfs(&img, 1 << 30);
+    mkfs_btrfs(&img, 1 << 30, &[]);
     let crash = d.join("crash");
     {
         let m = KernelMount::new(&img, &d.join("mnt"), "commit=300");
@@ -421,7 +336,7 @@ fn block_group_tree_images() {
 fn replay_deletes_removed_xattrs() {
     let d = tmpdir("xattr");
     let img = d.join("img");
-    mkfs(&img, 1 << 30);
+    mkfs_btrfs(&img, 1 << 30, &[]);
     {
         let fs = FsInfo::open(&img, rw()).unwrap();
         let root = fs.mount_root;

@@ -12,6 +12,7 @@
 #![allow(dead_code)]
 
 pub mod image;
+pub mod oracle;
 pub mod walk;
 
 use std::fs;
