@@ -8,6 +8,7 @@
 //! a test listed as `fail` that passes means the file must be updated. Both make the glue exit
 //! non-zero. Other changes (a `notrun` that now runs, a `fail` now not run, an unmeasured test
 //! that got a result, a test the file does not list) are reported without failing the run.
+//! Only the tests a run measured are compared: a run of a few tests is compared on those.
 
 use crate::config::Mode;
 use crate::reasons::notrun_reason;
@@ -158,6 +159,8 @@ pub enum Change {
     Regression,
     /// Listed as fail; passed.
     Fixed,
+    /// Listed as unmeasured; now measured (reported, not an error).
+    Measured,
     /// Any other change of status (reported, not an error).
     Changed,
     /// Not in the file at all.
@@ -209,6 +212,7 @@ pub fn compare(expected: &Expected, results: &[TestResult]) -> Comparison {
             Some(e) if e == r.status => None,
             Some(Status::Pass) => Some(Change::Regression),
             Some(Status::Fail) if r.status == Status::Pass => Some(Change::Fixed),
+            Some(Status::Unmeasured) => Some(Change::Measured),
             Some(_) => Some(Change::Changed),
         };
         if let Some(change) = change {
@@ -253,10 +257,11 @@ pub fn report(results: &[TestResult], cmp: Option<(&str, &Comparison)>) -> Strin
         } else {
             let _ = writeln!(
                 s,
-                "Compared with {file}: {} regressions, {} fixed (update the file), {} changed, {} not listed",
+                "Compared with {file}: {} regressions, {} fixed (update the file), {} changed, {} newly measured, {} not listed",
                 c.count(&Change::Regression),
                 c.count(&Change::Fixed),
                 c.count(&Change::Changed),
+                c.count(&Change::Measured),
                 c.count(&Change::Unlisted)
             );
             for d in &c.differences {
@@ -264,6 +269,7 @@ pub fn report(results: &[TestResult], cmp: Option<(&str, &Comparison)>) -> Strin
                     Change::Regression => "REGRESSION",
                     Change::Fixed => "FIXED",
                     Change::Changed => "changed",
+                    Change::Measured => "measured",
                     Change::Unlisted => "unlisted",
                 };
                 let exp = d
