@@ -25,7 +25,8 @@ fn scripts_parse() {
     }
 }
 
-// Test scenario: the patch to xfstests touches only common/rc, and adds both hooks.
+// Test scenario: the patch to xfstests touches only common/rc, adds both hooks and the
+// subtype for tests that mount with -t $FSTYP.
 #[test]
 fn patch_shape() {
     let patch = std::fs::read_to_string(glue_dir().join("fuse-mkfs-fsck.patch")).unwrap();
@@ -35,6 +36,7 @@ fn patch_shape() {
     assert!(patch.contains("+\t[ -n \"$MKFS_FUSE_PROG\" ]"));
     assert!(patch.contains("+_check_fuse_filesystem()"));
     assert!(patch.contains("$FSCK_FUSE_PROG $device"));
+    assert!(patch.contains("arg=fuse$FUSE_SUBTYP"));
 }
 
 struct Fake {
