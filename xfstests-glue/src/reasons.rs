@@ -101,6 +101,10 @@ const FUSE: &[Rule] = &[
     ),
     (&["verity"], "fs-verity: FUSE has no FS_IOC_ENABLE_VERITY"),
     (
+        &["exchangerange support is missing"],
+        "file exchange: xfs_io here lacks exchangerange, and FUSE has no XFS_IOC_EXCHANGE_RANGE",
+    ),
+    (
         &["exchange"],
         "file exchange: FUSE has no XFS_IOC_EXCHANGE_RANGE",
     ),
@@ -145,6 +149,30 @@ const FUSE: &[Rule] = &[
     (
         &["fitrim"],
         "FITRIM: ubtrfs does not answer the ioctl (FUSE_IOCTL) yet",
+    ),
+    (
+        &["fstrim"],
+        "FITRIM: ubtrfs does not answer the ioctl (FUSE_IOCTL) yet",
+    ),
+    (
+        &["label failed"],
+        "FS_IOC_GETFSLABEL: ubtrfs does not answer the label ioctls (FUSE_IOCTL) yet",
+    ),
+    (
+        &["lsattr"],
+        "inode flags: ubtrfs does not answer FS_IOC_GETFLAGS/SETFLAGS (FUSE_IOCTL) yet",
+    ),
+    (
+        &["creation time"],
+        "birth time: ubtrfs does not answer statx btime (FUSE_STATX) yet",
+    ),
+    (
+        &["timestamp bounds"],
+        "xfstests knows no timestamp range for FSTYP=fuse",
+    ),
+    (
+        &["unrestricted byte streams"],
+        "xfstests assumes FSTYP=fuse names are not arbitrary byte strings",
     ),
     (
         &["falloc"],

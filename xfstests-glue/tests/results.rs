@@ -284,11 +284,11 @@ fn update_keeps_reasons() {
 
 // Test scenario: the committed expected-results files are well formed (a reason for every
 // status but pass, no test twice), the ubtrfs and kernel files of a group list the same tests,
-// and every test listed in a quick file is a generic test.
+// every test listed is a generic test, and the fsync subset agrees with the quick files.
 #[test]
 fn committed_expected_files() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("expected");
-    for group in ["quick", "log"] {
+    for group in ["quick", "log", "quick-fsync"] {
         let read = |name: &str| {
             let p = dir.join(name);
             let text =
@@ -309,6 +309,17 @@ fn committed_expected_files() {
             if e.status == Status::Unmeasured {
                 assert_eq!(e.reason, "not run yet", "{n}");
             }
+        }
+    }
+    for prefix in ["", "kernel-btrfs-"] {
+        let read = |name: String| {
+            let text = std::fs::read_to_string(dir.join(&name)).unwrap();
+            Expected::parse(&text).unwrap()
+        };
+        let quick = read(format!("{prefix}generic-quick.txt"));
+        let fsync = read(format!("{prefix}generic-quick-fsync.txt"));
+        for (n, e) in &fsync.entries {
+            assert_eq!(Some(e), quick.entries.get(n), "{prefix}: {n}");
         }
     }
 }
