@@ -11,6 +11,7 @@
 //!                                                FILE updated with the runs' results (stdout);
 //!                                                --only-listed: only the tests FILE lists
 //! xfstests-glue totals FILE...                   the totals of expected-results files
+//! xfstests-glue wait-device-free DEV [SECS]       wait until no one holds DEV with O_EXCL
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -185,7 +186,50 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        "wait-device-free" => {
+            a.only(&[])?;
+            let (dev, secs) = match a.positional.as_slice() {
+                [dev] => (dev, 60.0),
+                [dev, secs] => (
+                    dev,
+                    secs.parse::<f64>()
+                        .map_err(|_| format!("{secs}: not a number of seconds"))?,
+                ),
+                _ => return Err("wait-device-free takes DEVICE [SECONDS]".into()),
+            };
+            wait_device_free(Path::new(dev), secs)?;
+            Ok(ExitCode::SUCCESS)
+        }
         _ => Err(USAGE.into()),
+    }
+}
+
+/// Wait until nothing holds `dev` exclusively. A FUSE daemon keeps its block device open with
+/// O_EXCL until it has written its last transaction and exits, and umount(8) returns before
+/// that; opening the device with O_EXCL ourselves fails with EBUSY while the daemon (or a
+/// kernel mount) still holds it. (On a regular file O_EXCL without O_CREAT does nothing.)
+fn wait_device_free(dev: &Path, secs: f64) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let limit = std::time::Duration::from_secs_f64(secs.max(0.0));
+    let start = std::time::Instant::now();
+    loop {
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(dev)
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && start.elapsed() < limit => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(format!(
+                    "wait-device-free: {} still held after {secs:.0} s: {e}",
+                    dev.display()
+                ))
+            }
+            Err(e) => return Err(format!("wait-device-free: {}: {e}", dev.display())),
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! The glue's shell programs: syntax, and the mkfs.btrfs option translation of mkfs.ubtrfs,
 //! run against a stand-in for the ubtrfs binary that records its arguments.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 fn glue_dir() -> PathBuf {
@@ -74,6 +74,7 @@ impl Fake {
         let out = Command::new(glue_dir().join("libexec/mkfs.ubtrfs"))
             .args(args)
             .env("UBTRFS_BIN", self.dir.join("ubtrfs"))
+            .env("GLUE_BIN", env!("CARGO_BIN_EXE_xfstests-glue"))
             .env("GLUE_LOG", self.dir.join("glue.log"))
             .output()
             .unwrap();
@@ -94,19 +95,11 @@ impl Drop for Fake {
     }
 }
 
-fn python3_present() -> bool {
-    Path::new("/usr/bin/python3").exists() || Command::new("python3").arg("-V").output().is_ok()
-}
-
 // Test scenario: mkfs.btrfs options a test passes are translated to `ubtrfs mkfs`; the ones
 // ubtrfs mkfs has no equivalent for are refused by name with "not supported", and ubtrfs is not
 // run at all then.
 #[test]
 fn mkfs_translation() {
-    assert!(
-        python3_present(),
-        "python3 is needed by libexec/wait-device-free"
-    );
     let f = Fake::new("mkfs");
     let dev = f.dev();
 
@@ -184,4 +177,29 @@ fn mkfs_translation() {
     }
     let log = std::fs::read_to_string(f.dir.join("glue.log")).unwrap();
     assert!(log.contains("mkfs: --mixed"), "{log}");
+}
+
+// Test scenario: wait-device-free returns at once for a device (here a file) nobody holds, and
+// names the device when it cannot open it at all.
+#[test]
+fn wait_device_free() {
+    let f = Fake::new("wait");
+    let run = |dev: &str| {
+        Command::new(glue_dir().join("libexec/wait-device-free"))
+            .args([dev, "1"])
+            .env("GLUE_BIN", env!("CARGO_BIN_EXE_xfstests-glue"))
+            .output()
+            .unwrap()
+    };
+    let out = run(&f.dev());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let missing = f.dir.join("missing");
+    let out = run(missing.to_str().unwrap());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing: No such file or directory"), "{err}");
 }
