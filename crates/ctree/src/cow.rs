@@ -1038,12 +1038,7 @@ mod tests {
             .open(&path)
             .unwrap();
         file.set_len(64 << 20).unwrap();
-        let dev = Arc::new(Device {
-            devid: 1,
-            file,
-            size: 64 << 20,
-            path: path.clone(),
-        });
+        let dev = Arc::new(Device::from_file(1, file, 64 << 20, path.clone()));
         let r = BlockReader::with_geometry(
             vec![dev],
             4096,

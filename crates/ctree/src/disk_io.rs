@@ -466,9 +466,7 @@ impl BlockReader {
     /// Flush every device (the barrier between data/metadata and the superblock).
     pub fn flush_devices(&self) -> Result<()> {
         for d in self.devices.values() {
-            d.file
-                .sync_all()
-                .map_err(|e| Error::io(format!("flushing {}", d.path.display()), e))?;
+            d.flush()?;
         }
         Ok(())
     }

@@ -18,4 +18,4 @@ pub mod volumes;
 pub use ctree::{Path, RootPtr, TreeIter};
 pub use disk_io::{BlockReader, CacheStats};
 pub use error::{Error, Result};
-pub use volumes::{ChunkMap, Device};
+pub use volumes::{BlockDevice, ChunkMap, Device, DeviceIo};

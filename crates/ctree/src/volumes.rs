@@ -12,20 +12,82 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use ubtrfs_format::items::{bg_flags, ChunkItem};
 
-/// One opened device (image file or block device).
+/// A device backend other than a plain file: every read, write and flush the filesystem issues
+/// goes through it (tree blocks, data, superblocks, log blocks). Tests plug in a recorder that
+/// keeps the ordered writes and flush barriers to build power-cut states
+/// (`crates/fs/tests/crash.rs`).
+///
+/// Contract: `write_at` may be reordered with other writes (or lost) until the next `flush`
+/// returns, exactly as a disk's volatile cache; `flush` is the barrier (REQ_PREFLUSH).
+pub trait BlockDevice: Send + Sync + std::fmt::Debug {
+    /// Read exactly `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+    /// Write all of `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()>;
+    /// Make every write issued before this call durable.
+    fn flush(&self) -> std::io::Result<()>;
+}
+
+/// How a device's bytes are reached. The image file or block device is the default and is
+/// called directly (no indirection on the mount path); `Backend` is for pluggable devices.
+#[derive(Debug)]
+pub enum DeviceIo {
+    File(File),
+    Backend(std::sync::Arc<dyn BlockDevice>),
+}
+
+/// One opened device (image file or block device, or a pluggable backend).
 #[derive(Debug)]
 pub struct Device {
     pub devid: u64,
-    pub file: File,
+    pub io: DeviceIo,
     /// Size in bytes (file length, or block device size).
     pub size: u64,
+    /// The image path, or a label naming the backend (used in messages only).
     pub path: std::path::PathBuf,
 }
 
 impl Device {
+    /// A device reached through an opened file.
+    pub fn from_file(devid: u64, file: File, size: u64, path: std::path::PathBuf) -> Device {
+        Device {
+            devid,
+            io: DeviceIo::File(file),
+            size,
+            path,
+        }
+    }
+
+    /// A device reached through a pluggable backend.
+    pub fn from_backend(
+        devid: u64,
+        backend: std::sync::Arc<dyn BlockDevice>,
+        size: u64,
+        path: std::path::PathBuf,
+    ) -> Device {
+        Device {
+            devid,
+            io: DeviceIo::Backend(backend),
+            size,
+            path,
+        }
+    }
+
+    /// The opened file, when the device is one (image locks are taken on it).
+    pub fn file(&self) -> Option<&File> {
+        match &self.io {
+            DeviceIo::File(f) => Some(f),
+            DeviceIo::Backend(_) => None,
+        }
+    }
+
     /// Read exactly `buf.len()` bytes at `offset`. A short read (past the end) is an I/O error.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.file.read_exact_at(buf, offset).map_err(|e| {
+        let r = match &self.io {
+            DeviceIo::File(f) => f.read_exact_at(buf, offset),
+            DeviceIo::Backend(b) => b.read_at(buf, offset),
+        };
+        r.map_err(|e| {
             Error::io(
                 format!(
                     "reading {} bytes at {} of {}",
@@ -39,7 +101,11 @@ impl Device {
     }
 
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.file.write_all_at(buf, offset).map_err(|e| {
+        let r = match &self.io {
+            DeviceIo::File(f) => f.write_all_at(buf, offset),
+            DeviceIo::Backend(b) => b.write_at(buf, offset),
+        };
+        r.map_err(|e| {
             Error::io(
                 format!(
                     "writing {} bytes at {} of {}",
@@ -50,6 +116,15 @@ impl Device {
                 e,
             )
         })
+    }
+
+    /// The flush barrier: every write issued before returns durable.
+    pub fn flush(&self) -> Result<()> {
+        let r = match &self.io {
+            DeviceIo::File(f) => f.sync_all(),
+            DeviceIo::Backend(b) => b.flush(),
+        };
+        r.map_err(|e| Error::io(format!("flushing {}", self.path.display()), e))
     }
 }
 

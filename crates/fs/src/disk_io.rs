@@ -255,12 +255,7 @@ fn open_device(path: &Path, readonly: bool) -> Result<Device> {
     let size = file
         .seek(SeekFrom::End(0))
         .map_err(|e| FsError::Mount(format!("{}: {e}", path.display())))?;
-    Ok(Device {
-        devid: 0,
-        file,
-        size,
-        path: path.to_path_buf(),
-    })
+    Ok(Device::from_file(0, file, size, path.to_path_buf()))
 }
 
 /// The loop device backed by `path`, if the kernel has one attached (it may be mounted).
@@ -325,7 +320,26 @@ fn check_features(sb: &SuperBlock, readonly: bool) -> Result<()> {
 impl FsInfo {
     /// `open_ctree`.
     pub fn open(path: &Path, options: MountOptions) -> Result<Arc<FsInfo>> {
-        let mut dev = open_device(path, options.readonly)?;
+        let dev = open_device(path, options.readonly)?;
+        Self::open_on(dev, options)
+    }
+
+    /// `open_ctree` on a pluggable device backend (tests record every write and flush through
+    /// one to build power-cut states). `label` names the device in messages. No image lock is
+    /// taken: the caller owns the backend.
+    pub fn open_backend(
+        backend: Arc<dyn ubtrfs_ctree::BlockDevice>,
+        size: u64,
+        label: &Path,
+        options: MountOptions,
+    ) -> Result<Arc<FsInfo>> {
+        let dev = Device::from_backend(0, backend, size, label.to_path_buf());
+        Self::open_on(dev, options)
+    }
+
+    fn open_on(mut dev: Device, options: MountOptions) -> Result<Arc<FsInfo>> {
+        let path = dev.path.clone();
+        let path = path.as_path();
         let sb = read_super(&dev).map_err(|e| {
             FsError::Mount(format!(
                 "{}: not a usable btrfs filesystem: {e}",
