@@ -11,7 +11,8 @@
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request,
 };
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
@@ -23,6 +24,7 @@ use ubtrfs_ctree::Error as TreeError;
 use ubtrfs_extent_map::BtrfsInode;
 use ubtrfs_format::items::InodeItem;
 use ubtrfs_fs::dir_item::Target;
+use ubtrfs_fs::fileattr;
 use ubtrfs_fs::inode::{EMPTY_SUBVOL_DIR_OBJECTID, S_IFMT};
 use ubtrfs_fs::{FsError, FsInfo};
 
@@ -34,6 +36,27 @@ const TTL_RO: Duration = Duration::from_secs(3600);
 /// change mtime and size behind the kernel's cached attributes).
 const TTL_RW: Duration = Duration::from_secs(1);
 const READDIR_BATCH: usize = 256;
+
+// ioctl numbers (x86_64/aarch64 encodings; FUSE passes the command as the caller gave it).
+const FS_IOC_GETFLAGS: u32 = 0x8008_6601;
+const FS_IOC_SETFLAGS: u32 = 0x4008_6602;
+const FS_IOC32_GETFLAGS: u32 = 0x8004_6601;
+const FS_IOC32_SETFLAGS: u32 = 0x4004_6602;
+const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
+const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
+
+/// The ioctls ubtrfs answers (an error of one of them is its own errno, not ENOTTY).
+fn known_ioctl(cmd: u32) -> bool {
+    matches!(
+        cmd,
+        FS_IOC_GETFLAGS
+            | FS_IOC_SETFLAGS
+            | FS_IOC32_GETFLAGS
+            | FS_IOC32_SETFLAGS
+            | FS_IOC_FSGETXATTR
+            | FS_IOC_FSSETXATTR
+    )
+}
 
 /// Map an error to the errno the kernel would return, logging what deserves a log line.
 pub fn errno_of(e: &FsError) -> Errno {
@@ -325,6 +348,7 @@ impl UbtrfsFuse {
         if pii.mode & S_IFMT != ubtrfs_fs::inode::S_IFDIR {
             return Err(FsError::NotDir);
         }
+        fileattr::may_create(&pii)?;
         let (uid, gid, mode) = self.new_owner(req, &pii, mode & !(umask & 0o777));
         let (ino, ii) =
             ubtrfs_fs::inode::btrfs_new_inode(&self.fs, root, dir, name, mode, rdev, uid, gid)?;
@@ -385,6 +409,35 @@ impl UbtrfsFuse {
         let (r, i, ii) = self.target_inode(t)?;
         let node = self.remember(r, i, ii)?;
         Ok((node, ii))
+    }
+
+    /// FS_IOC_SETFLAGS / FS_IOC_FSSETXATTR under the inode lock (i_rwsem, as `vfs_fileattr_set`).
+    fn set_fileattr(
+        &self,
+        node: u64,
+        root: u64,
+        ino: u64,
+        set: fileattr::FileAttrSet,
+    ) -> Result<(), FsError> {
+        let em = self.extent_maps(node, root, ino);
+        let _l = em.inode_lock().write();
+        fileattr::btrfs_fileattr_set(&self.fs, root, ino, set)
+    }
+
+    /// The inode item `name` in `dir` names, for the VFS checks before a name goes away.
+    fn named_inode(&self, root: u64, dir: u64, name: &[u8]) -> Result<InodeItem, FsError> {
+        let t = ubtrfs_fs::dir_item::lookup(&self.fs, root, dir, name)?;
+        Ok(self.target_inode(t)?.2)
+    }
+
+    /// `may_delete` of `name` in `dir` (whose item is `dii`).
+    fn may_delete(&self, root: u64, dir: u64, dii: &InodeItem, name: &[u8]) -> Result<(), FsError> {
+        match self.named_inode(root, dir, name) {
+            Ok(v) => fileattr::may_delete(dii, &v),
+            // The operation itself reports a missing name.
+            Err(FsError::NotFound) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     fn extent_maps(&self, node: u64, root: u64, ino: u64) -> Arc<BtrfsInode> {
@@ -503,6 +556,17 @@ impl Filesystem for UbtrfsFuse {
             Ok((_, _, ii)) if ii.mode & S_IFMT == ubtrfs_fs::inode::S_IFDIR => {
                 reply.error(Errno::EISDIR)
             }
+            Ok((_, _, ii))
+                if fileattr::may_open(
+                    &ii,
+                    flags.acc_mode() != OpenAccMode::O_RDONLY,
+                    flags.0 & libc::O_APPEND != 0,
+                    flags.0 & libc::O_TRUNC != 0,
+                )
+                .is_err() =>
+            {
+                reply.error(Errno::EPERM)
+            }
             Ok((root, i, _)) => {
                 if self.rw {
                     self.fs.note_open(root, i);
@@ -544,7 +608,8 @@ impl Filesystem for UbtrfsFuse {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.inode_of(parent.0).and_then(|(root, dir, _)| {
+        let r = self.inode_of(parent.0).and_then(|(root, dir, dii)| {
+            self.may_delete(root, dir, &dii, name.as_bytes())?;
             ubtrfs_fs::inode::btrfs_unlink(&self.fs, root, dir, name.as_bytes())?;
             Ok(())
         });
@@ -552,7 +617,8 @@ impl Filesystem for UbtrfsFuse {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.inode_of(parent.0).and_then(|(root, dir, _)| {
+        let r = self.inode_of(parent.0).and_then(|(root, dir, dii)| {
+            self.may_delete(root, dir, &dii, name.as_bytes())?;
             ubtrfs_fs::inode::btrfs_rmdir(&self.fs, root, dir, name.as_bytes())?;
             Ok(())
         });
@@ -568,6 +634,7 @@ impl Filesystem for UbtrfsFuse {
         reply: ReplyEntry,
     ) {
         let r = self.inode_of(parent.0).and_then(|(root, dir, pii)| {
+            fileattr::may_create(&pii)?;
             let (uid, gid, _) = self.new_owner(req, &pii, 0o120777);
             let (ino, ii) = ubtrfs_fs::inode::btrfs_symlink(
                 &self.fs,
@@ -593,11 +660,13 @@ impl Filesystem for UbtrfsFuse {
         reply: ReplyEntry,
     ) {
         let r = (|| {
-            let (root, i, _) = self.inode_of(ino.0)?;
-            let (nroot, ndir, _) = self.inode_of(newparent.0)?;
+            let (root, i, ii) = self.inode_of(ino.0)?;
+            let (nroot, ndir, ndii) = self.inode_of(newparent.0)?;
             if nroot != root {
                 return Err(FsError::CrossDevice);
             }
+            fileattr::may_create(&ndii)?;
+            fileattr::may_link(&ii)?;
             let mut ii = ubtrfs_fs::inode::btrfs_link(&self.fs, root, i, ndir, newname.as_bytes())?;
             // The kernel refreshes its cached attributes from this reply: report the in-memory
             // size of data not yet written back.
@@ -620,10 +689,16 @@ impl Filesystem for UbtrfsFuse {
         reply: ReplyEmpty,
     ) {
         let r = (|| {
-            let (root, dir, _) = self.inode_of(parent.0)?;
-            let (nroot, ndir, _) = self.inode_of(newparent.0)?;
+            let (root, dir, dii) = self.inode_of(parent.0)?;
+            let (nroot, ndir, ndii) = self.inode_of(newparent.0)?;
             if nroot != root {
                 return Err(FsError::CrossDevice);
+            }
+            self.may_delete(root, dir, &dii, name.as_bytes())?;
+            fileattr::may_create(&ndii)?;
+            self.may_delete(root, ndir, &ndii, newname.as_bytes())?;
+            if flags.bits() & ubtrfs_fs::inode::RENAME_EXCHANGE != 0 {
+                fileattr::may_create(&dii)?;
             }
             ubtrfs_fs::inode::btrfs_rename(
                 &self.fs,
@@ -674,6 +749,7 @@ impl Filesystem for UbtrfsFuse {
             };
             let em = self.extent_maps(ino.0, root, i);
             let _l = em.inode_lock().write();
+            fileattr::may_setattr(&ubtrfs_fs::inode::read_inode(&self.fs, root, i)?, &attrs)?;
             let mut ii = ubtrfs_fs::inode::btrfs_setattr(&self.fs, root, i, &attrs)?;
             ubtrfs_fs::file_write::live_attrs(&self.fs, root, i, &mut ii);
             Ok(ii)
@@ -701,7 +777,8 @@ impl Filesystem for UbtrfsFuse {
         if !self.rw {
             return reply.error(Errno::EROFS);
         }
-        let r = self.resolve(ino.0).and_then(|(root, i)| {
+        let r = self.inode_of(ino.0).and_then(|(root, i, ii)| {
+            fileattr::may_set_xattr(&ii)?;
             ubtrfs_fs::xattr::btrfs_setxattr(
                 &self.fs,
                 root,
@@ -718,7 +795,8 @@ impl Filesystem for UbtrfsFuse {
         if !self.rw {
             return reply.error(Errno::EROFS);
         }
-        let r = self.resolve(ino.0).and_then(|(root, i)| {
+        let r = self.inode_of(ino.0).and_then(|(root, i, ii)| {
+            fileattr::may_set_xattr(&ii)?;
             ubtrfs_fs::xattr::btrfs_removexattr(&self.fs, root, i, name.as_bytes())
         });
         reply_empty(r, "removexattr", reply)
@@ -740,6 +818,7 @@ impl Filesystem for UbtrfsFuse {
         let r = self.resolve(ino.0).and_then(|(root, i)| {
             let em = self.extent_maps(ino.0, root, i);
             let _l = em.inode_lock().write();
+            fileattr::may_fallocate(&ubtrfs_fs::inode::read_inode(&self.fs, root, i)?, mode)?;
             ubtrfs_fs::file_write::btrfs_fallocate(&self.fs, root, i, mode as u32, offset, length)
         });
         reply_empty(r, "fallocate", reply)
@@ -788,6 +867,8 @@ impl Filesystem for UbtrfsFuse {
             let (rout, iout) = self.resolve(ino_out.0)?;
             let em = self.extent_maps(ino_out.0, rout, iout);
             let _l = em.inode_lock().write();
+            let (_, _, oii) = self.inode_of(ino_out.0)?;
+            fileattr::may_write(&oii, offset_out, oii.size)?;
             ubtrfs_fs::file_write::copy_file_range(
                 &self.fs, rin, iin, offset_in, rout, iout, offset_out, len,
             )
@@ -884,6 +965,8 @@ impl Filesystem for UbtrfsFuse {
             let em = self.extent_maps(ino.0, root, i);
             // i_rwsem: writers of one inode are serialised, as in the kernel.
             let _l = em.inode_lock().write();
+            let (_, _, ii) = self.inode_of(ino.0)?;
+            fileattr::may_write(&ii, offset, ii.size)?;
             ubtrfs_fs::file_write::btrfs_buffered_write(&self.fs, root, i, offset, data)
         });
         match r {
@@ -1185,6 +1268,65 @@ impl Filesystem for UbtrfsFuse {
             }
             Err(e) => {
                 log_error("listxattr", &e);
+                reply.error(errno_of(&e))
+            }
+        }
+    }
+
+    /// The ioctls FUSE forwards: the inode flags (`chattr`/`lsattr`; the kernel turns
+    /// FS_IOC_GETFLAGS/SETFLAGS and FS_IOC_FSGETXATTR/FSSETXATTR on a FUSE file into these
+    /// requests after its own owner and CAP_LINUX_IMMUTABLE checks). Anything else is ENOTTY,
+    /// as from a filesystem without the ioctl.
+    #[allow(clippy::too_many_arguments)]
+    fn ioctl(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        let setting = matches!(cmd, FS_IOC_SETFLAGS | FS_IOC32_SETFLAGS | FS_IOC_FSSETXATTR);
+        if setting && !self.rw {
+            return reply.error(Errno::EROFS);
+        }
+        let r: Result<Vec<u8>, FsError> = (|| {
+            let (root, i) = self.resolve(ino.0)?;
+            match cmd {
+                FS_IOC_GETFLAGS | FS_IOC32_GETFLAGS => {
+                    Ok(fileattr::btrfs_fileattr_get(&self.fs, root, i)?
+                        .to_ne_bytes()
+                        .to_vec())
+                }
+                FS_IOC_FSGETXATTR => Ok(fileattr::btrfs_fsxattr_get(&self.fs, root, i)?
+                    .to_bytes()
+                    .to_vec()),
+                FS_IOC_SETFLAGS | FS_IOC32_SETFLAGS => {
+                    let b: [u8; 4] = in_data
+                        .get(..4)
+                        .and_then(|b| b.try_into().ok())
+                        .ok_or_else(|| FsError::Invalid("short SETFLAGS argument".into()))?;
+                    let set = fileattr::FileAttrSet::Flags(u32::from_ne_bytes(b));
+                    self.set_fileattr(ino.0, root, i, set)?;
+                    Ok(Vec::new())
+                }
+                FS_IOC_FSSETXATTR => {
+                    let x = fileattr::FsXattr::parse(in_data)
+                        .ok_or_else(|| FsError::Invalid("short FSSETXATTR argument".into()))?;
+                    self.set_fileattr(ino.0, root, i, fileattr::FileAttrSet::Fsx(x))?;
+                    Ok(Vec::new())
+                }
+                _ => Err(FsError::Unsupported(format!("ioctl {cmd:#x}"))),
+            }
+        })();
+        match r {
+            Ok(out) => reply.ioctl(0, &out),
+            Err(FsError::Unsupported(_)) if !known_ioctl(cmd) => reply.error(Errno::ENOTTY),
+            Err(e) => {
+                log_error("ioctl", &e);
                 reply.error(errno_of(&e))
             }
         }

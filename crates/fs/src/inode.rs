@@ -201,7 +201,7 @@ pub(crate) fn new_inode_in(
         gid,
         mode,
         rdev,
-        flags: 0,
+        flags: crate::fileattr::inherited_flags(dii.flags, mode),
         sequence: 0,
         atime: now,
         ctime: now,

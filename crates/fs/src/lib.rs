@@ -24,6 +24,7 @@ pub mod error;
 pub mod file;
 pub mod file_item;
 pub mod file_write;
+pub mod fileattr;
 pub mod inode;
 pub mod mkfs;
 pub mod transaction;

@@ -126,51 +126,66 @@ pub fn btrfs_setxattr(
     }
     fs.write_op(|c| {
         let mut ii = c.read_inode(root, ino)?;
-        let key = Key::new(ino, item::XATTR_ITEM, name_hash(name));
-        let entry = DirItem {
-            location: Key::new(0, 0, 0),
-            transid: c.transid(),
-            file_type: ubtrfs_format::items::ft::XATTR,
-            name: name.to_vec(),
-            data: value.to_vec(),
-        };
-        let existing = match c.lookup(root, &key)? {
-            Some(d) => Some(
-                DirItem::parse_all(&d)
-                    .map_err(|e| FsError::corrupt(format!("root {root} {key}: {e}")))?,
-            ),
-            None => None,
-        };
-        let found = existing
-            .as_ref()
-            .is_some_and(|v| v.iter().any(|d| d.name == name));
-        if flags & XATTR_REPLACE != 0 && !found {
-            return Err(FsError::NoXattr);
-        }
-        if flags & XATTR_CREATE != 0 && found {
-            return Err(FsError::Exists);
-        }
-        match existing {
-            None => c.insert(root, key, &entry.to_bytes())?,
-            Some(items) => {
-                // The other entries keep their order; the new value goes at the end.
-                let mut out = Vec::new();
-                for d in items.iter().filter(|d| d.name != name) {
-                    d.encode_into(&mut out);
-                }
-                entry.encode_into(&mut out);
-                if out.len() > crate::inode::max_item_size(c.fs) {
-                    return Err(FsError::NoSpace);
-                }
-                c.update(root, &key, &out)?;
-            }
-        }
+        set_item_in(c, root, ino, name, value, flags)?;
         crate::inode::fold_dirty_mtime(c, root, ino, &mut ii);
         ii.ctime = crate::disk_io::now_timespec();
         ii.transid = c.transid();
         ii.sequence += 1;
         c.write_inode(root, ino, &ii)
     })
+}
+
+/// The item side of a setxattr inside a running write operation: insert or replace the entry
+/// `name` of `ino` (XATTR_CREATE / XATTR_REPLACE as in [`btrfs_setxattr`]); the caller updates
+/// the inode item.
+pub(crate) fn set_item_in(
+    c: &mut crate::transaction::WriteCtx<'_>,
+    root: u64,
+    ino: u64,
+    name: &[u8],
+    value: &[u8],
+    flags: u32,
+) -> Result<()> {
+    let key = Key::new(ino, item::XATTR_ITEM, name_hash(name));
+    let entry = DirItem {
+        location: Key::new(0, 0, 0),
+        transid: c.transid(),
+        file_type: ubtrfs_format::items::ft::XATTR,
+        name: name.to_vec(),
+        data: value.to_vec(),
+    };
+    let existing = match c.lookup(root, &key)? {
+        Some(d) => Some(
+            DirItem::parse_all(&d)
+                .map_err(|e| FsError::corrupt(format!("root {root} {key}: {e}")))?,
+        ),
+        None => None,
+    };
+    let found = existing
+        .as_ref()
+        .is_some_and(|v| v.iter().any(|d| d.name == name));
+    if flags & XATTR_REPLACE != 0 && !found {
+        return Err(FsError::NoXattr);
+    }
+    if flags & XATTR_CREATE != 0 && found {
+        return Err(FsError::Exists);
+    }
+    match existing {
+        None => c.insert(root, key, &entry.to_bytes())?,
+        Some(items) => {
+            // The other entries keep their order; the new value goes at the end.
+            let mut out = Vec::new();
+            for d in items.iter().filter(|d| d.name != name) {
+                d.encode_into(&mut out);
+            }
+            entry.encode_into(&mut out);
+            if out.len() > crate::inode::max_item_size(c.fs) {
+                return Err(FsError::NoSpace);
+            }
+            c.update(root, &key, &out)?;
+        }
+    }
+    Ok(())
 }
 
 /// `btrfs_setxattr_trans` without a value (removexattr, which the VFS issues with

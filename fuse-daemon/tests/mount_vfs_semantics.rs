@@ -1,0 +1,413 @@
+//! VFS semantics that a FUSE filesystem has to provide itself, with the kernel's btrfs as the
+//! oracle: the same probe runs on a ubtrfs read-write mount and on a kernel mount of an
+//! identical mkfs.btrfs image, and every observation (result or errno) must match. Then the
+//! ubtrfs image must pass `btrfs check` and the kernel must read back what ubtrfs wrote.
+//!
+//! Covered: inode flags through FS_IOC_GETFLAGS/SETFLAGS and FS_IOC_FSGETXATTR/FSSETXATTR
+//! (chattr/lsattr, xfs_io chattr) and the immutable / append-only checks of open, write,
+//! truncate, setattr, unlink, rename, link, xattrs and fallocate.
+
+mod common;
+
+use common::mount::{LoopMount, Mount};
+use common::{errno_name, mkfs_image, require_fuse_env, require_tool, Mkfs, TestDir};
+use std::ffi::CString;
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::Command;
+
+const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
+const FS_IOC_SETFLAGS: libc::c_ulong = 0x4008_6602;
+const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801c_581f;
+const FS_IOC_FSSETXATTR: libc::c_ulong = 0x401c_5820;
+const FS_IMMUTABLE_FL: u32 = 0x10;
+const FS_APPEND_FL: u32 = 0x20;
+const FS_NODUMP_FL: u32 = 0x40;
+const FS_NOATIME_FL: u32 = 0x80;
+const FS_SYNC_FL: u32 = 0x08;
+const FS_NOCOMP_FL: u32 = 0x400;
+const FS_COMPR_FL: u32 = 0x04;
+const FS_NOCOW_FL: u32 = 0x0080_0000;
+const FS_XFLAG_IMMUTABLE: u32 = 0x8;
+const FS_XFLAG_APPEND: u32 = 0x10;
+const FS_XFLAG_NODUMP: u32 = 0x80;
+const FS_XFLAG_EXTSIZE: u32 = 0x800;
+
+fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn last_errno() -> String {
+    errno_name(std::io::Error::last_os_error().raw_os_error().unwrap_or(-1))
+}
+
+fn res<T: std::fmt::Debug>(r: std::io::Result<T>) -> String {
+    match r {
+        Ok(v) => format!("ok {v:?}"),
+        Err(e) => errno_name(e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+fn open_ro(p: &Path) -> std::io::Result<fs::File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(p)
+}
+
+fn getflags(p: &Path) -> String {
+    let f = match open_ro(p) {
+        Ok(f) => f,
+        Err(e) => return res::<()>(Err(e)),
+    };
+    let mut v: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one int through the pointer, which points to `v`.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_GETFLAGS, &mut v as *mut libc::c_int) };
+    if r < 0 {
+        last_errno()
+    } else {
+        format!("{:#x}", v as u32)
+    }
+}
+
+fn setflags(p: &Path, flags: u32) -> String {
+    let f = match open_ro(p) {
+        Ok(f) => f,
+        Err(e) => return res::<()>(Err(e)),
+    };
+    let v = flags as libc::c_int;
+    // SAFETY: FS_IOC_SETFLAGS reads one int through the pointer, which points to `v`.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_SETFLAGS, &v as *const libc::c_int) };
+    if r < 0 {
+        last_errno()
+    } else {
+        "ok".into()
+    }
+}
+
+/// FS_IOC_FSGETXATTR, then (when `set` is given) FS_IOC_FSSETXATTR with those xflags and
+/// extent size; returns both results.
+fn fsxattr(p: &Path, set: Option<(u32, u32)>) -> String {
+    let f = match open_ro(p) {
+        Ok(f) => f,
+        Err(e) => return res::<()>(Err(e)),
+    };
+    let mut x = [0u32; 7];
+    // SAFETY: FS_IOC_FSGETXATTR writes a 28-byte struct fsxattr; `x` is 28 bytes.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FSGETXATTR, x.as_mut_ptr()) };
+    let got = if r < 0 {
+        last_errno()
+    } else {
+        format!("xflags {:#x} extsize {}", x[0], x[1])
+    };
+    let Some((xflags, extsize)) = set else {
+        return got;
+    };
+    x[0] = xflags;
+    x[1] = extsize;
+    // SAFETY: FS_IOC_FSSETXATTR reads a 28-byte struct fsxattr; `x` is 28 bytes.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FSSETXATTR, x.as_ptr()) };
+    format!(
+        "{got}; set: {}",
+        if r < 0 { last_errno() } else { "ok".into() }
+    )
+}
+
+fn open_flags(p: &Path, flags: i32) -> String {
+    let c = cpath(p);
+    // SAFETY: c is a valid C string; the fd is closed right away.
+    let fd = unsafe { libc::open(c.as_ptr(), flags, 0o644) };
+    if fd < 0 {
+        return last_errno();
+    }
+    // SAFETY: fd was just opened by us.
+    unsafe { libc::close(fd) };
+    "ok".into()
+}
+
+fn append(p: &Path, data: &[u8]) -> String {
+    use std::io::Write;
+    res(fs::OpenOptions::new()
+        .append(true)
+        .open(p)
+        .and_then(|mut f| f.write_all(data)))
+}
+
+fn fallocate(p: &Path, mode: i32, off: i64, len: i64) -> String {
+    let f = match fs::OpenOptions::new().append(true).open(p) {
+        Ok(f) => f,
+        Err(e) => return format!("open: {}", res::<()>(Err(e))),
+    };
+    // SAFETY: plain fallocate on an fd we own.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off, len) };
+    if r < 0 {
+        last_errno()
+    } else {
+        "ok".into()
+    }
+}
+
+fn setxattr(p: &Path, name: &str) -> String {
+    let c = cpath(p);
+    let n = CString::new(name).unwrap();
+    // SAFETY: valid C strings and a 1-byte value buffer.
+    let r = unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), b"v".as_ptr().cast(), 1, 0) };
+    if r < 0 {
+        last_errno()
+    } else {
+        "ok".into()
+    }
+}
+
+fn utimes_now(p: &Path) -> String {
+    let c = cpath(p);
+    // SAFETY: a NULL times pointer means "now" for both times.
+    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), std::ptr::null(), 0) };
+    if r < 0 {
+        last_errno()
+    } else {
+        "ok".into()
+    }
+}
+
+fn size_of(p: &Path) -> String {
+    res(fs::metadata(p).map(|m| m.len()))
+}
+
+/// The inode-flags probe: every line is one operation and its outcome.
+fn probe_inode_flags(root: &Path) -> Vec<String> {
+    let mut o = Vec::new();
+    let f = root.join("f");
+    let d = root.join("d");
+    fs::write(&f, b"data").unwrap();
+    fs::create_dir(&d).unwrap();
+    fs::write(d.join("inside"), b"x").unwrap();
+    std::os::unix::fs::symlink("f", root.join("sym")).unwrap();
+    let mut push = |what: &str, r: String| o.push(format!("{what}: {r}"));
+
+    push("getflags new file", getflags(&f));
+    push("getflags new dir", getflags(&d));
+    push("fsgetxattr new file", fsxattr(&f, None));
+
+    // Immutable file: nothing changes.
+    push("set +i", setflags(&f, FS_IMMUTABLE_FL));
+    push("getflags +i", getflags(&f));
+    push("fsgetxattr +i", fsxattr(&f, None));
+    push("open O_WRONLY", open_flags(&f, libc::O_WRONLY));
+    push(
+        "open O_RDONLY|O_TRUNC",
+        open_flags(&f, libc::O_RDONLY | libc::O_TRUNC),
+    );
+    push("open O_RDONLY", open_flags(&f, libc::O_RDONLY));
+    push("append", append(&f, b"more"));
+    push(
+        "truncate",
+        res(fs::File::open(&f).and_then(|_| {
+            let c = cpath(&f);
+            // SAFETY: valid C string.
+            if unsafe { libc::truncate(c.as_ptr(), 0) } < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        })),
+    );
+    push(
+        "chmod",
+        res(fs::set_permissions(
+            &f,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )),
+    );
+    push("utimes now", utimes_now(&f));
+    push("unlink", res(fs::remove_file(&f)));
+    push("rename away", res(fs::rename(&f, root.join("g"))));
+    push("link", res(fs::hard_link(&f, root.join("h"))));
+    push("setxattr", setxattr(&f, "user.a"));
+    push("size", size_of(&f));
+    push("set -i", setflags(&f, 0));
+    push(
+        "unlink after -i",
+        res(fs::write(root.join("tmp"), b"").and_then(|_| fs::remove_file(root.join("tmp")))),
+    );
+
+    // Append-only file: only appends.
+    push("set +a", setflags(&f, FS_APPEND_FL));
+    push("open O_WRONLY", open_flags(&f, libc::O_WRONLY));
+    push(
+        "open O_WRONLY|O_APPEND",
+        open_flags(&f, libc::O_WRONLY | libc::O_APPEND),
+    );
+    push(
+        "open O_WRONLY|O_APPEND|O_TRUNC",
+        open_flags(&f, libc::O_WRONLY | libc::O_APPEND | libc::O_TRUNC),
+    );
+    push("append", append(&f, b"more"));
+    push("size after append", size_of(&f));
+    push("utimes now", utimes_now(&f));
+    push(
+        "chmod",
+        res(fs::set_permissions(
+            &f,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )),
+    );
+    push(
+        "fallocate keep size",
+        fallocate(&f, libc::FALLOC_FL_KEEP_SIZE, 0, 8192),
+    );
+    push(
+        "fallocate punch",
+        fallocate(
+            &f,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            4096,
+        ),
+    );
+    push("unlink", res(fs::remove_file(&f)));
+    push("setxattr", setxattr(&f, "user.a"));
+    push("set -a", setflags(&f, 0));
+
+    // Immutable and append-only directories.
+    push("dir set +i", setflags(&d, FS_IMMUTABLE_FL));
+    push("create in +i dir", res(fs::write(d.join("new"), b"")));
+    push("unlink in +i dir", res(fs::remove_file(d.join("inside"))));
+    push("mkdir in +i dir", res(fs::create_dir(d.join("sub"))));
+    push("rename into +i dir", res(fs::rename(&f, d.join("moved"))));
+    push("dir set +a", setflags(&d, FS_APPEND_FL));
+    push("create in +a dir", res(fs::write(d.join("new"), b"")));
+    push("unlink in +a dir", res(fs::remove_file(d.join("new"))));
+    push(
+        "rename out of +a dir",
+        res(fs::rename(d.join("inside"), root.join("out"))),
+    );
+    push("dir set 0", setflags(&d, 0));
+    push("unlink after", res(fs::remove_file(d.join("new"))));
+
+    // The other flags, their round trip and the kernel's refusals.
+    let e = root.join("empty");
+    fs::write(&e, b"").unwrap();
+    push("empty +C", setflags(&e, FS_NOCOW_FL));
+    push("empty flags", getflags(&e));
+    push("empty +C +c", setflags(&e, FS_NOCOW_FL | FS_COMPR_FL));
+    push("empty +c", setflags(&e, FS_COMPR_FL));
+    push("empty -C", setflags(&e, 0));
+    push("empty +c again", setflags(&e, FS_COMPR_FL));
+    push("empty flags", getflags(&e));
+    push(
+        "compression prop",
+        res(common::compare::get_xattr(&e, "btrfs.compression".as_ref())),
+    );
+    push("empty +m", setflags(&e, FS_NOCOMP_FL));
+    push(
+        "compression prop after +m",
+        res(common::compare::get_xattr(&e, "btrfs.compression".as_ref())),
+    );
+    push("file with data +C", setflags(&f, FS_NOCOW_FL));
+    push("file with data flags", getflags(&f));
+    push(
+        "file +dsA",
+        setflags(&f, FS_NODUMP_FL | FS_SYNC_FL | FS_NOATIME_FL),
+    );
+    push("file flags", getflags(&f));
+    push("unknown flag", setflags(&f, 0x0100_0000));
+    push("dir +C", setflags(&d, FS_NOCOW_FL));
+    fs::write(d.join("child"), b"").unwrap();
+    fs::create_dir(d.join("childdir")).unwrap();
+    push("inherited by file", getflags(&d.join("child")));
+    push("inherited by dir", getflags(&d.join("childdir")));
+    push("symlink getflags", getflags(&root.join("sym")));
+
+    // xfs_io's path: FS_IOC_FSSETXATTR.
+    push(
+        "fsx +i",
+        fsxattr(&e, Some((FS_XFLAG_IMMUTABLE | FS_XFLAG_NODUMP, 0))),
+    );
+    push("fsx after", fsxattr(&e, None));
+    push("getflags after fsx", getflags(&e));
+    push("fsx extsize", fsxattr(&e, Some((FS_XFLAG_EXTSIZE, 4096))));
+    push("fsx clear", fsxattr(&e, Some((0, 0))));
+    push("fsx +a", fsxattr(&e, Some((FS_XFLAG_APPEND, 0))));
+    push("getflags after fsx +a", getflags(&e));
+    o
+}
+
+fn check_image(img: &Path) {
+    require_tool("btrfs");
+    let out = Command::new("btrfs")
+        .args(["check", "--readonly"])
+        .arg(img)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("ERROR"),
+        "btrfs check failed:\n{text}"
+    );
+}
+
+/// Run `probe` on a ubtrfs mount and on a kernel mount of identical fresh images; the
+/// observations must match line by line; the ubtrfs image must pass btrfs check, and
+/// `reread` (run on the kernel's mount of the ubtrfs image, and on the kernel's own image)
+/// must see the same.
+fn against_kernel(name: &str, probe: fn(&Path) -> Vec<String>, reread: fn(&Path) -> Vec<String>) {
+    require_fuse_env();
+    let t = TestDir::new(name);
+    let ui = t.join("ubtrfs.img");
+    let ki = t.join("kernel.img");
+    mkfs_image(&ui, &Mkfs::default());
+    mkfs_image(&ki, &Mkfs::default());
+    let mnt = t.mkdir("mnt");
+    let m = Mount::with_options(&ui, &mnt, "rw");
+    let ours = probe(&mnt);
+    let exit = m.unmount();
+    assert!(exit.is_clean_exit(), "daemon: {}", exit.describe());
+    let k = LoopMount::new(&ki, &mnt, "");
+    let kernel = probe(&mnt);
+    let kernel_reread = reread(&mnt);
+    k.unmount();
+    eprintln!("{name} on ubtrfs:\n{}", ours.join("\n"));
+    let diffs: Vec<String> = ours
+        .iter()
+        .zip(&kernel)
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| format!("ubtrfs {a}\nkernel {b}"))
+        .collect();
+    assert_eq!(ours.len(), kernel.len());
+    assert!(
+        diffs.is_empty(),
+        "{name}: differences from the kernel:\n{}",
+        diffs.join("\n")
+    );
+    check_image(&ui);
+    let k = LoopMount::new(&ui, &mnt, "ro");
+    let ours_reread = reread(&mnt);
+    k.unmount();
+    assert_eq!(
+        ours_reread, kernel_reread,
+        "{name}: the kernel reads ubtrfs's image differently"
+    );
+}
+
+fn reread_flags(root: &Path) -> Vec<String> {
+    ["f", "d", "empty", "d/child", "d/childdir"]
+        .iter()
+        .map(|p| format!("{p}: {}", getflags(&root.join(p))))
+        .collect()
+}
+
+// Test scenario: chattr/lsattr and xfs_io chattr on files, directories and symlinks, and every
+// operation on immutable and append-only files and directories, answer as the kernel's btrfs
+// does; the flags ubtrfs stores read back the same through the kernel; btrfs check is clean.
+#[test]
+fn inode_flags_match_kernel() {
+    against_kernel("inode_flags", probe_inode_flags, reread_flags);
+}
