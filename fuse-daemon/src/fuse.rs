@@ -180,6 +180,8 @@ pub struct UbtrfsFuse {
     /// root id -> slot (the mounted root has slot 0), and slot -> root id.
     slots: RwLock<(HashMap<u64, u64>, Vec<u64>)>,
     nodes: Mutex<HashMap<u64, Node>>,
+    /// The session's notifier, set once the session exists ([`UbtrfsFuse::notifier_slot`]).
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 fn time(t: &ubtrfs_format::items::Timespec) -> SystemTime {
@@ -223,6 +225,23 @@ impl UbtrfsFuse {
             slots: RwLock::new((map, vec![fs.mount_root])),
             fs,
             nodes: Mutex::new(HashMap::new()),
+            notifier: Arc::default(),
+        }
+    }
+
+    /// Where the caller puts the session's notifier once the session is made (the adapter
+    /// moves into the session, so it cannot ask for it itself).
+    pub fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
+    }
+
+    /// Drop the kernel's cached attributes of `node` (not its page cache): for changes the
+    /// kernel does not expect from the request it sent, such as ctime after an ioctl.
+    fn invalidate_attrs(&self, node: u64) {
+        if let Some(n) = self.notifier.get() {
+            if let Err(e) = n.inval_inode(INodeNo(node), -1, 0) {
+                tracing::debug!("inval_inode {node}: {e}");
+            }
         }
     }
 
@@ -421,7 +440,11 @@ impl UbtrfsFuse {
     ) -> Result<(), FsError> {
         let em = self.extent_maps(node, root, ino);
         let _l = em.inode_lock().write();
-        fileattr::btrfs_fileattr_set(&self.fs, root, ino, set)
+        fileattr::btrfs_fileattr_set(&self.fs, root, ino, set)?;
+        // FUSE does not refresh attributes after an ioctl: the new ctime would stay unseen
+        // for the attribute timeout.
+        self.invalidate_attrs(node);
+        Ok(())
     }
 
     /// The inode item `name` in `dir` names, for the VFS checks before a name goes away.

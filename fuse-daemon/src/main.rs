@@ -476,6 +476,7 @@ fn serve(
             .ok()
     });
     let fuse_fs = fuse::UbtrfsFuse::new(fs.clone());
+    let notifier_slot = fuse_fs.notifier_slot();
     let session = match kernel_mount(&fsname, mountpoint, p, readonly) {
         Ok(fd) => fuser::Session::from_fd(fuse_fs, fd, cfg.acl, cfg),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
@@ -484,6 +485,7 @@ fn serve(
         Err(e) => Err(e),
     }
     .map_err(|e| format!("mounting on {}: {e}", mountpoint.display()))?;
+    let _ = notifier_slot.set(session.notifier());
     // kswapd's part: run the shrinker when the system or our cgroup reports memory pressure.
     let monitor = daemon.as_ref().and_then(|d| {
         pressure::PressureMonitor::start(fs.clone(), d.pressure.clone())

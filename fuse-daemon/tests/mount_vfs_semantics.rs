@@ -193,7 +193,14 @@ fn probe_inode_flags(root: &Path) -> Vec<String> {
     push("fsgetxattr new file", fsxattr(&f, None));
 
     // Immutable file: nothing changes.
+    let ctime = || {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(&f).map(|m| (m.ctime(), m.ctime_nsec())).ok()
+    };
+    let before = ctime();
+    std::thread::sleep(std::time::Duration::from_millis(20));
     push("set +i", setflags(&f, FS_IMMUTABLE_FL));
+    push("ctime changed by chattr", (ctime() != before).to_string());
     push("getflags +i", getflags(&f));
     push("fsgetxattr +i", fsxattr(&f, None));
     push("open O_WRONLY", open_flags(&f, libc::O_WRONLY));
