@@ -182,6 +182,10 @@ pub struct UbtrfsFuse {
     nodes: Mutex<HashMap<u64, Node>>,
     /// The session's notifier, set once the session exists ([`UbtrfsFuse::notifier_slot`]).
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    /// Open directories: file handle -> the last DIR_INDEX at opendir or rewind
+    /// (`btrfs_file_private::last_index`).
+    dir_handles: Mutex<HashMap<u64, u64>>,
+    next_dir_fh: std::sync::atomic::AtomicU64,
 }
 
 fn time(t: &ubtrfs_format::items::Timespec) -> SystemTime {
@@ -226,6 +230,8 @@ impl UbtrfsFuse {
             fs,
             nodes: Mutex::new(HashMap::new()),
             notifier: Arc::default(),
+            dir_handles: Mutex::new(HashMap::new()),
+            next_dir_fh: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
@@ -430,6 +436,45 @@ impl UbtrfsFuse {
         Ok((node, ii))
     }
 
+    /// The highest DIR_INDEX readdir on handle `fh` lists: the one the directory had at
+    /// opendir, renewed when the listing starts again from the beginning (rewinddir; the
+    /// kernel renews it at every llseek, which FUSE does not forward).
+    fn readdir_limit(&self, fh: u64, root: u64, dir: u64, offset: u64) -> Result<u64, FsError> {
+        if offset == 0 {
+            let last = ubtrfs_fs::dir_item::last_dir_index(&self.fs, root, dir)?;
+            if let Some(l) = self.dir_handles.lock().get_mut(&fh) {
+                *l = last;
+            }
+            return Ok(last);
+        }
+        Ok(self
+            .dir_handles
+            .lock()
+            .get(&fh)
+            .copied()
+            .unwrap_or(u64::MAX))
+    }
+
+    /// One open of `node` ends (release, releasedir).
+    fn release_inode(&self, node: u64) {
+        if !self.rw {
+            return;
+        }
+        if let Ok((root, i)) = self.resolve(node) {
+            if self.fs.note_release(root, i) {
+                // The last close of an unlinked inode evicts it (and its orphan item).
+                match ubtrfs_fs::inode::read_inode(&self.fs, root, i) {
+                    Ok(ii) if ii.nlink == 0 => {
+                        if let Err(e) = ubtrfs_fs::inode::btrfs_evict_inode(&self.fs, root, i) {
+                            log_error("evict", &e);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
     /// FS_IOC_SETFLAGS / FS_IOC_FSSETXATTR under the inode lock (i_rwsem, as `vfs_fileattr_set`).
     fn set_fileattr(
         &self,
@@ -612,21 +657,7 @@ impl Filesystem for UbtrfsFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if self.rw {
-            if let Ok((root, i)) = self.resolve(ino.0) {
-                if self.fs.note_release(root, i) {
-                    // The last close of an unlinked inode evicts it (and its orphan item).
-                    match ubtrfs_fs::inode::read_inode(&self.fs, root, i) {
-                        Ok(ii) if ii.nlink == 0 => {
-                            if let Err(e) = ubtrfs_fs::inode::btrfs_evict_inode(&self.fs, root, i) {
-                                log_error("evict", &e);
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        }
+        self.release_inode(ino.0);
         reply.ok();
     }
 
@@ -703,7 +734,7 @@ impl Filesystem for UbtrfsFuse {
     #[allow(clippy::too_many_arguments)]
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -723,7 +754,9 @@ impl Filesystem for UbtrfsFuse {
             if flags.bits() & ubtrfs_fs::inode::RENAME_EXCHANGE != 0 {
                 fileattr::may_create(&dii)?;
             }
-            ubtrfs_fs::inode::btrfs_rename(
+            // The whiteout's owner, as `inode_init_owner` gives it in the old directory.
+            let (uid, gid, _) = self.new_owner(req, &dii, ubtrfs_fs::inode::S_IFCHR);
+            ubtrfs_fs::inode::btrfs_rename_as(
                 &self.fs,
                 root,
                 dir,
@@ -731,6 +764,7 @@ impl Filesystem for UbtrfsFuse {
                 ndir,
                 newname.as_bytes(),
                 flags.bits(),
+                (uid, gid),
             )?;
             Ok(())
         })();
@@ -1033,24 +1067,56 @@ impl Filesystem for UbtrfsFuse {
             Ok((_, _, ii)) if ii.mode & S_IFMT != ubtrfs_fs::inode::S_IFDIR => {
                 reply.error(Errno::ENOTDIR)
             }
-            Ok(_) => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
+            Ok((root, i, _)) => {
+                let last = match ubtrfs_fs::dir_item::last_dir_index(&self.fs, root, i) {
+                    Ok(l) => l,
+                    Err(e) => return reply.error(errno_of(&e)),
+                };
+                let fh = self
+                    .next_dir_fh
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.dir_handles.lock().insert(fh, last);
+                // An open directory outlives its last name, as an open file does (rmdir or
+                // rename over it leaves it with an orphan item until releasedir).
+                if self.rw {
+                    self.fs.note_open(root, i);
+                }
+                reply.opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+                )
+            }
             Err(e) => reply.error(errno_of(&e)),
         }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dir_handles.lock().remove(&fh.0);
+        self.release_inode(ino.0);
+        reply.ok();
     }
 
     fn readdir(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         let (root, dir, _) = match self.inode_of(ino.0) {
             Ok(x) => x,
+            Err(e) => return reply.error(errno_of(&e)),
+        };
+        let limit = match self.readdir_limit(fh.0, root, dir, offset) {
+            Ok(l) => l,
             Err(e) => return reply.error(errno_of(&e)),
         };
         // Cookies: "." is 0 -> 1, ".." is 1 -> 2, entries carry DIR_INDEX + 1 (kernel readdir).
@@ -1077,6 +1143,9 @@ impl Filesystem for UbtrfsFuse {
                 return reply.ok();
             }
             for d in &batch {
+                if d.index > limit {
+                    return reply.ok();
+                }
                 let (r, i) = match d.target {
                     Target::Inode { root, ino } => (root, ino),
                     Target::EmptySubvolPlaceholder { root } => (root, EMPTY_SUBVOL_DIR_OBJECTID),
@@ -1101,12 +1170,16 @@ impl Filesystem for UbtrfsFuse {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         let (root, dir, dii) = match self.inode_of(ino.0) {
             Ok(x) => x,
+            Err(e) => return reply.error(errno_of(&e)),
+        };
+        let limit = match self.readdir_limit(fh.0, root, dir, offset) {
+            Ok(l) => l,
             Err(e) => return reply.error(errno_of(&e)),
         };
         if offset == 0
@@ -1145,6 +1218,9 @@ impl Filesystem for UbtrfsFuse {
                 return reply.ok();
             }
             for d in &batch {
+                if d.index > limit {
+                    return reply.ok();
+                }
                 let (r, i, ii) = match self.target_inode(d.target) {
                     Ok(x) => x,
                     Err(e) => {

@@ -134,6 +134,27 @@ pub fn readdir(
     Ok(out)
 }
 
+/// `btrfs_get_dir_last_index`: the highest DIR_INDEX of `dir` now (1 when it has no entries,
+/// so that nothing but "." and ".." is listed). readdir lists only entries up to the index
+/// the directory had when it was opened (or rewound): an entry renamed during the listing
+/// gets a new, higher index and would otherwise be returned twice.
+pub fn last_dir_index(fs: &FsInfo, root: u64, dir: u64) -> Result<u64> {
+    if dir == crate::inode::EMPTY_SUBVOL_DIR_OBJECTID {
+        return Ok(1);
+    }
+    let _g = fs.read_guard();
+    let r = fs.root(root)?;
+    let last = ubtrfs_ctree::ctree::lookup_le(
+        &fs.reader,
+        &r.ptr,
+        &Key::new(dir, item::DIR_INDEX, u64::MAX),
+    )?;
+    Ok(match last {
+        Some((k, _)) if k.objectid == dir && k.item_type == item::DIR_INDEX => k.offset,
+        _ => 1,
+    })
+}
+
 /// `btrfs_insert_dir_item`: the DIR_ITEM (appended to a hash-collision item when one exists)
 /// and the DIR_INDEX entry of `name` in `dir`.
 #[allow(clippy::too_many_arguments)]

@@ -14,6 +14,7 @@ pub const S_IFMT: u32 = 0o170000;
 pub const S_IFDIR: u32 = 0o040000;
 pub const S_IFREG: u32 = 0o100000;
 pub const S_IFLNK: u32 = 0o120000;
+pub const S_IFCHR: u32 = 0o020000;
 
 /// Read the INODE_ITEM of `ino` in subvolume `root`.
 pub fn read_inode(fs: &FsInfo, root: u64, ino: u64) -> Result<InodeItem> {
@@ -917,8 +918,8 @@ fn is_same_or_descendant(c: &WriteCtx<'_>, root: u64, mut dir: u64, anc: u64) ->
 /// `btrfs_rename2`: rename `oldname` of `olddir` to `newname` of `newdir` (same subvolume).
 /// Plain renames replace an existing target (the replaced inode loses a link with unlink
 /// semantics, orphan included; a replaced directory must be empty); `RENAME_NOREPLACE` fails
-/// with EEXIST instead; `RENAME_EXCHANGE` swaps two existing names; `RENAME_WHITEOUT` is not
-/// supported yet. A directory moved to another parent gets its INODE_REF re-keyed to it.
+/// with EEXIST instead; `RENAME_EXCHANGE` swaps two existing names; `RENAME_WHITEOUT` leaves
+/// a whiteout at the old name (owned by root here; see [`btrfs_rename_as`]). A directory moved to another parent gets its INODE_REF re-keyed to it.
 #[allow(clippy::too_many_arguments)]
 pub fn btrfs_rename(
     fs: &FsInfo,
@@ -929,6 +930,23 @@ pub fn btrfs_rename(
     newname: &[u8],
     flags: u32,
 ) -> Result<()> {
+    btrfs_rename_as(fs, root, olddir, oldname, newdir, newname, flags, (0, 0))
+}
+
+/// [`btrfs_rename`] with the owner (uid, gid) of the whiteout that `RENAME_WHITEOUT` leaves
+/// at the old name: a character device 0:0 with mode 0 (`new_whiteout_inode`), created in the
+/// rename's transaction.
+#[allow(clippy::too_many_arguments)]
+pub fn btrfs_rename_as(
+    fs: &FsInfo,
+    root: u64,
+    olddir: u64,
+    oldname: &[u8],
+    newdir: u64,
+    newname: &[u8],
+    flags: u32,
+    whiteout_owner: (u32, u32),
+) -> Result<()> {
     if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) != 0 {
         return Err(FsError::Invalid(format!("rename flags {flags:#x}")));
     }
@@ -937,9 +955,6 @@ pub fn btrfs_rename(
         return Err(FsError::Invalid(
             "RENAME_EXCHANGE with NOREPLACE or WHITEOUT".into(),
         ));
-    }
-    if flags & RENAME_WHITEOUT != 0 {
-        return Err(FsError::Unsupported("RENAME_WHITEOUT".into()));
     }
     check_lookup_name(oldname)?;
     write_op_evicting(fs, |c| {
@@ -1063,6 +1078,10 @@ pub fn btrfs_rename(
         add_link(
             c, root, newdir, old_ino, oii.mode, newname, index, false, now,
         )?;
+        if flags & RENAME_WHITEOUT != 0 {
+            let (uid, gid) = whiteout_owner;
+            new_inode_in(c, root, olddir, oldname, S_IFCHR, 0, uid, gid)?;
+        }
         Ok(())
     })
 }
