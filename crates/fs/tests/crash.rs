@@ -1,0 +1,1376 @@
+//! Power-cut tests (issue 7): every write and flush a workload issues is recorded through a
+//! pluggable device ([`ubtrfs_ctree::BlockDevice`]); crash states are rebuilt from the record and
+//! each is checked by the oracles.
+//!
+//! # Definitions
+//! - The *record* is the ordered list of writes and flushes the filesystem issued after the
+//!   workload's setup was committed (the *base image*).
+//! - *Flush point k*: the base image plus every write before the k-th flush (k = 0: the base).
+//! - *Epoch k*: the writes between flush k and flush k+1 (or the end of the record). They may
+//!   reach the disk in any order and any of them may be lost, as with a volatile disk cache.
+//! - A *crash state* (k, S) is flush point k plus a subset S of epoch k, applied in issue order.
+//!   Every flush point is checked; subsets are all of them for small epochs, else the empty and
+//!   full ones plus seeded random ones (`UBTRFS_CRASH_SUBSETS`, default 4 per epoch).
+//! - A *checkpoint* is taken when a sync call (fsync of a file or directory, commit) returns: the
+//!   record position, what the call promised, and a snapshot of the namespace. The crash of
+//!   state (k, S) happens at the latest moment epoch k allows (just before flush k+1), so every
+//!   checkpoint taken at a position before flush k+1 was promised. A sync that returned without
+//!   flushing its writes is therefore caught.
+//!
+//! # What is checked in every state
+//! - `btrfs check --readonly` is clean on the crash image (it checks the pending log too).
+//! - ubtrfs opens it read-write in a scratch overlay (replaying the log, committing), and the
+//!   namespace it shows obeys the promises: for each path, with j the last promised checkpoint
+//!   that covered it (the base covers everything), the path's state equals its state in one of
+//!   the checkpoints from j on. A file fsync covers every name of the inode in full (content,
+//!   size, mode, nlink, xattrs, inode number) and its ancestors' names; a directory fsync covers
+//!   the names (and which inode they lead to) of the directory's entries; a commit covers
+//!   everything. Nothing committed is lost and nothing appears from nowhere.
+//! - Reopened read-only after the replay, ubtrfs shows the same namespace (the replay committed),
+//!   and `btrfs check` is clean on the image ubtrfs's replay produced.
+//! - A sample of states (two per workload; `UBTRFS_CRASH_KERNEL=all` for every state) is also
+//!   replayed by a kernel loop mount: same promise checks, the same namespace as ubtrfs's
+//!   replay, and `btrfs check` clean afterwards.
+//!
+//! Knobs: `UBTRFS_CRASH_SUBSETS` (random subsets per large epoch, default 4),
+//! `UBTRFS_CRASH_KERNEL=all`, `UBTRFS_CRASH_ONLY=<workload name part>`, `UBTRFS_CRASH_ROUNDS`
+//! (fsyncs per thread of the concurrent workload, default 4), `UBTRFS_CRASH_NO_SHRINKER` (to
+//! tell a shrinker-dependent failure from others). A failing state's image is kept under
+//! `$TMPDIR/ubtrfs-crash-failed/`.
+//!
+//! The checks do not depend on whether an fsync used the log or fell back to a full commit.
+//! Direct I/O and O_DSYNC: the library has no separate direct-I/O write path (FUSE direct opens
+//! go through the same `btrfs_buffered_write`); "direct" is modelled as write + writeback +
+//! fsync, O_DSYNC as write + fsync, which is what they reach at this level.
+
+mod common;
+
+use common::oracle::{mkfs_btrfs, pattern};
+use common::{Rng, TestDir};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use ubtrfs_ctree::BlockDevice;
+use ubtrfs_fs::dir_item::Target;
+use ubtrfs_fs::inode::{S_IFDIR, S_IFLNK, S_IFMT, S_IFREG};
+use ubtrfs_fs::{FsInfo, MountOptions};
+
+/// Whether a directory fsync goes through `btrfs_sync_file` (the kernel's fsyncdir, where
+/// directory logging lands) or, as the daemon's fsyncdir does until then, a full commit.
+const DIR_FSYNC_LOGS: bool = false;
+
+const IMAGE_SIZE: u64 = 256 << 20;
+const SECTOR: u64 = 4096;
+
+// ---------------------------------------------------------------------------------------------
+// Devices
+
+#[derive(Debug)]
+enum Op {
+    Write { off: u64, data: Vec<u8> },
+    Flush,
+}
+
+/// Writes through to an image file and records every write and flush in issue order.
+#[derive(Debug)]
+struct Recorder {
+    file: File,
+    ops: Mutex<Vec<Op>>,
+}
+
+impl BlockDevice for Recorder {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        // The lock orders the record as the writes completed.
+        let mut ops = self.ops.lock();
+        self.file.write_all_at(buf, offset)?;
+        ops.push(Op::Write {
+            off: offset,
+            data: buf.to_vec(),
+        });
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.ops.lock().push(Op::Flush);
+        Ok(())
+    }
+}
+
+impl Recorder {
+    fn pos(&self) -> usize {
+        self.ops.lock().len()
+    }
+}
+
+/// A scratch copy-on-write view of an image: reads fall through to the file, writes stay in
+/// memory (ubtrfs's read-write replay of a crash state must not change the state).
+#[derive(Debug)]
+struct Overlay {
+    base: File,
+    sectors: Mutex<HashMap<u64, Vec<u8>>>,
+}
+
+impl Overlay {
+    fn new(img: &Path) -> Arc<Overlay> {
+        Arc::new(Overlay {
+            base: File::open(img).unwrap(),
+            sectors: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Write the overlay's changes into `img` (a copy of the base).
+    fn materialize(&self, img: &Path) {
+        let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+        for (s, data) in self.sectors.lock().iter() {
+            f.write_all_at(data, s * SECTOR).unwrap();
+        }
+    }
+}
+
+impl BlockDevice for Overlay {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let map = self.sectors.lock();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let (s, within) = (pos / SECTOR, (pos % SECTOR) as usize);
+            let n = (SECTOR as usize - within).min(buf.len() - done);
+            match map.get(&s) {
+                Some(d) => buf[done..done + n].copy_from_slice(&d[within..within + n]),
+                None => self.base.read_exact_at(&mut buf[done..done + n], pos)?,
+            }
+            done += n;
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let mut map = self.sectors.lock();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let (s, within) = (pos / SECTOR, (pos % SECTOR) as usize);
+            let n = (SECTOR as usize - within).min(buf.len() - done);
+            let d = match map.entry(s) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let mut d = vec![0u8; SECTOR as usize];
+                    self.base.read_exact_at(&mut d, s * SECTOR)?;
+                    e.insert(d)
+                }
+            };
+            d[within..within + n].copy_from_slice(&buf[done..done + n]);
+            done += n;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Namespace snapshots
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Node {
+    ino: u64,
+    /// S_IFMT bits.
+    kind: u32,
+    perm: u32,
+    nlink: u32,
+    /// File size (0 for directories: their i_size is btrfs check's business).
+    size: u64,
+    /// File content or symlink target.
+    data: Vec<u8>,
+    xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl Node {
+    fn name_level(&self) -> (u64, u32) {
+        (self.ino, self.kind)
+    }
+    fn describe(n: Option<&Node>) -> String {
+        match n {
+            None => "absent".into(),
+            Some(n) => format!(
+                "ino {} kind {:o} perm {:o} nlink {} size {} data#{:016x} xattrs {:?}",
+                n.ino,
+                n.kind,
+                n.perm,
+                n.nlink,
+                n.size,
+                hash(&n.data),
+                n.xattrs
+                    .iter()
+                    .map(|(k, v)| format!("{}={}", String::from_utf8_lossy(k), v.len()))
+                    .collect::<Vec<_>>()
+            ),
+        }
+    }
+}
+
+fn hash(d: &[u8]) -> u64 {
+    d.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+type Snap = BTreeMap<String, Node>;
+
+/// Everything below the mount root of `fs`, through the library.
+fn snapshot_ubtrfs(fs: &FsInfo) -> Result<Snap, String> {
+    let root = fs.mount_root;
+    let dirid = fs.root(root).map_err(|e| e.to_string())?.item.root_dirid;
+    let mut out = Snap::new();
+    let mut stack = vec![(dirid, String::new(), 0usize)];
+    while let Some((dir, path, depth)) = stack.pop() {
+        if depth > 16 {
+            return Err(format!("{path}: too deep"));
+        }
+        let mut start = 0;
+        loop {
+            let ents = ubtrfs_fs::dir_item::readdir(fs, root, dir, start, 64)
+                .map_err(|e| format!("readdir {path:?}: {e}"))?;
+            if ents.is_empty() {
+                break;
+            }
+            for e in &ents {
+                start = e.index + 1;
+                let name = String::from_utf8_lossy(&e.name).into_owned();
+                let p = if path.is_empty() {
+                    name
+                } else {
+                    format!("{path}/{name}")
+                };
+                let Target::Inode { ino, .. } = e.target else {
+                    return Err(format!("{p}: subvolume entry"));
+                };
+                let node = node_ubtrfs(fs, root, ino).map_err(|e| format!("{p}: {e}"))?;
+                if node.kind == S_IFDIR {
+                    stack.push((ino, p.clone(), depth + 1));
+                }
+                out.insert(p, node);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn node_ubtrfs(fs: &FsInfo, root: u64, ino: u64) -> ubtrfs_fs::Result<Node> {
+    let mut ii = ubtrfs_fs::inode::read_inode(fs, root, ino)?;
+    ubtrfs_fs::file_write::live_attrs(fs, root, ino, &mut ii);
+    let kind = ii.mode & S_IFMT;
+    let data = match kind {
+        S_IFREG => {
+            let emi = fs.ems.inode(root, ino);
+            let mut v = Vec::new();
+            while (v.len() as u64) < ii.size {
+                let chunk =
+                    ubtrfs_fs::file::read(fs, root, ino, &ii, &emi, v.len() as u64, 1 << 20)?;
+                if chunk.is_empty() {
+                    break;
+                }
+                v.extend_from_slice(&chunk);
+            }
+            v
+        }
+        S_IFLNK => ubtrfs_fs::file::readlink(fs, root, ino, &ii)?,
+        _ => Vec::new(),
+    };
+    let mut xattrs = BTreeMap::new();
+    for n in ubtrfs_fs::xattr::list(fs, root, ino)? {
+        let v = ubtrfs_fs::xattr::get(fs, root, ino, &n)?;
+        xattrs.insert(n, v);
+    }
+    Ok(Node {
+        ino,
+        kind,
+        perm: ii.mode & 0o7777,
+        nlink: ii.nlink,
+        size: if kind == S_IFDIR { 0 } else { ii.size },
+        data,
+        xattrs,
+    })
+}
+
+/// Everything below a kernel mount point, through the VFS.
+fn snapshot_kernel(dir: &Path) -> Result<Snap, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Snap::new();
+    let mut stack = vec![(dir.to_path_buf(), String::new())];
+    while let Some((d, path)) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(|e| format!("readdir {path:?}: {e}"))? {
+            let e = e.map_err(|e| e.to_string())?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let p = if path.is_empty() {
+                name
+            } else {
+                format!("{path}/{name}")
+            };
+            let fp = e.path();
+            let md = std::fs::symlink_metadata(&fp).map_err(|e| format!("{p}: {e}"))?;
+            let kind = md.mode() & S_IFMT;
+            let data = match kind {
+                S_IFREG => std::fs::read(&fp).map_err(|e| format!("{p}: {e}"))?,
+                S_IFLNK => {
+                    use std::os::unix::ffi::OsStrExt;
+                    std::fs::read_link(&fp)
+                        .map_err(|e| format!("{p}: {e}"))?
+                        .as_os_str()
+                        .as_bytes()
+                        .to_vec()
+                }
+                _ => Vec::new(),
+            };
+            if kind == S_IFDIR {
+                stack.push((fp.clone(), p.clone()));
+            }
+            out.insert(
+                p,
+                Node {
+                    ino: md.ino(),
+                    kind,
+                    perm: md.mode() & 0o7777,
+                    nlink: md.nlink() as u32,
+                    size: if kind == S_IFDIR { 0 } else { md.size() },
+                    data,
+                    xattrs: kernel_xattrs(&fp)?,
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The xattrs of `p` (not following symlinks), with `getfattr`.
+fn kernel_xattrs(p: &Path) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, String> {
+    let out = Command::new("getfattr")
+        .args(["--absolute-names", "-h", "-d", "-m", "-", "-e", "hex"])
+        .arg(p)
+        .output()
+        .map_err(|e| format!("getfattr: {e}"))?;
+    let mut m = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        let hex = v.trim_start_matches("0x");
+        let bytes = (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .map_err(|e| format!("getfattr value {v}: {e}"))?;
+        m.insert(k.as_bytes().to_vec(), bytes);
+    }
+    Ok(m)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workloads and checkpoints
+
+#[derive(Clone, Debug, Default)]
+struct Promise {
+    all: bool,
+    /// Paths promised in full.
+    full: BTreeSet<String>,
+    /// Paths promised by name (which inode, if any, the name leads to).
+    names: BTreeSet<String>,
+}
+
+#[derive(Debug)]
+struct Checkpoint {
+    pos: usize,
+    label: String,
+    promise: Promise,
+    snap: Snap,
+    /// The snapshot holds only some paths (concurrent workloads): the others are unknown here,
+    /// not absent.
+    partial: bool,
+}
+
+/// A workload running on a recorded filesystem.
+struct Work {
+    fs: Arc<FsInfo>,
+    /// None while the setup runs (not recorded).
+    rec: Option<Arc<Recorder>>,
+    root: u64,
+    cps: Vec<Checkpoint>,
+}
+
+fn rw() -> MountOptions {
+    MountOptions {
+        readonly: false,
+        commit_interval: 3600,
+        ..MountOptions::default()
+    }
+}
+
+fn split(path: &str) -> (&str, &str) {
+    match path.rsplit_once('/') {
+        Some((d, n)) => (d, n),
+        None => ("", path),
+    }
+}
+
+fn ancestors(path: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    let mut p = path;
+    while let Some((d, _)) = p.rsplit_once('/') {
+        v.push(d.to_string());
+        p = d;
+    }
+    v
+}
+
+impl Work {
+    fn ino(&self, path: &str) -> u64 {
+        let mut ino = self.fs.root(self.root).unwrap().item.root_dirid;
+        if path.is_empty() {
+            return ino;
+        }
+        for c in path.split('/') {
+            match ubtrfs_fs::dir_item::lookup(&self.fs, self.root, ino, c.as_bytes())
+                .unwrap_or_else(|e| panic!("lookup {path}: {e}"))
+            {
+                Target::Inode { ino: i, .. } => ino = i,
+                t => panic!("{path}: {t:?}"),
+            }
+        }
+        ino
+    }
+
+    fn create(&self, path: &str, content: &[u8]) -> u64 {
+        let (d, n) = split(path);
+        let (ino, _) = ubtrfs_fs::inode::btrfs_new_inode(
+            &self.fs,
+            self.root,
+            self.ino(d),
+            n.as_bytes(),
+            S_IFREG | 0o644,
+            0,
+            0,
+            0,
+        )
+        .unwrap();
+        if !content.is_empty() {
+            self.write(path, 0, content);
+        }
+        ino
+    }
+
+    fn mkdir(&self, path: &str) {
+        let (d, n) = split(path);
+        ubtrfs_fs::inode::btrfs_new_inode(
+            &self.fs,
+            self.root,
+            self.ino(d),
+            n.as_bytes(),
+            S_IFDIR | 0o755,
+            0,
+            0,
+            0,
+        )
+        .unwrap();
+    }
+
+    fn write(&self, path: &str, off: u64, data: &[u8]) {
+        ubtrfs_fs::file_write::btrfs_buffered_write(&self.fs, self.root, self.ino(path), off, data)
+            .unwrap();
+    }
+
+    fn writeback(&self, path: &str) {
+        ubtrfs_fs::file_write::btrfs_writeback(&self.fs, self.root, self.ino(path)).unwrap();
+    }
+
+    fn truncate(&self, path: &str, size: u64) {
+        let attrs = ubtrfs_fs::inode::SetAttr {
+            size: Some(size),
+            ..Default::default()
+        };
+        ubtrfs_fs::inode::btrfs_setattr(&self.fs, self.root, self.ino(path), &attrs).unwrap();
+    }
+
+    fn fallocate(&self, path: &str, mode: u32, off: u64, len: u64) {
+        ubtrfs_fs::file_write::btrfs_fallocate(&self.fs, self.root, self.ino(path), mode, off, len)
+            .unwrap();
+    }
+
+    fn link(&self, from: &str, to: &str) {
+        let (d, n) = split(to);
+        ubtrfs_fs::inode::btrfs_link(
+            &self.fs,
+            self.root,
+            self.ino(from),
+            self.ino(d),
+            n.as_bytes(),
+        )
+        .unwrap();
+    }
+
+    fn unlink(&self, path: &str) {
+        let (d, n) = split(path);
+        ubtrfs_fs::inode::btrfs_unlink(&self.fs, self.root, self.ino(d), n.as_bytes()).unwrap();
+    }
+
+    fn rename(&self, from: &str, to: &str) {
+        let (fd, fname) = split(from);
+        let (td, tname) = split(to);
+        ubtrfs_fs::inode::btrfs_rename(
+            &self.fs,
+            self.root,
+            self.ino(fd),
+            fname.as_bytes(),
+            self.ino(td),
+            tname.as_bytes(),
+            0,
+        )
+        .unwrap();
+    }
+
+    fn symlink(&self, path: &str, target: &str) {
+        let (d, n) = split(path);
+        ubtrfs_fs::inode::btrfs_symlink(
+            &self.fs,
+            self.root,
+            self.ino(d),
+            n.as_bytes(),
+            target.as_bytes(),
+            0,
+            0,
+        )
+        .unwrap();
+    }
+
+    fn setxattr(&self, path: &str, name: &str, value: &[u8]) {
+        ubtrfs_fs::xattr::btrfs_setxattr(
+            &self.fs,
+            self.root,
+            self.ino(path),
+            name.as_bytes(),
+            value,
+            0,
+        )
+        .unwrap();
+    }
+
+    fn removexattr(&self, path: &str, name: &str) {
+        ubtrfs_fs::xattr::btrfs_removexattr(&self.fs, self.root, self.ino(path), name.as_bytes())
+            .unwrap();
+    }
+
+    fn checkpoint(&mut self, label: String, promise: Promise) {
+        let pos = self.rec.as_ref().expect("recorded workload").pos();
+        let snap = snapshot_ubtrfs(&self.fs).unwrap();
+        self.cps.push(Checkpoint {
+            pos,
+            label,
+            promise,
+            snap,
+            partial: false,
+        });
+    }
+
+    /// fsync of a file (`btrfs_sync_file`): the inode in full under every name it has, the
+    /// names it had before (they must be gone), and its ancestors' names.
+    fn fsync(&mut self, path: &str) {
+        let ino = self.ino(path);
+        let out = ubtrfs_fs::tree_log::btrfs_sync_file(&self.fs, self.root, ino).unwrap();
+        let now = snapshot_ubtrfs(&self.fs).unwrap();
+        let mut p = Promise::default();
+        for (q, n) in &now {
+            if n.ino == ino {
+                p.full.insert(q.clone());
+                p.names.extend(ancestors(q));
+            }
+        }
+        for cp in &self.cps {
+            for (q, n) in &cp.snap {
+                if n.ino == ino && !p.full.contains(q) {
+                    p.names.insert(q.clone());
+                }
+            }
+        }
+        self.checkpoint(format!("fsync {path} ({out:?})"), p);
+    }
+
+    /// fsync of a directory: the names of its entries, present and removed.
+    fn fsync_dir(&mut self, path: &str) {
+        let ino = self.ino(path);
+        let out = if DIR_FSYNC_LOGS {
+            format!(
+                "{:?}",
+                ubtrfs_fs::tree_log::btrfs_sync_file(&self.fs, self.root, ino).unwrap()
+            )
+        } else {
+            self.fs.commit().unwrap();
+            "commit".to_string()
+        };
+        let now = snapshot_ubtrfs(&self.fs).unwrap();
+        let mut p = Promise::default();
+        let child = |q: &str| split(q).0 == path;
+        p.names.extend(now.keys().filter(|q| child(q)).cloned());
+        for cp in &self.cps {
+            p.names.extend(cp.snap.keys().filter(|q| child(q)).cloned());
+        }
+        p.names.extend(ancestors(&format!("{path}/x")));
+        p.names.remove("");
+        self.checkpoint(format!("fsync dir {path:?} ({out})"), p);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Crash states
+
+/// The record of one workload, ready for enumeration.
+struct Recorded {
+    name: String,
+    dir: TestDir,
+    base: PathBuf,
+    ops: Vec<Op>,
+    cps: Vec<Checkpoint>,
+    /// Keep the image of a failing state (not for the harness's self-test).
+    keep_failed: bool,
+}
+
+/// Make a base image with the common setup committed, run `work` on it through the recorder.
+fn record(name: &str, work: impl FnOnce(&mut Work)) -> Recorded {
+    let dir = TestDir::new(&format!("crash-{name}"));
+    let base = dir.join("base.img");
+    mkfs_btrfs(&base, IMAGE_SIZE, &[]);
+    {
+        let fs = FsInfo::open(&base, rw()).unwrap();
+        let w = Work {
+            root: fs.mount_root,
+            fs,
+            rec: None,
+            cps: Vec::new(),
+        };
+        setup(&w);
+        w.fs.sync().unwrap();
+    }
+    let live = dir.join("live.img");
+    cp_sparse(&base, &live);
+    let rec = Arc::new(Recorder {
+        file: std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&live)
+            .unwrap(),
+        ops: Mutex::new(Vec::new()),
+    });
+    let fs = FsInfo::open_backend(rec.clone(), IMAGE_SIZE, &live, rw()).unwrap();
+    let mut w = Work {
+        root: fs.mount_root,
+        fs,
+        rec: Some(rec.clone()),
+        cps: Vec::new(),
+    };
+    // The base: committed, everything promised.
+    w.checkpoint(
+        "base".into(),
+        Promise {
+            all: true,
+            ..Promise::default()
+        },
+    );
+    work(&mut w);
+    // Power cut: the filesystem is dropped without unmounting.
+    let cps = std::mem::take(&mut w.cps);
+    drop(w);
+    let ops = std::mem::take(&mut *rec.ops.lock());
+    Recorded {
+        name: name.to_string(),
+        dir,
+        base,
+        ops,
+        cps,
+        keep_failed: true,
+    }
+}
+
+/// The committed starting point of every workload.
+fn setup(w: &Work) {
+    w.mkdir("A");
+    w.mkdir("B");
+    w.create("A/foo", &pattern(1, 64 << 10));
+    w.create("A/bar", &pattern(2, 3000));
+    w.create("big", &pattern(3, 300_000));
+    w.setxattr("big", "user.k", b"v1");
+}
+
+fn cp_sparse(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cp {} {}", from.display(), to.display());
+}
+
+fn apply(img: &File, ops: &[Op], which: impl Iterator<Item = usize>) {
+    for i in which {
+        if let Op::Write { off, data } = &ops[i] {
+            img.write_all_at(data, *off).unwrap();
+        }
+    }
+}
+
+/// `btrfs check --readonly`: Ok, or its output.
+fn check_image(img: &Path) -> Result<(), String> {
+    let out = Command::new("btrfs")
+        .args(["check", "--readonly"])
+        .arg(img)
+        .output()
+        .map_err(|e| format!("running btrfs check: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && !text.contains("ERROR") && text.contains("no error found") {
+        Ok(())
+    } else {
+        Err(format!("btrfs check failed:\n{text}"))
+    }
+}
+
+/// Check a recovered namespace against the checkpoints promised by a crash at position `t`
+/// (every checkpoint with pos <= t).
+fn check_promises(cps: &[Checkpoint], t: usize, got: &Snap) -> Result<(), String> {
+    let durable: Vec<usize> = (0..cps.len()).filter(|&i| cps[i].pos <= t).collect();
+    let mut paths: BTreeSet<&String> = got.keys().collect();
+    for cp in cps {
+        paths.extend(cp.snap.keys());
+    }
+    let mut errs = Vec::new();
+    for p in paths {
+        let known = |i: usize| !cps[i].partial || cps[i].snap.contains_key(p);
+        let covers_full =
+            |i: usize| known(i) && (cps[i].promise.all || cps[i].promise.full.contains(p));
+        let covers_name = |i: usize| covers_full(i) || cps[i].promise.names.contains(p);
+        let j_full = *durable
+            .iter()
+            .rev()
+            .find(|&&i| covers_full(i))
+            .expect("base");
+        let j_name = *durable
+            .iter()
+            .rev()
+            .find(|&&i| covers_name(i))
+            .expect("base");
+        let g = got.get(p);
+        let names: Vec<Option<(u64, u32)>> = (j_name..cps.len())
+            .filter(|&i| known(i))
+            .map(|i| cps[i].snap.get(p).map(Node::name_level))
+            .collect();
+        if !names.contains(&g.map(Node::name_level)) {
+            errs.push(format!(
+                "{p}: is {} but since checkpoint {j_name} ({}) it was only {:?}",
+                Node::describe(g),
+                cps[j_name].label,
+                names
+            ));
+            continue;
+        }
+        // Content is promised unless a later name-only promise (a directory fsync, which logs
+        // the inode as existing only) covered the path after its content changed.
+        let full_at_j = cps[j_full].snap.get(p);
+        let name_only_later = (j_full + 1..cps.len())
+            .any(|m| !covers_full(m) && covers_name(m) && cps[m].snap.get(p) != full_at_j);
+        if name_only_later {
+            continue;
+        }
+        let fulls: Vec<Option<&Node>> = (j_full..cps.len())
+            .filter(|&i| known(i))
+            .map(|i| cps[i].snap.get(p))
+            .collect();
+        if !fulls.contains(&g) {
+            errs.push(format!(
+                "{p}: is {} but since checkpoint {j_full} ({}) it was only [{}]",
+                Node::describe(g),
+                cps[j_full].label,
+                fulls
+                    .iter()
+                    .map(|n| Node::describe(*n))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs.join("\n"))
+    }
+}
+
+/// How many random subsets per epoch beyond the exhaustive ones.
+fn subsets_per_epoch() -> usize {
+    std::env::var("UBTRFS_CRASH_SUBSETS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+}
+
+/// Epochs up to this many writes are enumerated exhaustively.
+const EXHAUSTIVE_WRITES: usize = 4;
+
+#[derive(Default, Debug)]
+struct Tally {
+    states: usize,
+    kernel: usize,
+}
+
+/// Enumerate and check the crash states of a recorded workload; the failures, if any.
+fn check_states(r: &Recorded, seed: u64) -> (Tally, Option<String>) {
+    let mut tally = Tally::default();
+    let flushes: Vec<usize> = (0..r.ops.len())
+        .filter(|&i| matches!(r.ops[i], Op::Flush))
+        .collect();
+    let prefix = r.dir.join("prefix.img");
+    cp_sparse(&r.base, &prefix);
+    let prefix_file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&prefix)
+        .unwrap();
+    let kernel_all = std::env::var("UBTRFS_CRASH_KERNEL").as_deref() == Ok("all");
+    let mut rng = Rng::new(seed);
+    let mut failures = Vec::new();
+    let nflush = flushes.len();
+    // Which states the kernel replays: the last flush point, and one random other.
+    let kernel_pick = (nflush, rng.index(nflush + 1));
+    for k in 0..=nflush {
+        let start = if k == 0 { 0 } else { flushes[k - 1] + 1 };
+        let end = flushes.get(k).copied().unwrap_or(r.ops.len());
+        // The crash happens just before flush k+1: everything returned before it was promised.
+        let t = end;
+        let writes: Vec<usize> = (start..end).collect();
+        let mut subsets: Vec<Vec<usize>> = Vec::new();
+        if writes.len() <= EXHAUSTIVE_WRITES {
+            for mask in 0u32..(1 << writes.len()) {
+                subsets.push(
+                    (0..writes.len())
+                        .filter(|b| mask & (1 << b) != 0)
+                        .map(|b| writes[b])
+                        .collect(),
+                );
+            }
+        } else {
+            subsets.push(Vec::new());
+            subsets.push(writes.clone());
+            for _ in 0..subsets_per_epoch() {
+                let s: Vec<usize> = writes
+                    .iter()
+                    .copied()
+                    .filter(|_| rng.chance(1, 2))
+                    .collect();
+                if !subsets.contains(&s) {
+                    subsets.push(s);
+                }
+            }
+        }
+        for (si, s) in subsets.iter().enumerate() {
+            let id = format!(
+                "{}: flush point {k}/{nflush} + {} of {} writes {:?}",
+                r.name,
+                s.len(),
+                writes.len(),
+                s
+            );
+            let img = r.dir.join("state.img");
+            let _ = std::fs::remove_file(&img);
+            cp_sparse(&prefix, &img);
+            {
+                let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+                apply(&f, &r.ops, s.iter().copied());
+            }
+            let with_kernel = kernel_all || (si == 0 && (k == kernel_pick.0 || k == kernel_pick.1));
+            if let Err(e) = check_one(r, &img, t, with_kernel) {
+                if r.keep_failed {
+                    // Keep the crash image for a post-mortem (TestDir removes the rest).
+                    let keep = std::env::temp_dir()
+                        .join("ubtrfs-crash-failed")
+                        .join(format!(
+                            "{}-{}-{}.img",
+                            r.name,
+                            std::process::id(),
+                            tally.states
+                        ));
+                    let _ = std::fs::create_dir_all(keep.parent().expect("has a parent"));
+                    cp_sparse(&img, &keep);
+                    failures.push(format!("{id} (image kept: {})\n{e}", keep.display()));
+                } else {
+                    failures.push(format!("{id}\n{e}"));
+                }
+            }
+            tally.states += 1;
+            tally.kernel += usize::from(with_kernel);
+        }
+        // Advance to flush point k+1.
+        apply(&prefix_file, &r.ops, start..end);
+    }
+    if failures.is_empty() {
+        return (tally, None);
+    }
+    let msg = format!(
+        "{} of {} crash states failed (checkpoints: {}):\n{}",
+        failures.len(),
+        tally.states,
+        r.cps
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("#{i} {} @{}", c.label, c.pos))
+            .collect::<Vec<_>>()
+            .join(", "),
+        failures.join("\n\n")
+    );
+    (tally, Some(msg))
+}
+
+/// Check one crash image.
+fn check_one(r: &Recorded, img: &Path, t: usize, with_kernel: bool) -> Result<(), String> {
+    check_image(img).map_err(|e| format!("crash image: {e}"))?;
+    // ubtrfs: read-write replay into a scratch overlay.
+    let ov = Overlay::new(img);
+    let got = {
+        let fs = FsInfo::open_backend(ov.clone(), IMAGE_SIZE, img, rw())
+            .map_err(|e| format!("ubtrfs open: {e}"))?;
+        let got = snapshot_ubtrfs(&fs).map_err(|e| format!("ubtrfs walk: {e}"))?;
+        check_promises(&r.cps, t, &got).map_err(|e| format!("ubtrfs replay:\n{e}"))?;
+        got
+    };
+    // The replay committed: a read-only reopen shows the same.
+    {
+        let fs = FsInfo::open_backend(ov.clone(), IMAGE_SIZE, img, MountOptions::default())
+            .map_err(|e| format!("ubtrfs reopen: {e}"))?;
+        if fs.sb.log_root != 0 {
+            return Err("ubtrfs replay left a log_root behind".into());
+        }
+        let again = snapshot_ubtrfs(&fs).map_err(|e| format!("ubtrfs reopen walk: {e}"))?;
+        if again != got {
+            return Err("ubtrfs reopen after replay differs from the replayed state".into());
+        }
+    }
+    // What ubtrfs's replay committed is a valid filesystem.
+    let replayed = r.dir.join("ubtrfs-replayed.img");
+    let _ = std::fs::remove_file(&replayed);
+    cp_sparse(img, &replayed);
+    ov.materialize(&replayed);
+    check_image(&replayed).map_err(|e| format!("after ubtrfs replay: {e}"))?;
+    if with_kernel {
+        let kimg = r.dir.join("kernel.img");
+        let _ = std::fs::remove_file(&kimg);
+        cp_sparse(img, &kimg);
+        let ksnap = {
+            let m = common::oracle::KernelMount::new(&kimg, &r.dir.join("mnt"), "rw");
+            snapshot_kernel(&m.dir).map_err(|e| format!("kernel walk: {e}"))?
+        };
+        check_promises(&r.cps, t, &ksnap).map_err(|e| format!("kernel replay:\n{e}"))?;
+        if ksnap != got {
+            let diff: Vec<String> = ksnap
+                .keys()
+                .chain(got.keys())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .filter(|p| ksnap.get(*p) != got.get(*p))
+                .map(|p| {
+                    format!(
+                        "{p}: kernel {} / ubtrfs {}",
+                        Node::describe(ksnap.get(p)),
+                        Node::describe(got.get(p))
+                    )
+                })
+                .collect();
+            return Err(format!(
+                "kernel and ubtrfs replays differ:\n{}",
+                diff.join("\n")
+            ));
+        }
+        check_image(&kimg).map_err(|e| format!("after kernel replay: {e}"))?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The workloads
+
+type Workload = (&'static str, fn(&mut Work));
+
+/// CrashMonkey/ACE seq-1: one operation, then fsync of the file or of its parent directory.
+fn seq1() -> Vec<Workload> {
+    vec![
+        ("creat-fsync", |w| {
+            w.create("A/new", b"");
+            w.fsync("A/new");
+        }),
+        ("creat-fsync-parent", |w| {
+            w.create("A/new", b"");
+            w.fsync_dir("A");
+        }),
+        ("creat-write-fsync", |w| {
+            w.create("A/new", &pattern(10, 10_000));
+            w.fsync("A/new");
+        }),
+        ("mkdir-fsync", |w| {
+            w.mkdir("A/sub");
+            w.fsync_dir("A/sub");
+        }),
+        ("mkdir-fsync-parent", |w| {
+            w.mkdir("A/sub");
+            w.fsync_dir("A");
+        }),
+        ("write-buffered", |w| {
+            w.write("big", 400_000, &pattern(11, 8192));
+            w.fsync("big");
+        }),
+        ("write-direct", |w| {
+            // No separate direct-I/O path in the library: written back before the fsync.
+            w.write("A/foo", 128 << 10, &pattern(12, 16384));
+            w.writeback("A/foo");
+            w.fsync("A/foo");
+        }),
+        ("write-dsync", |w| {
+            // O_DSYNC = write + fsync of the whole file, as btrfs_sync_file ignores datasync.
+            w.write("A/bar", 3000, &pattern(13, 1000));
+            w.fsync("A/bar");
+        }),
+        ("overwrite", |w| {
+            w.write("big", 16384, &pattern(14, 4096));
+            w.fsync("big");
+        }),
+        ("overwrite-unaligned", |w| {
+            w.write("A/foo", 1000, &pattern(15, 7000));
+            w.fsync("A/foo");
+        }),
+        ("append", |w| {
+            w.write("A/foo", 64 << 10, &pattern(16, 5000));
+            w.fsync("A/foo");
+        }),
+        ("truncate-down", |w| {
+            w.truncate("big", 100_001);
+            w.fsync("big");
+        }),
+        ("truncate-up", |w| {
+            w.truncate("A/bar", 200_000);
+            w.fsync("A/bar");
+        }),
+        ("falloc-keep-size", |w| {
+            w.fallocate(
+                "big",
+                ubtrfs_fs::file_write::FALLOC_FL_KEEP_SIZE,
+                0,
+                512 << 10,
+            );
+            w.fsync("big");
+        }),
+        ("falloc-extend", |w| {
+            w.fallocate("A/foo", 0, 64 << 10, 64 << 10);
+            w.fsync("A/foo");
+        }),
+        ("punch-hole", |w| {
+            w.fallocate(
+                "big",
+                ubtrfs_fs::file_write::FALLOC_FL_PUNCH_HOLE
+                    | ubtrfs_fs::file_write::FALLOC_FL_KEEP_SIZE,
+                65536,
+                65536,
+            );
+            w.fsync("big");
+        }),
+        ("link-fsync", |w| {
+            w.link("A/foo", "B/foo2");
+            w.fsync("A/foo");
+        }),
+        ("link-fsync-parent", |w| {
+            w.link("A/foo", "B/foo2");
+            w.fsync_dir("B");
+        }),
+        ("unlink-fsync-parent", |w| {
+            w.unlink("A/bar");
+            w.fsync_dir("A");
+        }),
+        ("rename-file", |w| {
+            w.rename("A/foo", "B/foo");
+            w.fsync("B/foo");
+        }),
+        ("rename-file-fsync-parent", |w| {
+            w.rename("A/foo", "B/foo");
+            w.fsync_dir("B");
+        }),
+        ("rename-dir", |w| {
+            w.rename("A", "B/A2");
+            w.fsync_dir("B");
+        }),
+        ("rename-over-existing", |w| {
+            w.rename("A/bar", "big");
+            w.fsync("big");
+        }),
+        ("symlink", |w| {
+            w.symlink("A/ln", "../big");
+            w.fsync_dir("A");
+        }),
+        ("setxattr", |w| {
+            w.setxattr("big", "user.new", &pattern(17, 300));
+            w.fsync("big");
+        }),
+        ("removexattr", |w| {
+            w.removexattr("big", "user.k");
+            w.fsync("big");
+        }),
+    ]
+}
+
+/// Two operations around fsync (rename, link, unlink).
+fn seq2() -> Vec<Workload> {
+    vec![
+        ("rename-then-link", |w| {
+            w.rename("A/foo", "A/foo2");
+            w.link("A/foo2", "B/l");
+            w.fsync("A/foo2");
+        }),
+        ("link-then-unlink-old", |w| {
+            w.link("A/foo", "B/l");
+            w.unlink("A/foo");
+            w.fsync("B/l");
+        }),
+        ("unlink-recreate", |w| {
+            w.unlink("A/bar");
+            w.create("A/bar", &pattern(20, 5000));
+            w.fsync("A/bar");
+        }),
+        ("fsync-then-rename", |w| {
+            w.write("A/foo", 0, &pattern(21, 4096));
+            w.fsync("A/foo");
+            w.rename("A/foo", "B/foo");
+            w.fsync_dir("B");
+        }),
+        ("rename-fsync-unlink", |w| {
+            w.rename("A/foo", "A/x");
+            w.fsync("A/x");
+            w.unlink("A/x");
+            w.fsync_dir("A");
+        }),
+        ("create-fsync-rename-fsync", |w| {
+            w.create("A/n", &pattern(22, 20_000));
+            w.fsync("A/n");
+            w.rename("A/n", "B/n");
+            w.fsync("B/n");
+        }),
+        ("overwrite-fsync-twice", |w| {
+            w.write("big", 8192, &pattern(23, 8192));
+            w.fsync("big");
+            w.write("big", 8192, &pattern(24, 8192));
+            w.fsync("big");
+        }),
+        ("create-fsync-overwrite-fsync", |w| {
+            w.create("A/t", &pattern(25, 40_000));
+            w.fsync("A/t");
+            w.write("A/t", 30_000, &pattern(26, 15_000));
+            w.fsync("A/t");
+            w.write("A/t", 100_000, &pattern(27, 9000));
+            w.fsync("A/t");
+        }),
+        ("link-fsync-unlink-fsync", |w| {
+            w.link("big", "A/big2");
+            w.fsync("big");
+            w.unlink("big");
+            w.fsync("A/big2");
+        }),
+    ]
+}
+
+/// Several threads write and fsync their own files while the extent-map shrinker runs hard.
+fn concurrent(w: &mut Work) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const THREADS: usize = 4;
+    let rounds: u64 = std::env::var("UBTRFS_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let cps = Mutex::new(Vec::new());
+    let done = AtomicBool::new(false);
+    let scans = AtomicU64::new(0);
+    let start = std::sync::Barrier::new(THREADS);
+    let wr = &*w;
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                if std::env::var_os("UBTRFS_CRASH_NO_SHRINKER").is_none() {
+                    wr.fs.ems.btrfs_free_cached_objects(u64::MAX);
+                }
+                scans.fetch_add(1, Ordering::Relaxed);
+                std::thread::yield_now();
+            }
+        });
+        let writers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (cps, start) = (&cps, &start);
+                sc.spawn(move || {
+                    let path = format!("A/t{t}");
+                    wr.create(&path, &pattern(100 + t as u64, 40_000));
+                    start.wait();
+                    let mut rng = Rng::new(t as u64);
+                    for r in 0..rounds {
+                        let off = rng.below(200_000);
+                        let len = 1 + rng.below(20_000) as usize;
+                        wr.write(&path, off, &pattern(1000 + t as u64 * 100 + r, len));
+                        let ino = wr.ino(&path);
+                        let out =
+                            ubtrfs_fs::tree_log::btrfs_sync_file(&wr.fs, wr.root, ino).unwrap();
+                        // Taken after the fsync returned: never earlier than its promise.
+                        let pos = wr.rec.as_ref().expect("recorded").pos();
+                        let node = node_ubtrfs(&wr.fs, wr.root, ino).unwrap();
+                        cps.lock().push(Checkpoint {
+                            pos,
+                            label: format!("fsync {path} #{r} ({out:?})"),
+                            promise: Promise {
+                                full: [path.clone()].into(),
+                                ..Promise::default()
+                            },
+                            snap: [(path.clone(), node)].into(),
+                            partial: true,
+                        });
+                    }
+                })
+            })
+            .collect();
+        for h in writers {
+            h.join().unwrap();
+        }
+        done.store(true, Ordering::Relaxed);
+    });
+    assert!(scans.load(Ordering::Relaxed) > 0, "the shrinker never ran");
+    let mut v = cps.into_inner();
+    v.sort_by_key(|c| c.pos);
+    w.cps.extend(v);
+}
+
+fn run_set(set: &str, workloads: Vec<Workload>, only: Option<&str>) {
+    let mut total = Tally::default();
+    let mut lines = Vec::new();
+    let mut failures = Vec::new();
+    for (i, (name, f)) in workloads.into_iter().enumerate() {
+        if only.is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
+        let r = record(name, f);
+        let (t, failed) = check_states(&r, 0x5eed ^ (i as u64) << 8);
+        if let Some(f) = failed {
+            failures.push(format!("{name}: {f}"));
+        }
+        lines.push(format!(
+            "  {name}: {} ops, {} flushes, {} crash states ({} also replayed by the kernel); {}",
+            r.ops.len(),
+            r.ops.iter().filter(|o| matches!(o, Op::Flush)).count(),
+            t.states,
+            t.kernel,
+            r.cps
+                .iter()
+                .skip(1)
+                .map(|c| c.label.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        total.states += t.states;
+        total.kernel += t.kernel;
+    }
+    println!(
+        "crash states checked ({set}): {} ({} by the kernel too)\n{}",
+        total.states,
+        total.kernel,
+        lines.join("\n")
+    );
+    assert!(total.states > 0);
+    assert!(
+        failures.is_empty(),
+        "{} workloads failed:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
+
+fn only() -> Option<String> {
+    std::env::var("UBTRFS_CRASH_ONLY").ok()
+}
+
+// Test scenario: each single operation of the seq-1 set on a committed tree, then fsync of the
+// file or of its parent; every crash state of the record obeys what the fsync promised.
+#[test]
+fn crash_seq1() {
+    run_set("seq-1", seq1(), only().as_deref());
+}
+
+// Test scenario: rename/link/unlink pairs around fsync; every crash state obeys the promises
+// of each fsync that returned before the crash.
+#[test]
+fn crash_seq2() {
+    run_set("seq-2", seq2(), only().as_deref());
+}
+
+// Test scenario: four threads each create a file and overwrite + fsync it a few times while a
+// fifth runs the extent-map shrinker in a loop; every crash state keeps each file at (or after)
+// the version of its last fsync that returned before the crash.
+#[test]
+fn crash_concurrent_fsync_with_shrinker() {
+    run_set("concurrent", vec![("concurrent", concurrent)], None);
+}
+
+// Test scenario: the harness has teeth. The record of a logged overwrite is falsified twice:
+// (a) without its flushes, so that the superblock may land before the log blocks it points to;
+// (b) with the log sync's superblock write turned into a no-op, as a disk that acknowledged a
+// flush and lost the write. Both must be reported as failures.
+#[test]
+fn crash_harness_detects_broken_ordering() {
+    let w: fn(&mut Work) = |w| {
+        w.write("big", 16384, &pattern(14, 4096));
+        w.fsync("big");
+    };
+    let mut r = record("selftest", w);
+    r.keep_failed = false;
+    let flushes: Vec<usize> = (0..r.ops.len())
+        .filter(|&i| matches!(r.ops[i], Op::Flush))
+        .collect();
+    assert!(flushes.len() >= 2, "a log sync or commit flushes twice");
+    // (b) The last write before the last flush is the superblock: make it write what was there.
+    let last = flushes[flushes.len() - 1];
+    let Op::Write { off, data } = &mut r.ops[last - 1] else {
+        panic!("no write before the last flush");
+    };
+    assert_eq!(
+        *off, 65536,
+        "the last write of a sync is the primary superblock"
+    );
+    File::open(&r.base)
+        .unwrap()
+        .read_exact_at(data, *off)
+        .unwrap();
+    let (_, failed) = check_states(&r, 1);
+    let msg = failed.expect("a lost superblock write must be caught");
+    assert!(msg.contains("big: is"), "{msg}");
+    // (a) No flushes at all: one epoch, random subsets (seeded) of every write.
+    let mut r = record("selftest-noflush", w);
+    r.keep_failed = false;
+    r.ops.retain(|o| !matches!(o, Op::Flush));
+    // The fsync returned at the end of the record; a crash at its end promises it.
+    let n = r.ops.len();
+    for c in r.cps.iter_mut().skip(1) {
+        c.pos = n;
+    }
+    let mut caught = false;
+    for seed in 0..8 {
+        if check_states(&r, seed).1.is_some() {
+            caught = true;
+            break;
+        }
+    }
+    assert!(
+        caught,
+        "writes reordered across a missing flush must be caught"
+    );
+}
