@@ -211,6 +211,18 @@ fn file_type(mode: u32) -> FileType {
     }
 }
 
+/// The generation a reply gives the kernel for `node`: the inode item's, except for the mount
+/// root, which the kernel made itself with generation 0 (`fuse_get_root_inode`); another value
+/// would make it declare its root inode stale (`fuse_stale_inode`), as a ".." lookup for a
+/// file handle can ask for the root.
+fn generation(node: u64, ii: &InodeItem) -> Generation {
+    Generation(if node == FUSE_ROOT_ID {
+        0
+    } else {
+        ii.generation
+    })
+}
+
 /// Kernel-internal dev_t (major << 20 | minor) as stored by btrfs, to the FUSE/new_encode_dev form.
 fn fuse_rdev(rdev: u64) -> u32 {
     let major = ((rdev >> 20) & 0xfff) as u32;
@@ -389,7 +401,7 @@ impl UbtrfsFuse {
     ) {
         match r {
             Ok((node, _, _, ii)) => {
-                reply.entry(&self.ttl, &self.attr(node, &ii), Generation(ii.generation))
+                reply.entry(&self.ttl, &self.attr(node, &ii), generation(node, &ii))
             }
             Err(e) => {
                 log_error(op, &e);
@@ -427,6 +439,28 @@ impl UbtrfsFuse {
 
     fn do_lookup(&self, parent: u64, name: &[u8]) -> Result<(u64, InodeItem), FsError> {
         let (root, dir, pii) = self.inode_of(parent)?;
+        // File handles (FUSE_EXPORT_SUPPORT): to open a handle whose inode it has forgotten,
+        // the kernel looks up "." in the handle's node id (of any file type), and ".." to
+        // reconnect a directory to its parent. The generation in the reply lets it refuse a
+        // handle of a deleted inode whose number came back.
+        if name == b"." {
+            let node = self.remember(root, dir, pii)?;
+            return Ok((node, pii));
+        }
+        if name == b".." {
+            if pii.mode & S_IFMT != ubtrfs_fs::inode::S_IFDIR {
+                return Err(FsError::NotDir);
+            }
+            let p = self.parent_node(parent, root, dir);
+            if p == parent && parent != FUSE_ROOT_ID {
+                // A subvolume's root directory: its parent is in another tree (ROOT_BACKREF),
+                // which this lookup does not follow; the handle cannot be reconnected.
+                return Err(FsError::NotFound);
+            }
+            let (r, i, ii) = self.inode_of(p)?;
+            let node = self.remember(r, i, ii)?;
+            return Ok((node, ii));
+        }
         if pii.mode & S_IFMT != ubtrfs_fs::inode::S_IFDIR {
             return Err(FsError::NotDir);
         }
@@ -553,7 +587,8 @@ impl Filesystem for UbtrfsFuse {
         let wanted = InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_CACHE_SYMLINKS;
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_EXPORT_SUPPORT;
         let _ = config.add_capabilities(wanted & config.capabilities());
         let _ = config.set_max_write(1 << 20);
         if let Err(max) = config.set_max_readahead(1 << 20) {
@@ -564,9 +599,16 @@ impl Filesystem for UbtrfsFuse {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.do_lookup(parent.0, name.as_bytes()) {
-            Ok((node, ii)) => {
-                reply.entry(&self.ttl, &self.attr(node, &ii), Generation(ii.generation))
+            Ok((node, ii)) if node == FUSE_ROOT_ID => {
+                // ".." of a directory in the mount root, for a file handle. fuser sends the
+                // attributes' ino as the node id, so the reply must say ino 1; the kernel
+                // copies it to i_ino, so the attributes get no cache time and the next stat
+                // asks getattr, which says 256 again.
+                let mut attr = self.attr(node, &ii);
+                attr.ino = INodeNo(FUSE_ROOT_ID);
+                reply.entry_with_ttls(&Duration::ZERO, &self.ttl, &attr, generation(node, &ii))
             }
+            Ok((node, ii)) => reply.entry(&self.ttl, &self.attr(node, &ii), generation(node, &ii)),
             Err(e) => {
                 log_error("lookup", &e);
                 reply.error(errno_of(&e))
