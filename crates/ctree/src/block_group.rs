@@ -498,6 +498,17 @@ impl SpaceInfo {
         }
     }
 
+    /// Free (allocatable now) and pinned bytes over the groups of `kind`.
+    pub fn free_pinned(&self, kind: AllocKind) -> (u64, u64) {
+        let mut free = 0;
+        let mut pinned = 0;
+        for g in self.groups.values().filter(|g| Self::kind_matches(g, kind)) {
+            free += g.free_bytes();
+            pinned += g.pinned.values().sum::<u64>();
+        }
+        (free, pinned)
+    }
+
     /// Sum of `used` over every group (the superblock's bytes_used).
     pub fn bytes_used(&self) -> u64 {
         self.groups.values().map(|g| g.used).sum()

@@ -44,6 +44,9 @@ pub enum RefKind {
 pub struct DelayedRefs {
     /// (bytenr, kind) -> (num_bytes, net delta)
     refs: BTreeMap<(u64, RefKind), (u64, i64)>,
+    /// Reference changes recorded since the transaction started (never decreases; lets a
+    /// write operation tell whether it changed anything before failing).
+    adds: u64,
 }
 
 impl DelayedRefs {
@@ -53,6 +56,12 @@ impl DelayedRefs {
     pub fn add(&mut self, bytenr: u64, num_bytes: u64, kind: RefKind, delta: i64) {
         let e = self.refs.entry((bytenr, kind)).or_insert((num_bytes, 0));
         e.1 += delta;
+        self.adds += 1;
+    }
+
+    /// Reference changes recorded so far (see `adds`).
+    pub fn adds(&self) -> u64 {
+        self.adds
     }
 
     pub fn is_empty(&self) -> bool {

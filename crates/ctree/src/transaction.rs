@@ -132,6 +132,14 @@ impl Transaction {
         self.roots.get(&id).copied()
     }
 
+    /// A mark that moves whenever the transaction's trees, delayed refs or space accounting
+    /// change. A write operation that fails after the mark moved left a half-done change in
+    /// the transaction and must abort it (`btrfs_abort_transaction`); one that fails before
+    /// changed nothing and just returns its error.
+    pub fn change_mark(&self) -> (u64, u64, u64) {
+        (self.changes, self.refs.adds(), self.space.bytes_used())
+    }
+
     /// Run `f` with a tree writer on tree `id`; records the root change.
     pub fn modify_tree<R>(
         &mut self,

@@ -120,6 +120,8 @@ pub struct FsCounters {
     pub replay: Mutex<Option<crate::tree_log::ReplayStats>>,
     /// Full-commit fallbacks by reason.
     pub full_commit_reasons: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Commits made to unpin space before answering ENOSPC (`COMMIT_TRANS` flushes).
+    pub enospc_commits: AtomicU64,
 }
 
 /// The mounted filesystem (`struct btrfs_fs_info`).
@@ -149,6 +151,9 @@ pub struct FsInfo {
     pub aborted: std::sync::atomic::AtomicBool,
     /// Data written and not yet in extents, per (subvolume, inode).
     pub(crate) dirty: crate::file_write::DirtyMap,
+    /// Data bytes reserved and not yet allocated (the data space_info's `bytes_may_use`; see
+    /// space_info.rs).
+    pub data_may_use: Arc<AtomicU64>,
     /// Open file handles per (subvolume, inode): an unlinked inode is evicted at its last close.
     pub(crate) open_files: Mutex<HashMap<(u64, u64), u32>>,
     /// Next free inode number per subvolume (`btrfs_init_root_free_objectid`, then counted).
@@ -422,6 +427,7 @@ impl FsInfo {
             trans: None,
             aborted: std::sync::atomic::AtomicBool::new(false),
             dirty: Mutex::new(HashMap::new()),
+            data_may_use: Arc::new(AtomicU64::new(0)),
             next_ino: Mutex::new(HashMap::new()),
             open_files: Mutex::new(HashMap::new()),
             next_index: Mutex::new(HashMap::new()),
@@ -711,23 +717,60 @@ impl FsInfo {
         }
     }
 
-    /// Run one write operation: exclusive tree lock, the running transaction, then publish the
-    /// new tree roots to readers.
+    /// Run one write operation with the default metadata reservation
+    /// ([`MetaRsv::DEFAULT`](crate::space_info::MetaRsv::DEFAULT)).
     pub fn write_op<R>(
         &self,
         f: impl FnOnce(&mut crate::transaction::WriteCtx<'_>) -> Result<R>,
     ) -> Result<R> {
+        self.write_op_rsv(crate::space_info::MetaRsv::DEFAULT, f)
+    }
+
+    /// Run one write operation (`btrfs_start_transaction(root, items)` … `btrfs_end_transaction`):
+    /// exclusive tree lock, the metadata reservation (ENOSPC before anything changes; see
+    /// space_info.rs), the running transaction, then publish the new tree roots to readers.
+    /// An error after the operation changed the transaction aborts it
+    /// ([`FsInfo::abort_transaction`]).
+    pub fn write_op_rsv<R>(
+        &self,
+        rsv: crate::space_info::MetaRsv,
+        f: impl FnOnce(&mut crate::transaction::WriteCtx<'_>) -> Result<R>,
+    ) -> Result<R> {
+        use crate::space_info::Shortage;
         let trans = self.trans.as_ref().ok_or(FsError::ReadOnly)?;
-        if self.aborted.load(Ordering::Relaxed) {
-            return Err(FsError::ReadOnly);
-        }
-        let _g = self.tree_lock.write();
-        let mut t = trans.lock();
-        // Keep metadata and system space ahead of need (the kernel's reservation path).
-        {
-            let mut sb = self.sb_live.lock();
-            t.maybe_alloc_meta_chunks(&self.reader, &mut sb)?;
-        }
+        let mut committed = false;
+        let (_g, mut t) = loop {
+            if self.aborted.load(Ordering::Relaxed) {
+                return Err(FsError::ReadOnly);
+            }
+            let g = self.tree_lock.write();
+            let mut t = trans.lock();
+            // Keep metadata and system space ahead of need (the kernel's reservation path).
+            let before = t.change_mark();
+            let r = {
+                let mut sb = self.sb_live.lock();
+                t.maybe_alloc_meta_chunks(&self.reader, &mut sb)
+                    .map_err(FsError::from)
+            }
+            .and_then(|_| crate::space_info::reserve_metadata_locked(self, &mut t, rsv, committed));
+            match r {
+                Ok(Ok(())) => break (g, t),
+                Ok(Err(Shortage::Commit)) if !committed => {
+                    drop(t);
+                    drop(g);
+                    committed = true;
+                    self.commit_for_space()?;
+                }
+                Ok(Err(_)) => return Err(FsError::NoSpace),
+                Err(e) => {
+                    if t.change_mark() != before {
+                        self.abort_transaction(&t, &e);
+                    }
+                    return Err(e);
+                }
+            }
+        };
+        let before = t.change_mark();
         IN_WRITE_OP.with(|c| c.set(true));
         let r = {
             let mut ctx = crate::transaction::WriteCtx {
@@ -737,8 +780,31 @@ impl FsInfo {
             f(&mut ctx)
         };
         IN_WRITE_OP.with(|c| c.set(false));
+        if let Err(e) = &r {
+            if t.change_mark() != before {
+                self.abort_transaction(&t, e);
+            }
+        }
         self.publish_roots(&t);
         r
+    }
+
+    /// `btrfs_abort_transaction`: the running transaction holds a change that cannot be
+    /// completed or undone. Nothing more is committed (the last commit stays the on-disk state)
+    /// and every later write fails with EROFS (`BTRFS_FS_STATE_ERROR`).
+    pub fn abort_transaction(&self, t: &Transaction, e: &FsError) {
+        if !self.aborted.swap(true, Ordering::SeqCst) {
+            tracing::error!(
+                "{}: Transaction aborted (error: {e}) in transaction {}; forced read-only",
+                self.path.display(),
+                t.transid
+            );
+        }
+    }
+
+    /// The global reserve's size computed at mount (0 if the block groups could not be read).
+    pub(crate) fn global_rsv_bytes(&self) -> u64 {
+        self.space.global_rsv
     }
 
     /// Make the transaction's roots the ones readers search.
@@ -919,12 +985,9 @@ impl FsInfo {
                 Ok(Some(st))
             }
             Err(e) => {
-                tracing::error!(
-                    "{}: transaction {} aborted: {e}",
-                    self.path.display(),
-                    t.transid
-                );
-                Err(e.into())
+                let e = FsError::from(e);
+                self.abort_transaction(&t, &e);
+                Err(e)
             }
         }
     }

@@ -56,6 +56,8 @@ pub struct DirtyInode {
     pub size: u64,
     pub mtime: Option<ubtrfs_format::items::Timespec>,
     seq: u64,
+    /// Data space reserved for the dirty sectors (one sector each; space_info.rs).
+    pub rsv: Arc<crate::space_info::InodeRsv>,
 }
 
 impl DirtyInode {
@@ -112,6 +114,19 @@ pub fn btrfs_buffered_write(
     offset: u64,
     data: &[u8],
 ) -> Result<usize> {
+    buffered_write(fs, root, ino, offset, data, 1)
+}
+
+/// [`btrfs_buffered_write`], reserving metadata for `meta_items` items besides the data (0:
+/// the data only, for the sector a truncate zeroes, which must work on a full filesystem).
+fn buffered_write(
+    fs: &FsInfo,
+    root: u64,
+    ino: u64,
+    offset: u64,
+    data: &[u8],
+    meta_items: u64,
+) -> Result<usize> {
     if fs.is_readonly() {
         return Err(FsError::ReadOnly);
     }
@@ -135,6 +150,7 @@ pub fn btrfs_buffered_write(
             .or_insert_with(|| {
                 Arc::new(Mutex::new(DirtyInode {
                     size: ii.size,
+                    rsv: crate::space_info::InodeRsv::new(fs),
                     ..Default::default()
                 }))
             })
@@ -144,7 +160,18 @@ pub fn btrfs_buffered_write(
         size: ii.size,
         ..ii
     };
+    // btrfs_check_data_free_space + btrfs_delalloc_reserve_metadata: every sector that is not
+    // dirty yet needs a new extent's worth of space (COW), plus possibly the inline sector 0
+    // and the old EOF sector zeroed below. ENOSPC here, before the data is accepted.
+    let first = offset / ss;
+    let last = end.div_ceil(ss);
+    let missing = {
+        let d = dirty.lock();
+        (last - first) - d.sectors.range(first..last).count() as u64
+    };
+    let mut rsv = fs.btrfs_reserve_data((missing + 2) * ss, meta_items)?;
     let mut d = dirty.lock();
+    let before = d.sectors.len() as u64;
     // A file whose first extent is inline gets its first sector rewritten along with any
     // write: an inline extent cannot be partially replaced (btrfs_drop_extents).
     if !d.sectors.contains_key(&0) && ii.size > 0 && has_inline_extent(fs, root, ino)? {
@@ -209,6 +236,10 @@ pub fn btrfs_buffered_write(
         }
         pos = s + hi as u64;
     }
+    let added = (d.sectors.len() as u64).saturating_sub(before);
+    rsv.transfer(added * ss, &d.rsv);
+    drop(rsv);
+    d.rsv.settle(d.sectors.len() as u64 * ss);
     d.size = d.size.max(end);
     d.mtime = Some(crate::disk_io::now_timespec());
     fs.counters
@@ -246,6 +277,7 @@ pub fn truncate_dirty(fs: &FsInfo, root: u64, ino: u64, new_size: u64) {
     let ss = u64::from(fs.sectorsize());
     let mut d = dirty.lock();
     d.sectors.retain(|&idx, _| idx * ss < new_size);
+    d.rsv.settle(d.sectors.len() as u64 * ss);
     if !new_size.is_multiple_of(ss) {
         if let Some((_, buf)) = d.sectors.get_mut(&(new_size / ss)) {
             buf[(new_size % ss) as usize..].fill(0);
@@ -421,7 +453,7 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
     };
     let ss = u64::from(fs.sectorsize());
     // Snapshot the runs to write.
-    let (runs, size, mtime) = {
+    let (runs, size, mtime, rsv) = {
         let d = dirty.lock();
         let mut runs: Vec<Run> = Vec::new();
         for (&idx, (seq, data)) in &d.sectors {
@@ -438,7 +470,7 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
             r.1.push((idx, *seq));
             r.2.extend_from_slice(data);
         }
-        (runs, d.size, d.mtime)
+        (runs, d.size, d.mtime, d.rsv.clone())
     };
     let emi = fs.ems.inode(root, ino);
     for (first, seqs, data) in &runs {
@@ -458,6 +490,7 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
             &data[..len as usize],
             size,
             mtime,
+            &rsv,
         )?;
         // The data is in the transaction: drop the dirty copies that were not rewritten.
         let mut d = dirty.lock();
@@ -466,15 +499,17 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
                 d.sectors.remove(&idx);
             }
         }
+        d.rsv.settle(d.sectors.len() as u64 * ss);
     }
     // Sectors beyond EOF left over and the size/mtime update when nothing else is dirty.
     let mut d = dirty.lock();
     let eof = d.size.div_ceil(ss);
     d.sectors.retain(|&idx, _| idx < eof);
+    d.rsv.settle(d.sectors.len() as u64 * ss);
     if d.sectors.is_empty() {
         let (size, mtime) = (d.size, d.mtime);
         drop(d);
-        fs.write_op(|c| {
+        fs.write_op_rsv(crate::space_info::MetaRsv::WRITEBACK, |c| {
             let mut ii = c.read_inode(root, ino)?;
             if ii.size != size || mtime.is_some() {
                 ii.size = size;
@@ -497,7 +532,9 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
     Ok(())
 }
 
-/// Write one run of file data starting at `start` as a new extent (or inline extent).
+/// Write one run of file data starting at `start` as a new extent (or inline extent). The
+/// run's data reservation (in `rsv`) is released in the same write operation that allocates
+/// its extent, so the free space and `data_may_use` never count it twice.
 #[allow(clippy::too_many_arguments)]
 fn write_run(
     fs: &FsInfo,
@@ -508,9 +545,11 @@ fn write_run(
     data: &[u8],
     size: u64,
     mtime: Option<ubtrfs_format::items::Timespec>,
+    rsv: &crate::space_info::InodeRsv,
 ) -> Result<()> {
     let ss = u64::from(fs.sectorsize());
-    fs.write_op(|c| {
+    fs.write_op_rsv(crate::space_info::MetaRsv::WRITEBACK, |c| {
+        rsv.release(data.len() as u64);
         let transid = c.transid();
         let mut ii = c.read_inode(root, ino)?;
         let datasum = ii.flags & inode_flags::NODATASUM == 0;
@@ -751,7 +790,7 @@ pub fn btrfs_truncate_block(
         }
     }
     let prev_mtime = dirty_inode(fs, root, ino).and_then(|d| d.lock().mtime);
-    btrfs_buffered_write(fs, root, ino, s, &buf)?;
+    buffered_write(fs, root, ino, s, &buf, 0)?;
     if let Some(d) = dirty_inode(fs, root, ino) {
         d.lock().mtime = prev_mtime;
     }
@@ -922,7 +961,9 @@ fn alloc_data_extent(c: &mut WriteCtx<'_>, want: u64) -> Result<(u64, u64)> {
 
 /// `__btrfs_prealloc_file_range`: PREALLOC extents over `[start, start+num_bytes)` (sector
 /// aligned), replacing whatever items the range had. Without KEEP_SIZE the size grows with
-/// each piece up to `actual_len`. Sets the inode's PREALLOC flag and ctime.
+/// each piece up to `actual_len`. Sets the inode's PREALLOC flag and ctime. The data space
+/// comes out of `rsv`, reserved by the caller for the whole range.
+#[allow(clippy::too_many_arguments)]
 fn btrfs_prealloc_file_range(
     fs: &FsInfo,
     root: u64,
@@ -931,6 +972,7 @@ fn btrfs_prealloc_file_range(
     start: u64,
     num_bytes: u64,
     actual_len: u64,
+    rsv: &mut crate::space_info::DataRsv,
 ) -> Result<()> {
     let emi = fs.ems.inode(root, ino);
     let mut cur = start;
@@ -940,6 +982,7 @@ fn btrfs_prealloc_file_range(
         let want = left.min(MAX_PREALLOC_EXTENT).min(last_alloc);
         let (bytenr, got, transid) = fs.write_op(|c| {
             let (bytenr, got) = alloc_data_extent(c, want)?;
+            rsv.consume(got);
             let transid = c.transid();
             let drop = btrfs_drop_extents(c, root, ino, cur, cur + got)?;
             let fe = FileExtentItem {
@@ -1221,6 +1264,7 @@ fn btrfs_zero_range(
         }
     }
     if alloc_start < alloc_end {
+        let mut rsv = fs.btrfs_reserve_data(alloc_end - alloc_start, 1)?;
         btrfs_prealloc_file_range(
             fs,
             root,
@@ -1229,6 +1273,7 @@ fn btrfs_zero_range(
             alloc_start,
             alloc_end - alloc_start,
             offset + len,
+            &mut rsv,
         )?;
     }
     fallocate_update_isize(fs, root, ino, offset + len, mode)
@@ -1313,8 +1358,11 @@ pub fn btrfs_fallocate(
         }
         cur = last;
     }
+    // btrfs_check_data_free_space for every range before the first is allocated: ENOSPC
+    // leaves the file as it was.
+    let mut rsv = fs.btrfs_reserve_data(ranges.iter().map(|r| r.1).sum(), 1)?;
     for (s, l) in ranges {
-        btrfs_prealloc_file_range(fs, root, ino, mode, s, l, end)?;
+        btrfs_prealloc_file_range(fs, root, ino, mode, s, l, end, &mut rsv)?;
     }
     fallocate_update_isize(fs, root, ino, end, mode)
 }

@@ -630,24 +630,72 @@ thread_local! {
 
 /// [`FsInfo::write_op`] for operations that may evict inodes: afterwards, the dirty data of
 /// inodes evicted under contention is dropped.
-fn write_op_evicting<R>(fs: &FsInfo, f: impl FnOnce(&mut WriteCtx<'_>) -> Result<R>) -> Result<R> {
-    let r = fs.write_op(f);
+fn write_op_evicting<R>(
+    fs: &FsInfo,
+    rsv: crate::space_info::MetaRsv,
+    f: impl FnOnce(&mut WriteCtx<'_>) -> Result<R>,
+) -> Result<R> {
+    let r = fs.write_op_rsv(rsv, f);
     let pending = DEFERRED_FORGET.with(|d| std::mem::take(&mut *d.borrow_mut()));
     for key in pending {
         fs.dirty.lock().remove(&key);
     }
+    let evict = PENDING_EVICT.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    if r.is_ok() {
+        for (root, ino) in evict {
+            // The name is gone (committed with the operation); an eviction that cannot finish
+            // now is finished by the orphan cleanup of the next mount.
+            if let Err(e) = btrfs_evict_inode(fs, root, ino) {
+                tracing::warn!("root {root} ino {ino}: eviction left to orphan cleanup: {e}");
+                break;
+            }
+        }
+    }
     r
 }
 
+/// Items one eviction step deletes: the metadata it COWs stays bounded (a few leaves and
+/// their paths), so an inode with many items (xattrs, extents) can be evicted on a full
+/// filesystem, one reservation and, when needed, one commit at a time (the kernel's
+/// `btrfs_evict_inode` loop of `btrfs_truncate_inode_items` with a refilled reserve).
+const EVICT_BATCH: usize = 128;
+
 /// The body of `btrfs_evict_inode` for an inode with no names: `btrfs_truncate_inode_items`
-/// with new size 0 and min type 0 (every item of the inode goes, data references of its file
-/// extents are dropped), then the orphan item. In-memory state is forgotten too.
-fn evict_locked(c: &mut WriteCtx<'_>, root: u64, ino: u64) -> Result<()> {
-    let items = c.items(root, Key::new(ino, 0, 0), usize::MAX, |k| k.objectid == ino)?;
-    for (key, data) in items.iter().rev() {
+/// with new size 0 and min type 0 (every item of the inode goes, from the last key down, data
+/// references of its file extents are dropped), then the orphan item. In-memory state is
+/// forgotten too. Deletes at most [`EVICT_BATCH`] items; when more are left, the inode keeps
+/// its inode item (with size and nbytes of what is left) and an orphan item, so any commit in
+/// between leaves a consistent, resumable state, and `Ok(false)` says to call again.
+fn evict_locked(c: &mut WriteCtx<'_>, root: u64, ino: u64) -> Result<bool> {
+    let last = Key::new(ino, u8::MAX, u64::MAX);
+    let mut deleted = 0usize;
+    let mut sub_bytes = 0u64;
+    let mut new_size: Option<u64> = None;
+    loop {
+        let Some((key, data)) = c.lookup_le(root, &last)? else {
+            break;
+        };
+        if key.objectid != ino || key.item_type == item::INODE_ITEM {
+            break;
+        }
+        if deleted == EVICT_BATCH {
+            // More to do: keep what is left consistent and resumable.
+            orphan_add(c, root, ino)?;
+            let mut ii = c.read_inode(root, ino)?;
+            ii.nbytes = ii.nbytes.saturating_sub(sub_bytes);
+            if let Some(sz) = new_size {
+                ii.size = ii.size.min(sz);
+            }
+            touch(c, &mut ii);
+            c.write_inode(root, ino, &ii)?;
+            return Ok(false);
+        }
         if key.item_type == item::EXTENT_DATA {
-            let fe = FileExtentItem::parse(data).map_err(|e| corrupt_at(root, key, e))?;
-            if fe.extent_type != FILE_EXTENT_INLINE && fe.disk_bytenr != 0 {
+            let fe = FileExtentItem::parse(&data).map_err(|e| corrupt_at(root, &key, e))?;
+            if fe.extent_type == FILE_EXTENT_INLINE {
+                sub_bytes += fe.ram_bytes;
+            } else if fe.disk_bytenr != 0 {
+                sub_bytes += fe.num_bytes;
                 c.t.refs.add(
                     fe.disk_bytenr,
                     fe.disk_num_bytes,
@@ -659,22 +707,35 @@ fn evict_locked(c: &mut WriteCtx<'_>, root: u64, ino: u64) -> Result<()> {
                     -1,
                 );
             }
+            new_size = Some(key.offset);
         }
-        c.delete(root, key)?;
+        c.delete(root, &key)?;
+        deleted += 1;
     }
+    c.delete(root, &Key::new(ino, item::INODE_ITEM, 0))?;
     orphan_del(c, root, ino)?;
     forget_inode(c.fs, root, ino);
-    Ok(())
+    Ok(true)
+}
+
+thread_local! {
+    /// Inodes whose eviction needs more steps once the current write operation ends.
+    static PENDING_EVICT: std::cell::RefCell<Vec<(u64, u64)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// What happens to an inode whose last name went away: an open inode gets an orphan item and
 /// lives until its last release ([`btrfs_evict_inode`]); otherwise it is evicted now, as the
-/// kernel's final iput does right after the unlink.
+/// kernel's final iput does right after the unlink (in further steps after this operation if
+/// it has many items).
 fn last_link_gone(c: &mut WriteCtx<'_>, root: u64, ino: u64) -> Result<()> {
     if c.fs.open_count(root, ino) > 0 {
         orphan_add(c, root, ino)
     } else {
-        evict_locked(c, root, ino)
+        if !evict_locked(c, root, ino)? {
+            PENDING_EVICT.with(|p| p.borrow_mut().push((root, ino)));
+        }
+        Ok(())
     }
 }
 
@@ -683,7 +744,7 @@ fn last_link_gone(c: &mut WriteCtx<'_>, root: u64, ino: u64) -> Result<()> {
 /// while it is open ([`FsInfo::open_count`]).
 pub fn btrfs_unlink(fs: &FsInfo, root: u64, dir: u64, name: &[u8]) -> Result<()> {
     check_lookup_name(name)?;
-    write_op_evicting(fs, |c| {
+    write_op_evicting(fs, crate::space_info::MetaRsv::UNLINK, |c| {
         let dii = c.read_inode(root, dir)?;
         if !is_dir_mode(dii.mode) {
             return Err(FsError::NotDir);
@@ -713,7 +774,7 @@ pub fn btrfs_unlink(fs: &FsInfo, root: u64, dir: u64, name: &[u8]) -> Result<()>
 /// 0, i.e. it holds no names). Subvolumes are not deleted here.
 pub fn btrfs_rmdir(fs: &FsInfo, root: u64, dir: u64, name: &[u8]) -> Result<()> {
     check_lookup_name(name)?;
-    write_op_evicting(fs, |c| {
+    write_op_evicting(fs, crate::space_info::MetaRsv::UNLINK, |c| {
         let dii = c.read_inode(root, dir)?;
         if !is_dir_mode(dii.mode) {
             return Err(FsError::NotDir);
@@ -747,18 +808,24 @@ pub fn btrfs_rmdir(fs: &FsInfo, root: u64, dir: u64, name: &[u8]) -> Result<()> 
 /// it is deleted, the data references of its extents are dropped and its orphan item removed;
 /// an inode that still has names is left alone. Returns whether it was evicted.
 pub fn btrfs_evict_inode(fs: &FsInfo, root: u64, ino: u64) -> Result<bool> {
-    write_op_evicting(fs, |c| {
-        match c.read_inode(root, ino) {
-            Ok(ii) if ii.nlink > 0 => return Ok(false),
-            Ok(_) => evict_locked(c, root, ino)?,
-            Err(FsError::NotFound) => {
-                orphan_del(c, root, ino)?;
-                forget_inode(c.fs, root, ino);
+    // Bounded: every step deletes EVICT_BATCH items of a finite inode.
+    loop {
+        let step = write_op_evicting(fs, crate::space_info::MetaRsv::UNLINK, |c| {
+            match c.read_inode(root, ino) {
+                Ok(ii) if ii.nlink > 0 => Ok(Some(false)),
+                Ok(_) => Ok(evict_locked(c, root, ino)?.then_some(true)),
+                Err(FsError::NotFound) => {
+                    orphan_del(c, root, ino)?;
+                    forget_inode(c.fs, root, ino);
+                    Ok(Some(true))
+                }
+                Err(e) => Err(e),
             }
-            Err(e) => return Err(e),
+        })?;
+        if let Some(evicted) = step {
+            return Ok(evicted);
         }
-        Ok(true)
-    })
+    }
 }
 
 /// `btrfs_orphan_cleanup` for every subvolume, as a read-write mount does before serving:
@@ -777,7 +844,7 @@ pub fn orphan_cleanup(fs: &FsInfo) -> Result<u64> {
     };
     let mut evicted = 0;
     for root in roots {
-        let orphans: Vec<u64> = fs.write_op(|c| {
+        let orphans: Vec<u64> = fs.write_op_rsv(crate::space_info::MetaRsv::UNLINK, |c| {
             let start = orphan_key(0);
             Ok(c.items(root, start, usize::MAX, |k| {
                 k.objectid == start.objectid && k.item_type == item::ORPHAN_ITEM
@@ -794,7 +861,9 @@ pub fn orphan_cleanup(fs: &FsInfo) -> Result<u64> {
                 evicted += 1;
             } else {
                 // Linked again (or an orphan item from an old kernel's truncate): just the item.
-                fs.write_op(|c| orphan_del(c, root, ino))?;
+                fs.write_op_rsv(crate::space_info::MetaRsv::UNLINK, |c| {
+                    orphan_del(c, root, ino)
+                })?;
             }
         }
     }
@@ -957,7 +1026,13 @@ pub fn btrfs_rename_as(
         ));
     }
     check_lookup_name(oldname)?;
-    write_op_evicting(fs, |c| {
+    // btrfs_rename: 11 items in the worst case (both names, both inodes, an overwritten
+    // inode's ref and orphan item, the two parents).
+    let rsv = crate::space_info::MetaRsv {
+        items: 11,
+        flush: crate::space_info::Flush::All,
+    };
+    write_op_evicting(fs, rsv, |c| {
         for d in [olddir, newdir] {
             let dii = c.read_inode(root, d)?;
             if !is_dir_mode(dii.mode) {
@@ -1232,7 +1307,9 @@ fn btrfs_setsize(fs: &FsInfo, root: u64, ino: u64, new_size: u64) -> Result<()> 
     if new_size > old {
         return crate::file_write::btrfs_expand_to(fs, root, ino, new_size);
     }
-    let found = fs.write_op(|c| {
+    // A shrinking truncate gives space back: it may use the global reserve, so it works on a
+    // full filesystem (as unlink does).
+    let found = fs.write_op_rsv(crate::space_info::MetaRsv::UNLINK, |c| {
         let tr = btrfs_truncate_inode_items(c, root, ino, new_size)?;
         let mut ii = c.read_inode(root, ino)?;
         ii.nbytes = ii.nbytes.saturating_sub(tr.sub_bytes);
@@ -1284,8 +1361,15 @@ pub fn btrfs_setattr(fs: &FsInfo, root: u64, ino: u64, attrs: &SetAttr) -> Resul
         || attrs.mtime.is_some()
         || attrs.ctime.is_some()
         || attrs.size.is_some();
+    // The inode update that completes a truncate is part of it (the kernel updates the inode
+    // in the truncate's transaction): it may use the global reserve too.
+    let rsv = if attrs.size.is_some() {
+        crate::space_info::MetaRsv::UNLINK
+    } else {
+        crate::space_info::MetaRsv::DEFAULT
+    };
     if any {
-        fs.write_op(|c| {
+        fs.write_op_rsv(rsv, |c| {
             let mut ii = c.read_inode(root, ino)?;
             fold_dirty_mtime(c, root, ino, &mut ii);
             let now = crate::disk_io::now_timespec();

@@ -27,6 +27,7 @@ pub mod file_write;
 pub mod fileattr;
 pub mod inode;
 pub mod mkfs;
+pub mod space_info;
 pub mod transaction;
 pub mod tree_log;
 pub mod xattr;
