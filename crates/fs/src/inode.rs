@@ -671,10 +671,7 @@ fn evict_locked(c: &mut WriteCtx<'_>, root: u64, ino: u64) -> Result<bool> {
     let mut deleted = 0usize;
     let mut sub_bytes = 0u64;
     let mut new_size: Option<u64> = None;
-    loop {
-        let Some((key, data)) = c.lookup_le(root, &last)? else {
-            break;
-        };
+    while let Some((key, data)) = c.lookup_le(root, &last)? {
         if key.objectid != ino || key.item_type == item::INODE_ITEM {
             break;
         }
