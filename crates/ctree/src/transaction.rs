@@ -69,9 +69,24 @@ pub struct LogState {
     pub blocks: Vec<u64>,
     /// Log syncs done in this transaction (`log_transid` counterpart).
     pub syncs: u64,
-    /// Set when this transaction must not use the log (a rename, unlink or link happened, or a
-    /// logging error): fsync falls back to a full commit, with this reason.
+    /// Set when this transaction must not use the log (`btrfs_set_log_full_commit`: a logging
+    /// error, a failed log sync): fsync falls back to a full commit, with this reason.
     pub full_commit: Option<&'static str>,
+    /// Inodes logged in this transaction, by (subvolume, inode): the kernel's
+    /// `logged_trans == transid`. Kept with the transaction rather than the in-memory inode so
+    /// that eviction cannot lose it; it dies with the log at commit.
+    pub inodes: BTreeMap<(u64, u64), LoggedInode>,
+    /// Inodes with `last_unlink_trans == transid` (a name of theirs was removed or renamed in
+    /// this transaction, or, for a directory, an entry was renamed away from it), by
+    /// (subvolume, inode).
+    pub last_unlink: BTreeSet<(u64, u64)>,
+}
+
+/// What the log of the running transaction holds of one inode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoggedInode {
+    /// Logged with LOG_INODE_ALL at least once (else only LOG_INODE_EXISTS).
+    pub all: bool,
 }
 
 /// Tree allocator of log trees: reserved metadata space, no refs (`btrfs_alloc_tree_block` for

@@ -371,7 +371,7 @@ pub(crate) fn delete_one_dir_name(
 /// `btrfs_insert_inode_ref`: add (index, name) to the INODE_REF item of (ino, parent); when that
 /// item would outgrow a leaf and the filesystem has EXTENDED_IREF, the name goes into an
 /// INODE_EXTREF item instead (`btrfs_insert_inode_extref`), else EMLINK.
-fn insert_inode_ref(
+pub(crate) fn insert_inode_ref(
     c: &mut WriteCtx<'_>,
     root: u64,
     ino: u64,
@@ -535,7 +535,9 @@ fn unlink_inode(
     name: &[u8],
     now: Timespec,
 ) -> Result<InodeItem> {
-    unlink_name(c, root, dir, ino, name, now)?;
+    let index = unlink_name(c, root, dir, ino, name, now)?;
+    crate::tree_log::btrfs_del_inode_ref_in_log(c, root, ino, dir, name);
+    crate::tree_log::btrfs_del_dir_entries_in_log(c, root, dir, index);
     let mut ii = c.read_inode(root, ino)?;
     fold_dirty_mtime(c, root, ino, &mut ii);
     ii.nlink = ii.nlink.saturating_sub(1);
@@ -756,8 +758,7 @@ pub fn btrfs_unlink(fs: &FsInfo, root: u64, dir: u64, name: &[u8]) -> Result<()>
         if is_dir_mode(ii.mode) {
             return Err(FsError::IsDir);
         }
-        // btrfs_set_log_full_commit: the log of this transaction cannot express the names.
-        c.t.log.full_commit.get_or_insert("unlink");
+        crate::tree_log::btrfs_record_unlink_dir(c, root, dir, ino, false);
         let now = crate::disk_io::now_timespec();
         let ii = unlink_inode(c, root, dir, ino, name, now)?;
         if ii.nlink == 0 {
@@ -790,8 +791,8 @@ pub fn btrfs_rmdir(fs: &FsInfo, root: u64, dir: u64, name: &[u8]) -> Result<()> 
         if ii.size > 0 {
             return Err(FsError::NotEmpty);
         }
-        // btrfs_set_log_full_commit: the log of this transaction cannot express the names.
-        c.t.log.full_commit.get_or_insert("rmdir");
+        crate::tree_log::btrfs_propagate_unlink_trans(c, root, dir, ino);
+        crate::tree_log::btrfs_record_unlink_dir(c, root, dir, ino, false);
         let now = crate::disk_io::now_timespec();
         let ii = unlink_inode(c, root, dir, ino, name, now)?;
         if ii.nlink == 0 {
@@ -902,8 +903,6 @@ pub fn btrfs_link(
             return Err(FsError::TooManyLinks);
         }
         let index = next_dir_index(c, root, newdir)?;
-        // btrfs_set_log_full_commit: the log of this transaction cannot express the names.
-        c.t.log.full_commit.get_or_insert("link");
         let now = crate::disk_io::now_timespec();
         add_link(c, root, newdir, ino, ii.mode, newname, index, true, now)?;
         fold_dirty_mtime(c, root, ino, &mut ii);
@@ -911,6 +910,7 @@ pub fn btrfs_link(
         ii.ctime = now;
         touch(c, &mut ii);
         c.write_inode(root, ino, &ii)?;
+        crate::tree_log::btrfs_log_new_name(c, root, ino, false, None);
         Ok(ii)
     })
 }
@@ -1103,19 +1103,21 @@ pub fn btrfs_rename_as(
                 }
             }
         }
-        // btrfs_set_log_full_commit: the log of this transaction cannot express the names.
-        c.t.log.full_commit.get_or_insert("rename");
         let now = crate::disk_io::now_timespec();
         if exchange {
             let new_ino = new_ino.unwrap_or(0);
             let nmode = nii.map(|n| n.mode).unwrap_or(0);
+            if olddir != newdir {
+                crate::tree_log::btrfs_record_unlink_dir(c, root, olddir, old_ino, true);
+                crate::tree_log::btrfs_record_unlink_dir(c, root, newdir, new_ino, true);
+            }
             // btrfs_rename_exchange: both indexes first (new dir, then old dir).
             let old_idx = next_dir_index(c, root, newdir)?;
             let new_idx = next_dir_index(c, root, olddir)?;
             insert_inode_ref(c, root, old_ino, newdir, newname, old_idx)?;
             insert_inode_ref(c, root, new_ino, olddir, oldname, new_idx)?;
-            unlink_name(c, root, olddir, old_ino, oldname, now)?;
-            unlink_name(c, root, newdir, new_ino, newname, now)?;
+            let old_old_idx = unlink_name(c, root, olddir, old_ino, oldname, now)?;
+            let new_old_idx = unlink_name(c, root, newdir, new_ino, newname, now)?;
             add_link(
                 c, root, newdir, old_ino, oii.mode, newname, old_idx, false, now,
             )?;
@@ -1129,11 +1131,29 @@ pub fn btrfs_rename_as(
                 touch(c, &mut ii);
                 c.write_inode(root, ino, &ii)?;
             }
+            let new_is_dir = is_dir_mode(nmode);
+            crate::tree_log::btrfs_log_new_name(
+                c,
+                root,
+                old_ino,
+                old_is_dir,
+                Some((olddir, old_old_idx)),
+            );
+            crate::tree_log::btrfs_log_new_name(
+                c,
+                root,
+                new_ino,
+                new_is_dir,
+                Some((newdir, new_old_idx)),
+            );
             return Ok(());
+        }
+        if olddir != newdir {
+            crate::tree_log::btrfs_record_unlink_dir(c, root, olddir, old_ino, true);
         }
         let index = next_dir_index(c, root, newdir)?;
         insert_inode_ref(c, root, old_ino, newdir, newname, index)?;
-        unlink_name(c, root, olddir, old_ino, oldname, now)?;
+        let old_index = unlink_name(c, root, olddir, old_ino, oldname, now)?;
         {
             let mut ii = c.read_inode(root, old_ino)?;
             fold_dirty_mtime(c, root, old_ino, &mut ii);
@@ -1150,6 +1170,13 @@ pub fn btrfs_rename_as(
         add_link(
             c, root, newdir, old_ino, oii.mode, newname, index, false, now,
         )?;
+        crate::tree_log::btrfs_log_new_name(
+            c,
+            root,
+            old_ino,
+            old_is_dir,
+            Some((olddir, old_index)),
+        );
         if flags & RENAME_WHITEOUT != 0 {
             let (uid, gid) = whiteout_owner;
             new_inode_in(c, root, olddir, oldname, S_IFCHR, 0, uid, gid)?;

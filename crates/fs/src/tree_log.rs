@@ -10,33 +10,52 @@
 //!   modified extent maps, handed out by the extent-map layer's logging pass (LOGGING set while
 //!   each is copied). *Full path* (NEEDS_FULL_SYNC): every file extent item the running
 //!   transaction wrote is copied from the subvolume tree.
+//! - *LOG_INODE_ALL* logs everything of an inode that changed in the transaction (for a
+//!   directory: its new DIR_INDEX items and DIR_LOG_INDEX ranges); *LOG_INODE_EXISTS* logs
+//!   just enough to recreate it: the inode item with generation 0 (replay keeps an existing
+//!   inode's item), its names and xattrs.
+//! - A *DIR_LOG_INDEX range* `(dir, 72, first) -> last` says the log is authoritative for the
+//!   directory's indexes `first..=last`: replay deletes every entry of that range the log
+//!   does not hold (`replay_dir_deletes`).
+//! - Per-inode log state lives with the transaction (`LogState::inodes`, the kernel's
+//!   `logged_trans == transid`; `LogState::last_unlink`, its `last_unlink_trans == transid`).
 //!
 //! # Invariants
 //! - An fsync that returns success made the inode item, its names (INODE_REF/EXTREF), its
 //!   xattrs and every extent changed in the transaction durable, either in the log (log blocks
 //!   written and flushed before the superblock points at them) or by a full commit.
+//! - Every name the log adds at replay leads to an inode that exists after replay (committed,
+//!   or logged: new ancestors and the inodes of new dentries are logged LOG_INODE_EXISTS).
+//! - A DIR_LOG_INDEX range never covers a committed entry that still exists and is not in the
+//!   log: ranges stop at every unchanged (older) index item (`log_directory_changes`).
+//! - An index removed from a logged directory in this transaction is covered by a range or
+//!   removed from the log (`btrfs_del_dir_entries_in_log`, `btrfs_log_new_name`).
 //! - Log leaves never hold overlapping file extent items (items of a re-logged range are
 //!   dropped first, with splitting), and every logged regular extent of a checksummed inode has
 //!   its checksums in the log.
 //! - Log trees hold no references and no extent items; their blocks are reserved, not used.
-//! - Where the log cannot express a change (renames, unlinks and links of this transaction, a
-//!   parent directory created in this transaction, too many modified extents, a logging
-//!   error), fsync falls back to a full transaction commit and counts the reason.
+//! - Where the log cannot express a change, fsync falls back to a full transaction commit and
+//!   counts the reason; every such fallback also marks the transaction (`full_commit`) so that
+//!   no later log sync makes a half-written log durable.
 
 use crate::disk_io::FsInfo;
 use crate::error::{FsError, Result};
 use crate::file_write::{btrfs_drop_extents_in, btrfs_writeback};
+use crate::inode::{S_IFDIR, S_IFLNK, S_IFMT, S_IFREG};
 use crate::transaction::{TreeSel, WriteCtx};
+use ubtrfs_ctree::ctree::RootPtr;
 use ubtrfs_extent_map::{flags as em_flags, BtrfsInode, ExtentMap, LogError, EXTENT_MAP_HOLE};
 use ubtrfs_format::items::{
-    inode_flags, FileExtentItem, InodeItem, FILE_EXTENT_PREALLOC, FILE_EXTENT_REG,
+    inode_flags, DirItem, FileExtentItem, InodeExtref, InodeItem, InodeRef, FILE_EXTENT_PREALLOC,
+    FILE_EXTENT_REG,
 };
 use ubtrfs_format::key::{item, objectid, Key};
 
 /// What an fsync did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncOutcome {
-    /// Nothing of the inode changed since the last commit (`skip_inode_logging`).
+    /// Nothing of the inode changed since the last commit (`skip_inode_logging`), or there is
+    /// nothing to make durable (an unlinked inode: `BTRFS_NO_LOG_SYNC`).
     Skipped,
     /// The inode was logged and the log synced.
     Logged,
@@ -44,7 +63,45 @@ pub enum SyncOutcome {
     FullCommit(&'static str),
 }
 
-/// `btrfs_sync_file` for a regular file or symlink of subvolume `root`.
+/// `LOG_INODE_ALL` / `LOG_INODE_EXISTS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LogMode {
+    All,
+    Exists,
+}
+
+/// `MAX_CONFLICT_INODES`: more conflicting inodes than this and fsync commits instead.
+const MAX_CONFLICT_INODES: usize = 10;
+
+/// Bound on the inodes one fsync logs (new dentries are logged recursively); past it the
+/// fsync commits instead.
+const MAX_LOGGED_INODES: usize = 100_000;
+
+/// `struct btrfs_log_ctx`, the parts this implementation needs.
+#[derive(Default)]
+struct LogCtx {
+    /// The last full directory logging logged dentries pointing at inodes.
+    log_new_dentries: bool,
+    /// Conflicting inodes found while logging names: (inode, parent directory).
+    conflicts: Vec<(u64, u64)>,
+    /// Set while `log_conflicting_inodes` runs (names are checked then even for old inodes).
+    logging_conflict_inodes: bool,
+    /// Set for `btrfs_log_new_name`: the inode is logged to update its names.
+    logging_new_name: bool,
+    /// Inodes logged by this operation.
+    logged: usize,
+}
+
+fn fmt_of(ii: &InodeItem) -> u32 {
+    ii.mode & S_IFMT
+}
+
+fn corrupt(root: u64, k: &Key, e: impl std::fmt::Display) -> FsError {
+    FsError::corrupt(format!("root {root} {k}: {e}"))
+}
+
+/// `btrfs_sync_file` for an inode of subvolume `root`: a regular file, a symlink or a
+/// directory (fsyncdir comes here too, as in the kernel where both are `btrfs_sync_file`).
 pub fn btrfs_sync_file(fs: &FsInfo, root: u64, ino: u64) -> Result<SyncOutcome> {
     if fs.is_readonly() {
         return Ok(SyncOutcome::Skipped);
@@ -59,18 +116,29 @@ pub fn btrfs_sync_file(fs: &FsInfo, root: u64, ino: u64) -> Result<SyncOutcome> 
     let outcome = fs.write_op(|c| {
         let transid = c.transid();
         let ii = c.read_inode(root, ino)?;
-        if ii.transid < transid && c.t.log.full_commit.is_none() {
+        if let Some(reason) = c.t.log.full_commit {
+            if ii.transid < transid {
+                return Ok(SyncOutcome::Skipped);
+            }
+            return Ok(SyncOutcome::FullCommit(reason));
+        }
+        if ii.transid < transid {
             return Ok(SyncOutcome::Skipped);
         }
-        if let Some(reason) = c.t.log.full_commit {
-            return Ok(SyncOutcome::FullCommit(reason));
+        if ii.nlink == 0 {
+            // btrfs_log_inode_parent: a link count of 0 means the inode will never be
+            // reachable again; logging it is pointless (BTRFS_NO_LOG_SYNC).
+            return Ok(SyncOutcome::Skipped);
         }
-        if let Some(reason) = needs_full_commit(c, root, ino, &ii)? {
-            return Ok(SyncOutcome::FullCommit(reason));
-        }
-        match btrfs_log_inode(c, root, ino, &ii, &emi, full_sync) {
+        let mut ctx = LogCtx::default();
+        let r = btrfs_log_inode_parent(c, root, ino, LogMode::All, Some(&emi), full_sync, &mut ctx);
+        match r {
             Ok(None) => Ok(SyncOutcome::Logged),
-            Ok(Some(reason)) => Ok(SyncOutcome::FullCommit(reason)),
+            Ok(Some(reason)) => {
+                // btrfs_set_log_full_commit: the log may hold a part of this fsync's items.
+                c.t.log.full_commit.get_or_insert(reason);
+                Ok(SyncOutcome::FullCommit(reason))
+            }
             Err(e) => {
                 // Any logging error: the log of this transaction can no longer be trusted.
                 tracing::warn!(
@@ -111,62 +179,432 @@ pub fn btrfs_sync_file(fs: &FsInfo, root: u64, ino: u64) -> Result<SyncOutcome> 
     Ok(outcome)
 }
 
-/// Cases the log of this implementation does not express (the kernel logs them with
-/// `log_all_new_ancestors` and friends; ubtrfs commits instead, which is always correct).
-fn needs_full_commit(
+/// The tree of subvolume `root` as the last commit left it (`path->search_commit_root`).
+fn commit_root(c: &WriteCtx<'_>, root: u64) -> Result<Option<RootPtr>> {
+    let (bytenr, level, generation) = {
+        let sb = c.fs.sb_live.lock();
+        (sb.root, sb.root_level, sb.generation)
+    };
+    let tree_root = RootPtr {
+        bytenr,
+        level,
+        generation,
+        owner: objectid::ROOT_TREE,
+    };
+    let found = ubtrfs_ctree::ctree::lookup_le(
+        &c.fs.reader,
+        &tree_root,
+        &Key::new(root, item::ROOT_ITEM, u64::MAX),
+    )?;
+    let Some((k, d)) = found else {
+        return Ok(None);
+    };
+    if k.objectid != root || k.item_type != item::ROOT_ITEM {
+        return Ok(None);
+    }
+    let ri = ubtrfs_format::items::RootItem::parse(&d).map_err(|e| corrupt(1, &k, e))?;
+    Ok(Some(RootPtr {
+        bytenr: ri.bytenr,
+        level: ri.level,
+        generation: ri.generation,
+        owner: root,
+    }))
+}
+
+/// Items of the commit root of `root` from `start` while `keep` holds.
+fn commit_root_items(
     c: &WriteCtx<'_>,
     root: u64,
+    start: Key,
+    keep: impl Fn(&Key) -> bool,
+) -> Result<Vec<(Key, Vec<u8>)>> {
+    let Some(r) = commit_root(c, root)? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for it in ubtrfs_ctree::TreeIter::new(&c.fs.reader, r, start) {
+        let (k, b, s) = it?;
+        if !keep(&k) {
+            break;
+        }
+        out.push((
+            k,
+            b.item_data(s).map_err(|e| corrupt(root, &k, e))?.to_vec(),
+        ));
+    }
+    Ok(out)
+}
+
+/// The (parent, name) pairs of an INODE_REF or INODE_EXTREF item.
+fn ref_names(root: u64, k: &Key, d: &[u8]) -> Result<Vec<(u64, Vec<u8>, u64)>> {
+    Ok(if k.item_type == item::INODE_REF {
+        InodeRef::parse_all(d)
+            .map_err(|e| corrupt(root, k, e))?
+            .into_iter()
+            .map(|r| (k.offset, r.name, r.index))
+            .collect()
+    } else {
+        InodeExtref::parse_all(d)
+            .map_err(|e| corrupt(root, k, e))?
+            .into_iter()
+            .map(|r| (r.parent, r.name, r.index))
+            .collect()
+    })
+}
+
+/// `need_log_inode`: unmodified directories and inodes already logged in this transaction
+/// need no (re)logging as other inodes (their name changes update the log directly).
+fn need_log_inode(c: &WriteCtx<'_>, root: u64, ino: u64, ii: &InodeItem) -> bool {
+    if fmt_of(ii) == S_IFDIR && ii.transid < c.transid() {
+        return false;
+    }
+    !c.t.log.inodes.contains_key(&(root, ino))
+}
+
+/// `btrfs_log_inode_parent`: log the inode, then the other inodes the kernel logs with it
+/// (old parents after an unlink or rename, new ancestors, the inodes of new dentries).
+/// Returns a full-commit reason where the kernel returns BTRFS_LOG_FORCE_COMMIT.
+fn btrfs_log_inode_parent(
+    c: &mut WriteCtx<'_>,
+    root: u64,
     ino: u64,
-    ii: &InodeItem,
+    mode: LogMode,
+    emi: Option<&BtrfsInode>,
+    full_sync: bool,
+    ctx: &mut LogCtx,
 ) -> Result<Option<&'static str>> {
     let transid = c.transid();
-    if ii.nlink == 0 {
-        return Ok(Some("unlinked inode"));
+    if let Some(r) = btrfs_log_inode(c, root, ino, mode, emi, full_sync, ctx)? {
+        return Ok(Some(r));
     }
-    if ii.generation == transid {
-        // A new inode: replay recreates its name from the logged INODE_REF, which needs the
-        // parent directory to exist in the committed tree.
-        let refs = c.items(root, Key::new(ino, item::INODE_REF, 0), 64, |k| {
-            k.objectid == ino && k.item_type <= item::INODE_EXTREF
-        })?;
-        if refs.iter().any(|(k, _)| k.item_type == item::INODE_EXTREF) {
-            return Ok(Some("extended refs of a new inode"));
+    let ii = c.read_inode(root, ino)?;
+    let unlinked = c.t.log.last_unlink.contains(&(root, ino));
+    // A regular file that is on disk and kept its names needs nothing of its parents.
+    if fmt_of(&ii) == S_IFREG && ii.generation < transid && !unlinked {
+        return Ok(None);
+    }
+    let log_dentries = fmt_of(&ii) == S_IFDIR && ctx.log_new_dentries;
+    if unlinked {
+        if let Some(r) = btrfs_log_all_parents(c, root, ino, ctx)? {
+            return Ok(Some(r));
         }
-        for (k, _) in refs {
-            if k.offset != ino {
-                let dir = c.read_inode(root, k.offset)?;
-                if dir.generation == transid {
-                    return Ok(Some("new ancestor"));
-                }
+    }
+    if let Some(r) = log_all_new_ancestors(c, root, ino, ctx)? {
+        return Ok(Some(r));
+    }
+    if log_dentries {
+        return log_new_dir_dentries(c, root, ino, ctx);
+    }
+    Ok(None)
+}
+
+/// `btrfs_log_all_parents`: every parent the inode had at the last commit is logged in full,
+/// so that names removed from them replay as removed. A parent that no longer exists forces a
+/// commit (the kernel's example: a file moved out of a directory that was then replaced).
+fn btrfs_log_all_parents(
+    c: &mut WriteCtx<'_>,
+    root: u64,
+    ino: u64,
+    ctx: &mut LogCtx,
+) -> Result<Option<&'static str>> {
+    let refs = commit_root_items(c, root, Key::new(ino, item::INODE_REF, 0), |k| {
+        k.objectid == ino && k.item_type <= item::INODE_EXTREF
+    })?;
+    let mut parents = Vec::new();
+    for (k, d) in &refs {
+        for (p, _, _) in ref_names(root, k, d)? {
+            if !parents.contains(&p) {
+                parents.push(p);
+            }
+        }
+    }
+    for p in parents {
+        if p == ino {
+            continue;
+        }
+        let pii = match c.read_inode(root, p) {
+            Ok(x) => x,
+            Err(FsError::NotFound) => return Ok(Some("old parent directory deleted")),
+            Err(e) => return Err(e),
+        };
+        if !need_log_inode(c, root, p, &pii) {
+            continue;
+        }
+        ctx.log_new_dentries = false;
+        if let Some(r) = btrfs_log_inode(c, root, p, LogMode::All, None, false, ctx)? {
+            return Ok(Some(r));
+        }
+        if ctx.log_new_dentries {
+            if let Some(r) = log_new_dir_dentries(c, root, p, ctx)? {
+                return Ok(Some(r));
             }
         }
     }
     Ok(None)
 }
 
-/// `btrfs_log_inode(LOG_INODE_ALL)` for a regular file or symlink. Returns a full-commit reason
-/// when the fast path gives up (-EFBIG).
+/// `log_all_new_ancestors`: every ancestor directory created in this transaction is logged
+/// LOG_INODE_EXISTS, up every path of the inode's current names, so replay can recreate the
+/// path. Extended refs are not walked (the kernel's -EMLINK: commit).
+fn log_all_new_ancestors(
+    c: &mut WriteCtx<'_>,
+    root: u64,
+    ino: u64,
+    ctx: &mut LogCtx,
+) -> Result<Option<&'static str>> {
+    let transid = c.transid();
+    let refs = c.items(root, Key::new(ino, item::INODE_REF, 0), usize::MAX, |k| {
+        k.objectid == ino && k.item_type <= item::INODE_EXTREF
+    })?;
+    if refs.iter().any(|(k, _)| k.item_type == item::INODE_EXTREF) {
+        return Ok(Some("extended refs of a logged inode"));
+    }
+    for (k, _) in refs {
+        let mut p = k.offset;
+        let mut cur = ino;
+        for _ in 0..4096 {
+            if p == cur {
+                break; // the subvolume root's reference to itself
+            }
+            let pii = c.read_inode(root, p)?;
+            if pii.generation >= transid && need_log_inode(c, root, p, &pii) {
+                if let Some(r) = btrfs_log_inode(c, root, p, LogMode::Exists, None, false, ctx)? {
+                    return Ok(Some(r));
+                }
+            }
+            let up = c.items(root, Key::new(p, item::INODE_REF, 0), 1, |k| {
+                k.objectid == p && k.item_type == item::INODE_REF
+            })?;
+            let Some((uk, _)) = up.into_iter().next() else {
+                return Ok(Some("ancestor without a name"));
+            };
+            cur = p;
+            p = uk.offset;
+        }
+    }
+    Ok(None)
+}
+
+/// `log_new_dir_dentries`: the inodes the directory's logged entries point at are logged
+/// (directories LOG_INODE_ALL, recursively; others LOG_INODE_EXISTS), so every replayed
+/// name leads to an inode with a matching link count.
+fn log_new_dir_dentries(
+    c: &mut WriteCtx<'_>,
+    root: u64,
+    start: u64,
+    ctx: &mut LogCtx,
+) -> Result<Option<&'static str>> {
+    let mut work = vec![start];
+    while let Some(dir) = work.pop() {
+        let logged = c.sel_items(
+            TreeSel::Log(root),
+            Key::new(dir, item::DIR_INDEX, 0),
+            usize::MAX,
+            |k| k.objectid == dir && k.item_type == item::DIR_INDEX,
+        )?;
+        for (k, d) in logged {
+            let Some(e) = DirItem::parse_all(&d)
+                .map_err(|e| corrupt(root, &k, e))?
+                .into_iter()
+                .next()
+            else {
+                continue;
+            };
+            if e.location.item_type != item::INODE_ITEM {
+                continue; // a subvolume entry
+            }
+            let x = e.location.objectid;
+            let xii = match c.read_inode(root, x) {
+                Ok(ii) => ii,
+                Err(FsError::NotFound) => continue,
+                Err(e) => return Err(e),
+            };
+            if !need_log_inode(c, root, x, &xii) {
+                continue;
+            }
+            let is_dir = fmt_of(&xii) == S_IFDIR;
+            let mode = if is_dir {
+                LogMode::All
+            } else {
+                LogMode::Exists
+            };
+            ctx.log_new_dentries = false;
+            if let Some(r) = btrfs_log_inode(c, root, x, mode, None, false, ctx)? {
+                return Ok(Some(r));
+            }
+            if is_dir && ctx.log_new_dentries {
+                work.push(x);
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// `btrfs_check_ref_name_override`: a name of the inode that, in the commit root, belongs to
+/// another inode (replaced by a rename, or freed and reused). That inode must be logged too,
+/// or replay would leave the old name's inode behind.
+fn check_ref_name_override(
+    c: &WriteCtx<'_>,
+    root: u64,
+    ino: u64,
+    parent: u64,
+    name: &[u8],
+) -> Result<Option<u64>> {
+    let Some(r) = commit_root(c, root)? else {
+        return Ok(None);
+    };
+    let key = Key::new(parent, item::DIR_ITEM, ubtrfs_format::csum::name_hash(name));
+    let Some(d) = ubtrfs_ctree::ctree::lookup_item(&c.fs.reader, &r, &key)? else {
+        return Ok(None);
+    };
+    for e in DirItem::parse_all(&d).map_err(|e| corrupt(root, &key, e))? {
+        if e.name == name && e.location.item_type == item::INODE_ITEM && e.location.objectid != ino
+        {
+            return Ok(Some(e.location.objectid));
+        }
+    }
+    Ok(None)
+}
+
+/// `log_conflicting_inodes`: conflicting inodes that still exist are logged LOG_INODE_EXISTS
+/// (their own names checked in turn); for one that was deleted, the directory of the name
+/// is logged in full so the old entry replays as deleted. More than MAX_CONFLICT_INODES:
+/// commit.
+fn log_conflicting_inodes(
+    c: &mut WriteCtx<'_>,
+    root: u64,
+    ctx: &mut LogCtx,
+) -> Result<Option<&'static str>> {
+    if ctx.logging_conflict_inodes {
+        return Ok(None);
+    }
+    ctx.logging_conflict_inodes = true;
+    let mut seen = 0usize;
+    let r = (|| {
+        while let Some((other, parent)) = ctx.conflicts.pop() {
+            seen += 1;
+            if seen > MAX_CONFLICT_INODES {
+                return Ok(Some("too many conflicting inodes"));
+            }
+            match c.read_inode(root, other) {
+                Ok(oii) if oii.nlink > 0 => {
+                    if fmt_of(&oii) == S_IFDIR && c.t.log.last_unlink.contains(&(root, other)) {
+                        return Ok(Some("conflicting directory with unlinks"));
+                    }
+                    if !c.t.log.inodes.contains_key(&(root, other)) {
+                        if let Some(r) =
+                            btrfs_log_inode(c, root, other, LogMode::Exists, None, false, ctx)?
+                        {
+                            return Ok(Some(r));
+                        }
+                    }
+                }
+                Ok(_) | Err(FsError::NotFound) => {
+                    let pii = match c.read_inode(root, parent) {
+                        Ok(p) => p,
+                        Err(FsError::NotFound) => {
+                            return Ok(Some("conflicting name in a deleted directory"))
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    if need_log_inode(c, root, parent, &pii) {
+                        if let Some(r) =
+                            btrfs_log_inode(c, root, parent, LogMode::All, None, false, ctx)?
+                        {
+                            return Ok(Some(r));
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    })();
+    ctx.logging_conflict_inodes = false;
+    ctx.conflicts.clear();
+    r
+}
+
+/// The size a LOG_INODE_EXISTS copy of a regular file carries (`get_inode_size_to_log`): what
+/// the log already says, else what the last commit says, never more than i_size; 0 for an
+/// inode new in this transaction.
+fn inode_size_to_log(c: &WriteCtx<'_>, root: u64, ino: u64, ii: &InodeItem) -> Result<u64> {
+    let key = Key::new(ino, item::INODE_ITEM, 0);
+    let found = if c.t.log.inodes.contains_key(&(root, ino)) {
+        c.sel_lookup(TreeSel::Log(root), &key)?
+    } else if ii.generation < c.transid() {
+        match commit_root(c, root)? {
+            Some(r) => ubtrfs_ctree::ctree::lookup_item(&c.fs.reader, &r, &key)?,
+            None => None,
+        }
+    } else {
+        return Ok(0);
+    };
+    let Some(d) = found else {
+        return Ok(0);
+    };
+    let logged = InodeItem::parse(&d).map_err(|e| corrupt(root, &key, e))?;
+    Ok(logged.size.min(ii.size))
+}
+
+/// `btrfs_log_inode` in LOG_INODE_ALL or LOG_INODE_EXISTS mode, for any inode type. `emi` is
+/// the in-memory inode of an fsynced regular file (fast path); without it, a file logged in
+/// full mode copies every extent item of this transaction. Returns a full-commit reason where
+/// the kernel gives up.
+#[allow(clippy::too_many_arguments)]
 fn btrfs_log_inode(
     c: &mut WriteCtx<'_>,
     root: u64,
     ino: u64,
-    ii: &InodeItem,
-    emi: &BtrfsInode,
+    mode: LogMode,
+    emi: Option<&BtrfsInode>,
     full_sync: bool,
+    ctx: &mut LogCtx,
 ) -> Result<Option<&'static str>> {
+    ctx.logged += 1;
+    if ctx.logged > MAX_LOGGED_INODES {
+        return Ok(Some("too many inodes to log"));
+    }
     let transid = c.transid();
     let log = TreeSel::Log(root);
+    let ii = c.read_inode(root, ino)?;
+    let fmt = fmt_of(&ii);
+    let is_dir = fmt == S_IFDIR;
+    // Symlinks are always logged in full: their target is an inline extent.
+    let mode = if fmt == S_IFLNK { LogMode::All } else { mode };
+    // Logging a directory that had an entry renamed away: the new place of that entry cannot
+    // be found from here, so the log could lose it.
+    if is_dir && mode == LogMode::All && c.t.log.last_unlink.contains(&(root, ino)) {
+        return Ok(Some("directory with an entry renamed away"));
+    }
     let datasum = ii.flags & inode_flags::NODATASUM == 0;
-    // Drop what an earlier fsync of this transaction logged for the inode: everything in full
-    // mode, the inode item, names and xattrs in fast mode (extents are replaced range by range).
-    let upto = if full_sync { u8::MAX } else { item::XATTR_ITEM };
+    // Symlinks have no modified extent maps (the inline extent is written at creation): their
+    // items are copied, as the kernel's NEEDS_FULL_SYNC of a new inode does.
+    let copy_extents =
+        !is_dir && mode == LogMode::All && (full_sync || emi.is_none() || fmt == S_IFLNK);
+    let logged_size = if fmt == S_IFREG && mode == LogMode::Exists {
+        inode_size_to_log(c, root, ino, &ii)?
+    } else {
+        0
+    };
+    // Drop what an earlier logging of this transaction wrote for the inode: everything when
+    // its extents are copied anew, else the inode item, names and xattrs (fast-path extents
+    // are replaced range by range; directory entries by log_directory_changes).
+    let upto = if copy_extents {
+        u8::MAX
+    } else {
+        item::XATTR_ITEM
+    };
     let old = c.sel_items(log, Key::new(ino, item::INODE_ITEM, 0), usize::MAX, |k| {
-        k.objectid == ino && k.item_type <= upto
+        k.objectid == ino
+            && k.item_type <= upto
+            && k.item_type != item::DIR_LOG_INDEX
+            && k.item_type != item::DIR_INDEX
     })?;
     for (k, _) in &old {
         c.sel_delete(log, k)?;
     }
-    if full_sync {
+    if copy_extents {
         // The old logged extents had csums in the log: drop those of this inode's extents.
         for (k, d) in &old {
             if k.item_type == item::EXTENT_DATA {
@@ -178,25 +616,47 @@ fn btrfs_log_inode(
             }
         }
     }
-    // The inode item (nbytes is not logged: replay recomputes it), names and xattrs.
-    let mut logged = *ii;
+    // The inode item (fill_inode_item; nbytes is not logged: replay recomputes it).
+    let mut logged = ii;
     logged.nbytes = 0;
     logged.transid = transid;
+    if mode == LogMode::Exists {
+        logged.generation = 0;
+        logged.size = logged_size;
+    }
     c.sel_insert(log, Key::new(ino, item::INODE_ITEM, 0), &logged.to_bytes())?;
+    // Names and xattrs.
     let names = c.items(root, Key::new(ino, item::INODE_REF, 0), usize::MAX, |k| {
         k.objectid == ino && k.item_type <= item::XATTR_ITEM
     })?;
+    let check_names = ii.generation == transid || ctx.logging_conflict_inodes;
     for (k, d) in names {
+        if check_names && (k.item_type == item::INODE_REF || k.item_type == item::INODE_EXTREF) {
+            for (parent, name, _) in ref_names(root, &k, &d)? {
+                if parent == ino {
+                    continue;
+                }
+                if let Some(other) = check_ref_name_override(c, root, ino, parent, &name)? {
+                    if !ctx.conflicts.contains(&(other, parent)) {
+                        ctx.conflicts.push((other, parent));
+                    }
+                }
+            }
+        }
         c.sel_insert(log, k, &d)?;
     }
-    if full_sync {
+    let mut reason = None;
+    if is_dir {
+        if mode == LogMode::All {
+            log_directory_changes(c, root, ino, ctx)?;
+        }
+    } else if copy_extents {
         // copy_inode_items_to_log: every file extent item written in this transaction.
         let extents = c.items(root, Key::new(ino, item::EXTENT_DATA, 0), usize::MAX, |k| {
             k.objectid == ino && k.item_type == item::EXTENT_DATA
         })?;
         for (k, d) in extents {
-            let fe = FileExtentItem::parse(&d)
-                .map_err(|e| FsError::corrupt(format!("root {root} {k}: {e}")))?;
+            let fe = FileExtentItem::parse(&d).map_err(|e| corrupt(root, &k, e))?;
             if fe.generation < transid {
                 continue;
             }
@@ -210,18 +670,293 @@ fn btrfs_log_inode(
                 log_csums(c, root, s, l)?;
             }
         }
-        emi.btrfs_log_inode_clear_modified_extents();
-        emi.clear_runtime_flags(ubtrfs_extent_map::runtime_flags::NEEDS_FULL_SYNC);
-        return Ok(None);
+        if let Some(emi) = emi {
+            emi.btrfs_log_inode_clear_modified_extents();
+            emi.clear_runtime_flags(ubtrfs_extent_map::runtime_flags::NEEDS_FULL_SYNC);
+        }
+    } else if mode == LogMode::All {
+        if let Some(emi) = emi {
+            // Fast path: the modified extent maps, in start order, LOGGING set while each is
+            // copied.
+            let r = emi.btrfs_log_changed_extents(transid, ii.size, |em: &ExtentMap| {
+                log_one_extent(c, root, ino, em, datasum, transid)
+            });
+            match r {
+                Ok(()) => {}
+                Err(LogError::TooManyModified) => reason = Some("too many modified extents"),
+                Err(LogError::LogOneExtent(e)) => return Err(e),
+            }
+        }
     }
-    // Fast path: the modified extent maps, in start order, LOGGING set while each is copied.
-    let r = emi.btrfs_log_changed_extents(transid, ii.size, |em: &ExtentMap| {
-        log_one_extent(c, root, ino, em, datasum, transid)
-    });
+    if reason.is_some() {
+        return Ok(reason);
+    }
+    let e = c.t.log.inodes.entry((root, ino)).or_default();
+    e.all |= mode == LogMode::All;
+    if !ctx.conflicts.is_empty() && !ctx.logging_new_name {
+        return log_conflicting_inodes(c, root, ctx);
+    }
+    if ctx.logging_new_name {
+        ctx.conflicts.clear();
+    }
+    Ok(None)
+}
+
+/// `log_directory_changes` / `log_dir_items`: the directory's DIR_INDEX items written in this
+/// transaction, and DIR_LOG_INDEX ranges covering them and every index removed in this
+/// transaction, so that replay both adds and deletes entries.
+///
+/// Older entries are boundaries: a range never covers one (it is not in the log, so replay
+/// would delete it). As in the kernel, only the neighbourhood of changed leaves needs ranges
+/// (a removal rewrites the leaf that held the entry): a gap between two older entries gets a
+/// range when it holds a logged entry, when a leaf around it changed in this transaction, or
+/// when the two entries are in different leaves (a whole leaf may have gone). The gap after
+/// the last older entry always gets one (it ends at u64::MAX).
+///
+/// Whatever an earlier fsync of this transaction logged for the directory is dropped first
+/// and derived again from the current entries.
+fn log_directory_changes(
+    c: &mut WriteCtx<'_>,
+    root: u64,
+    dir: u64,
+    ctx: &mut LogCtx,
+) -> Result<()> {
+    /// BTRFS_DIR_START_INDEX.
+    const DIR_START_INDEX: u64 = 2;
+    let transid = c.transid();
+    let log = TreeSel::Log(root);
+    let old = c.sel_items(
+        log,
+        Key::new(dir, item::DIR_LOG_INDEX, 0),
+        usize::MAX,
+        |k| k.objectid == dir && k.item_type <= item::DIR_INDEX,
+    )?;
+    for (k, _) in old {
+        if k.item_type == item::DIR_LOG_INDEX || k.item_type == item::DIR_INDEX {
+            c.sel_delete(log, &k)?;
+        }
+    }
+    let mut to_log: Vec<(Key, Vec<u8>)> = Vec::new();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    // The last older entry (DIR_START_INDEX - 1 before the first), its leaf, and what the
+    // gap after it has seen so far.
+    let mut prev_old = DIR_START_INDEX - 1;
+    let mut prev_leaf: Option<u64> = None;
+    let mut gap_dirty = false;
+    let mut gap_logged = false;
+    let start = Key::new(dir, item::DIR_INDEX, 0);
+    for it in ubtrfs_ctree::TreeIter::new(&c.fs.reader, c.root_ptr(root)?, start) {
+        let (k, b, s) = it?;
+        if k.objectid != dir || k.item_type != item::DIR_INDEX {
+            break;
+        }
+        let changed = b.header.generation >= transid;
+        if changed {
+            let data = b.item_data(s).map_err(|e| corrupt(root, &k, e))?;
+            let e = DirItem::parse_all(data)
+                .map_err(|e| corrupt(root, &k, e))?
+                .into_iter()
+                .next()
+                .ok_or_else(|| corrupt(root, &k, "empty DIR_INDEX item"))?;
+            if e.transid >= transid {
+                if e.location.item_type == item::INODE_ITEM {
+                    ctx.log_new_dentries = true;
+                }
+                to_log.push((k, data.to_vec()));
+                gap_logged = true;
+                gap_dirty = true;
+                continue;
+            }
+        }
+        let leaf = b.header.bytenr;
+        let emit = gap_dirty || gap_logged || changed || prev_leaf != Some(leaf);
+        if emit && k.offset > prev_old + 1 {
+            ranges.push((prev_old + 1, k.offset - 1));
+        }
+        prev_old = k.offset;
+        prev_leaf = Some(leaf);
+        gap_dirty = changed;
+        gap_logged = false;
+    }
+    if prev_old < u64::MAX {
+        ranges.push((prev_old + 1, u64::MAX));
+    }
+    for (k, d) in to_log {
+        c.sel_insert(log, k, &d)?;
+    }
+    for (first, last) in ranges {
+        insert_dir_log_key(c, root, dir, first, last)?;
+    }
+    Ok(())
+}
+
+/// `insert_dir_log_key`: the log is authoritative for `dir`'s indexes `first..=last`. An
+/// existing range item with the same start keeps the larger end.
+fn insert_dir_log_key(
+    c: &mut WriteCtx<'_>,
+    root: u64,
+    dir: u64,
+    first: u64,
+    last: u64,
+) -> Result<()> {
+    let log = TreeSel::Log(root);
+    let key = Key::new(dir, item::DIR_LOG_INDEX, first);
+    match c.sel_lookup(log, &key)? {
+        Some(d) => {
+            let cur = ubtrfs_format::bytes::u64_at(&d, 0, "dir log end")
+                .map_err(|e| corrupt(root, &key, e))?;
+            c.sel_update(log, &key, &last.max(cur).to_le_bytes())
+        }
+        None => c.sel_insert(log, key, &last.to_le_bytes()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hooks of the namespace operations (inode.rs), run inside their write operation. Like the
+// kernel's, they never fail the operation: a log they cannot update is marked for a full
+// commit instead.
+
+/// `btrfs_record_unlink_dir`: called before a name of `ino` in `dir` is removed (unlink,
+/// rmdir, rename). The inode's parents must be logged when it is fsynced; for a rename, if
+/// neither the directory nor the inode was logged, a later full logging of the directory
+/// cannot find the entry's new place and must commit instead.
+pub(crate) fn btrfs_record_unlink_dir(
+    c: &mut WriteCtx<'_>,
+    root: u64,
+    dir: u64,
+    ino: u64,
+    for_rename: bool,
+) {
+    c.t.log.last_unlink.insert((root, ino));
+    if !for_rename {
+        return;
+    }
+    if c.t.log.inodes.contains_key(&(root, dir)) || c.t.log.inodes.contains_key(&(root, ino)) {
+        return;
+    }
+    c.t.log.last_unlink.insert((root, dir));
+}
+
+/// The rmdir part of `btrfs_rmdir`: a removed directory's `last_unlink_trans` passes to its
+/// parent (`btrfs_record_snapshot_destroy`).
+pub(crate) fn btrfs_propagate_unlink_trans(c: &mut WriteCtx<'_>, root: u64, dir: u64, ino: u64) {
+    if c.t.log.last_unlink.contains(&(root, ino)) {
+        c.t.log.last_unlink.insert((root, dir));
+    }
+}
+
+/// `btrfs_del_dir_entries_in_log`: `name` (index `index`) left `dir`; if the directory was
+/// logged in this transaction, the log must not bring it back. The logged entry is deleted;
+/// if the log has none (an older entry), a one-index range records the deletion.
+pub(crate) fn btrfs_del_dir_entries_in_log(c: &mut WriteCtx<'_>, root: u64, dir: u64, index: u64) {
+    if !c.t.log.inodes.contains_key(&(root, dir)) {
+        return;
+    }
+    if let Err(e) = del_logged_dentry(c, root, dir, index) {
+        tracing::warn!("root {root} dir {dir}: updating the log for a removed entry: {e}");
+        c.t.log.full_commit.get_or_insert("log update error");
+    }
+}
+
+/// `del_logged_dentry`, plus the one-index range of `btrfs_log_new_name` when the entry is
+/// not in the log.
+fn del_logged_dentry(c: &mut WriteCtx<'_>, root: u64, dir: u64, index: u64) -> Result<()> {
+    let key = Key::new(dir, item::DIR_INDEX, index);
+    if c.sel_lookup(TreeSel::Log(root), &key)?.is_some() {
+        c.sel_delete(TreeSel::Log(root), &key)?;
+        // A range covers every logged entry, so the deletion replays.
+        return Ok(());
+    }
+    insert_dir_log_key(c, root, dir, index, index)
+}
+
+/// `btrfs_del_inode_ref_in_log`: `name` of `ino` in `dir` is gone; if the inode was logged
+/// in this transaction, its logged back reference loses the name.
+pub(crate) fn btrfs_del_inode_ref_in_log(
+    c: &mut WriteCtx<'_>,
+    root: u64,
+    ino: u64,
+    dir: u64,
+    name: &[u8],
+) {
+    if !c.t.log.inodes.contains_key(&(root, ino)) {
+        return;
+    }
+    let r = (|| -> Result<()> {
+        let log = TreeSel::Log(root);
+        let key = Key::new(ino, item::INODE_REF, dir);
+        if let Some(d) = c.sel_lookup(log, &key)? {
+            let all = InodeRef::parse_all(&d).map_err(|e| corrupt(root, &key, e))?;
+            let rest: Vec<u8> = all
+                .iter()
+                .filter(|r| r.name != name)
+                .flat_map(|r| r.to_bytes())
+                .collect();
+            if rest.is_empty() {
+                c.sel_delete(log, &key)?;
+            } else if rest.len() != d.len() {
+                c.sel_update(log, &key, &rest)?;
+            }
+            return Ok(());
+        }
+        // The name may be in a logged extended ref: not edited here.
+        let ext = c.sel_items(log, Key::new(ino, item::INODE_EXTREF, 0), 1, |k| {
+            k.objectid == ino && k.item_type == item::INODE_EXTREF
+        })?;
+        if !ext.is_empty() {
+            return Err(FsError::Unsupported("extended refs in the log".into()));
+        }
+        Ok(())
+    })();
+    if let Err(e) = r {
+        tracing::warn!("root {root} ino {ino}: updating the log for a removed name: {e}");
+        c.t.log.full_commit.get_or_insert("log update error");
+    }
+}
+
+/// `btrfs_log_new_name`: after a link or rename added a name of `ino` in `new_parent`. If the
+/// inode or (for a rename) its old directory was logged in this transaction, the log is
+/// updated: the old entry leaves the old directory's log, and the inode is logged
+/// LOG_INODE_EXISTS with its current names (and new ancestors). `old` is (old directory, old
+/// index) of a rename.
+pub(crate) fn btrfs_log_new_name(
+    c: &mut WriteCtx<'_>,
+    root: u64,
+    ino: u64,
+    is_dir: bool,
+    old: Option<(u64, u64)>,
+) {
+    if !is_dir {
+        c.t.log.last_unlink.insert((root, ino));
+    }
+    let inode_logged = c.t.log.inodes.contains_key(&(root, ino));
+    let old_dir_logged = old
+        .map(|(d, _)| c.t.log.inodes.contains_key(&(root, d)))
+        .unwrap_or(false);
+    if !inode_logged && !old_dir_logged {
+        return;
+    }
+    let r = (|| -> Result<Option<&'static str>> {
+        if let Some((old_dir, old_index)) = old {
+            if old_dir_logged {
+                del_logged_dentry(c, root, old_dir, old_index)?;
+            }
+        }
+        let mut ctx = LogCtx {
+            logging_new_name: true,
+            ..LogCtx::default()
+        };
+        btrfs_log_inode_parent(c, root, ino, LogMode::Exists, None, false, &mut ctx)
+    })();
     match r {
-        Ok(()) => Ok(None),
-        Err(LogError::TooManyModified) => Ok(Some("too many modified extents")),
-        Err(LogError::LogOneExtent(e)) => Err(e),
+        Ok(None) => {}
+        Ok(Some(reason)) => {
+            c.t.log.full_commit.get_or_insert(reason);
+        }
+        Err(e) => {
+            tracing::warn!("root {root} ino {ino}: logging a new name: {e}");
+            c.t.log.full_commit.get_or_insert("log update error");
+        }
     }
 }
 
@@ -565,6 +1300,11 @@ fn replay_subvol(
                 if new.mode & crate::inode::S_IFMT == crate::inode::S_IFDIR {
                     new.size = 0;
                 }
+                if new.generation == 0 {
+                    // A LOG_INODE_EXISTS copy of an inode the subvolume does not have: the
+                    // generation is filled in (overwrite_item).
+                    new.generation = c.transid();
+                }
                 c.insert(root, key, &new.to_bytes())?;
             }
         }
@@ -641,8 +1381,30 @@ fn replay_subvol(
         {
             continue; // the target is neither committed nor logged
         }
-        if add_name(c, root, k.objectid, target, &e.name, k.offset, e.file_type)? {
+        if add_name(
+            c,
+            root,
+            k.objectid,
+            target,
+            &e.name,
+            k.offset,
+            e.file_type,
+            &mut touched,
+        )? {
             st.names_added += 1;
+            // replay_one_name adds the back reference unless the log has it (the ref stage
+            // below then writes the logged one).
+            let logged_ref = items.iter().any(|(rk, rd)| {
+                rk.objectid == target
+                    && ((rk.item_type == item::INODE_REF && rk.offset == k.objectid)
+                        || rk.item_type == item::INODE_EXTREF)
+                    && ref_names(root, rk, rd)
+                        .map(|v| v.iter().any(|(p, n, _)| *p == k.objectid && *n == e.name))
+                        .unwrap_or(false)
+            });
+            if !logged_ref && name_index(c, root, k.objectid, target, &e.name)?.is_none() {
+                crate::inode::insert_inode_ref(c, root, target, k.objectid, &e.name, k.offset)?;
+            }
         }
         touched.insert(target);
         touched.insert(k.objectid);
@@ -675,7 +1437,7 @@ fn replay_subvol(
                     .unwrap_or(ubtrfs_format::items::ft::REG_FILE);
                 if parent != ino {
                     for r in &refs {
-                        if add_name(c, root, parent, ino, &r.name, r.index, ft)? {
+                        if add_name(c, root, parent, ino, &r.name, r.index, ft, &mut touched)? {
                             st.names_added += 1;
                         }
                     }
@@ -696,7 +1458,7 @@ fn replay_subvol(
                     .map(|ii| crate::inode::file_type_of(ii.mode))
                     .unwrap_or(ubtrfs_format::items::ft::REG_FILE);
                 for r in &refs {
-                    if add_name(c, root, r.parent, ino, &r.name, r.index, ft)? {
+                    if add_name(c, root, r.parent, ino, &r.name, r.index, ft, &mut touched)? {
                         st.names_added += 1;
                     }
                     touched.insert(r.parent);
@@ -762,14 +1524,53 @@ fn replay_subvol(
         }
     }
     // fixup_inode_link_counts: nlink is the number of names; directory sizes follow entries.
-    for ino in touched {
+    // A directory left without a name loses its entries (their inodes are fixed up in turn)
+    // and gets an orphan item, as a file does.
+    let mut pending = touched;
+    let mut rounds = 0usize;
+    while let Some(ino) = pending.pop_first() {
+        rounds += 1;
+        if rounds > 10_000_000 {
+            return Err(FsError::corrupt(format!(
+                "log of root {root}: link count fixup does not converge"
+            )));
+        }
         let Ok(mut ii) = c.read_inode(root, ino) else {
             continue;
         };
+        let names = count_names(c, root, ino)?;
+        if names == 0 {
+            // The kernel inserts an orphan item; orphan cleanup deletes the inode.
+            let ok = Key::new(objectid::ORPHAN, item::ORPHAN_ITEM, ino);
+            if c.lookup(root, &ok)?.is_none() {
+                c.insert(root, ok, &[])?;
+                st.orphans += 1;
+            }
+        }
         if ii.mode & crate::inode::S_IFMT == crate::inode::S_IFDIR {
             let entries = c.items(root, Key::new(ino, item::DIR_INDEX, 0), usize::MAX, |k| {
                 k.objectid == ino && k.item_type == item::DIR_INDEX
             })?;
+            if names == 0 {
+                for (k, d) in &entries {
+                    for e in ubtrfs_format::items::DirItem::parse_all(d)
+                        .map_err(|e| FsError::corrupt(format!("dir {ino}: {e}")))?
+                    {
+                        if e.location.item_type == item::INODE_ITEM {
+                            remove_name(c, root, ino, e.location.objectid, &e.name, k.offset)?;
+                            st.names_removed += 1;
+                            pending.insert(e.location.objectid);
+                        }
+                    }
+                }
+                let mut ii = c.read_inode(root, ino)?;
+                if ii.nlink != 0 || ii.size != 0 {
+                    ii.nlink = 0;
+                    ii.size = 0;
+                    c.write_inode(root, ino, &ii)?;
+                }
+                continue;
+            }
             let mut size = 0u64;
             for (_, d) in &entries {
                 for e in ubtrfs_format::items::DirItem::parse_all(d)
@@ -784,15 +1585,6 @@ fn replay_subvol(
                 c.write_inode(root, ino, &ii)?;
             }
             continue;
-        }
-        let names = count_names(c, root, ino)?;
-        if names == 0 {
-            // The kernel inserts an orphan item; orphan cleanup deletes the inode.
-            let ok = Key::new(objectid::ORPHAN, item::ORPHAN_ITEM, ino);
-            if c.lookup(root, &ok)?.is_none() {
-                c.insert(root, ok, &[])?;
-                st.orphans += 1;
-            }
         }
         if ii.nlink != names as u32 {
             ii.nlink = names as u32;
@@ -820,7 +1612,47 @@ fn count_names(c: &WriteCtx<'_>, root: u64, ino: u64) -> Result<u64> {
     Ok(n)
 }
 
-/// Add `name` -> `ino` in `dir` at `index` unless it is there. True if added.
+/// The index of the name `name` of `ino` in `dir`, from its back reference.
+fn name_index(c: &WriteCtx<'_>, root: u64, dir: u64, ino: u64, name: &[u8]) -> Result<Option<u64>> {
+    for (k, d) in c.items(root, Key::new(ino, item::INODE_REF, dir), usize::MAX, |k| {
+        k.objectid == ino
+            && ((k.item_type == item::INODE_REF && k.offset == dir)
+                || k.item_type == item::INODE_EXTREF)
+    })? {
+        for (p, n, index) in ref_names(root, &k, &d)? {
+            if p == dir && n == name {
+                return Ok(Some(index));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The DIR_INDEX of `dir` holding `name` -> `ino` (a scan of the directory's index items).
+fn index_of_entry(
+    c: &WriteCtx<'_>,
+    root: u64,
+    dir: u64,
+    ino: u64,
+    name: &[u8],
+) -> Result<Option<u64>> {
+    for (k, d) in c.items(root, Key::new(dir, item::DIR_INDEX, 0), usize::MAX, |k| {
+        k.objectid == dir && k.item_type == item::DIR_INDEX
+    })? {
+        for e in DirItem::parse_all(&d).map_err(|e| corrupt(root, &k, e))? {
+            if e.name == name && e.location.objectid == ino {
+                return Ok(Some(k.offset));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Add `name` -> `ino` in `dir` at `index` unless it is there (`replay_one_name` /
+/// `__add_inode_ref`): an entry of that name for another inode or at another index, and
+/// another entry at that index, are removed first (their inodes go to `touched` for the link
+/// count fixup). True if added.
+#[allow(clippy::too_many_arguments)]
 fn add_name(
     c: &mut WriteCtx<'_>,
     root: u64,
@@ -829,16 +1661,52 @@ fn add_name(
     name: &[u8],
     index: u64,
     ft: u8,
+    touched: &mut std::collections::BTreeSet<u64>,
 ) -> Result<bool> {
-    if crate::dir_item::name_exists(c, root, dir, name)? {
-        return Ok(false);
+    let hk = Key::new(dir, item::DIR_ITEM, ubtrfs_format::csum::name_hash(name));
+    if let Some(d) = c.lookup(root, &hk)? {
+        let all = DirItem::parse_all(&d).map_err(|e| corrupt(root, &hk, e))?;
+        if let Some(e) = all.into_iter().find(|e| e.name == name) {
+            if e.location.item_type != item::INODE_ITEM {
+                return Err(FsError::corrupt(format!(
+                    "root {root} dir {dir}: replay of {:?} collides with a subvolume entry",
+                    String::from_utf8_lossy(name)
+                )));
+            }
+            let other = e.location.objectid;
+            // The entry's index: from the back reference, else (an entry added by the dir
+            // index stage whose logged back reference is not copied yet) from the index items.
+            let cur = match name_index(c, root, dir, other, name)? {
+                Some(i) => Some(i),
+                None => index_of_entry(c, root, dir, other, name)?,
+            };
+            if other == ino && cur == Some(index) {
+                return Ok(false);
+            }
+            let ci = cur.ok_or_else(|| {
+                FsError::corrupt(format!(
+                    "root {root} dir {dir}: entry {:?} has no index item",
+                    String::from_utf8_lossy(name)
+                ))
+            })?;
+            remove_name(c, root, dir, other, name, ci)?;
+            touched.insert(other);
+        }
     }
-    if c.lookup(root, &Key::new(dir, item::DIR_INDEX, index))?
-        .is_some()
-    {
-        return Err(FsError::corrupt(format!(
-            "root {root} dir {dir}: replay needs index {index} which is taken"
-        )));
+    let ik = Key::new(dir, item::DIR_INDEX, index);
+    if let Some(d) = c.lookup(root, &ik)? {
+        let e = DirItem::parse_all(&d)
+            .map_err(|e| corrupt(root, &ik, e))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| corrupt(root, &ik, "empty DIR_INDEX item"))?;
+        if e.location.item_type != item::INODE_ITEM {
+            return Err(FsError::corrupt(format!(
+                "root {root} dir {dir}: replay needs index {index}, held by a subvolume entry"
+            )));
+        }
+        remove_name(c, root, dir, e.location.objectid, &e.name, index)?;
+        touched.insert(e.location.objectid);
     }
     crate::dir_item::insert_dir_item(
         c,
