@@ -1335,7 +1335,7 @@ impl Filesystem for UbtrfsFuse {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
@@ -1343,8 +1343,13 @@ impl Filesystem for UbtrfsFuse {
         if !self.rw {
             return reply.ok();
         }
-        match self.fs.commit() {
-            Ok(_) => reply.ok(),
+        // btrfs_sync_file on a directory: log it (LOG_INODE_ALL: new entries, index ranges so
+        // removals replay, the inodes of new entries), or commit where the kernel does.
+        let r = self.resolve(ino.0).and_then(|(root, i)| {
+            ubtrfs_fs::tree_log::btrfs_sync_file(&self.fs, root, i).map(|_| ())
+        });
+        match r {
+            Ok(()) => reply.ok(),
             Err(e) => {
                 log_error("fsyncdir", &e);
                 reply.error(errno_of(&e))

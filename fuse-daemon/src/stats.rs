@@ -5,7 +5,7 @@
 //! Sources: `FsInfo::counters` (I/O, commits, fsync), the tree-block cache of the block reader,
 //! `FsExtentMaps::stats` (cached maps, shrinker outcomes, invariant violations) and the memory
 //! pressure monitor (pressure.rs). Nothing is printed that is not measured: what the daemon
-//! does not count (batched fsyncs: no log_batch joining; skips by generation: no such rule)
+//! does not count (skips by generation: no such rule; batched fsyncs from an older daemon)
 //! is `null` in JSON and `n/a` with the reason on the terminal, never a zero.
 
 use serde::{Deserialize, Serialize};
@@ -21,9 +21,8 @@ use ubtrfs_fs::FsInfo;
 use crate::control::Client;
 use crate::pressure::{PressureMonitorState, PressureSnapshot};
 
-/// Why there is no batched-fsync count.
-const NO_LOG_BATCH: &str = "n/a (not counted: every logged fsync syncs the log itself, no \
-                            log_batch joining yet)";
+/// Why there is no batched-fsync count (a snapshot from a daemon that did not batch).
+const NO_LOG_BATCH: &str = "n/a (not counted by the daemon that sent this snapshot)";
 /// Why there is no generation skip count.
 const NO_GENERATION_SKIP: &str = "n/a (no such skip: a modified map of the running \
                                   transaction is dropped and NEEDS_FULL_SYNC set, see below)";
@@ -79,7 +78,8 @@ pub struct FsyncStats {
     pub full_commit_reasons: BTreeMap<String, u64>,
     /// Log syncs (superblock writes pointing at the log).
     pub log_syncs: u64,
-    /// None: not counted (no log_batch joining).
+    /// Logged fsyncs whose log transid another fsync's log sync had already written (log_batch
+    /// joining); None in snapshots from daemons that did not count it.
     pub batched: Option<u64>,
     /// The extent-map crate's side of fast fsync: maps handed to logging, maps lost from
     /// fsync's list, references leaked with them.
@@ -232,7 +232,7 @@ impl Daemon {
                     .map(|(k, v)| (k.to_string(), *v))
                     .collect(),
                 log_syncs: c.log_syncs.load(Relaxed),
-                batched: None,
+                batched: Some(c.fsync_batched.load(Relaxed)),
                 extent_maps_logged: em.maps_logged,
                 logging_maps_lost: em.logging_maps_lost,
                 leaked_refs: em.leaked_refs,

@@ -67,8 +67,11 @@ pub struct LogState {
     pub roots: BTreeMap<u64, RootPtr>,
     /// Every log block reserved in this transaction (released at commit).
     pub blocks: Vec<u64>,
-    /// Log syncs done in this transaction (`log_transid` counterpart).
+    /// Log syncs done in this transaction.
     pub syncs: u64,
+    /// `root->log_transid`: the log transid new log writes belong to. A log sync commits it
+    /// and opens the next, so an fsync that logged into a smaller one is already durable.
+    pub log_transid: u64,
     /// Set when this transaction must not use the log (`btrfs_set_log_full_commit`: a logging
     /// error, a failed log sync): fsync falls back to a full commit, with this reason.
     pub full_commit: Option<&'static str>,
@@ -578,6 +581,7 @@ impl Transaction {
         dev.write_all_at(&raw, sb_offset(0))?;
         reader.flush_devices()?;
         self.log.syncs += 1;
+        self.log.log_transid += 1;
         Ok(blocks.len())
     }
 

@@ -116,6 +116,9 @@ pub struct FsCounters {
     pub fsync_skipped: AtomicU64,
     /// Log syncs (superblock writes pointing at the log).
     pub log_syncs: AtomicU64,
+    /// Logged fsyncs that found their log transid already synced by another fsync's log sync
+    /// (the kernel's log_batch joining): they wrote nothing themselves.
+    pub fsync_batched: AtomicU64,
     /// What the log replay at mount did.
     pub replay: Mutex<Option<crate::tree_log::ReplayStats>>,
     /// Full-commit fallbacks by reason.
@@ -147,6 +150,10 @@ pub struct FsInfo {
     pub(crate) tree_lock: RwLock<()>,
     /// The running transaction of a read-write mount.
     pub trans: Option<Mutex<Transaction>>,
+    /// Serialises log syncs (the per-root `log_mutex` held across `btrfs_sync_log`); taken
+    /// before `tree_lock`. An fsync waiting here while another syncs finds its log transid
+    /// committed when it gets the mutex.
+    pub(crate) log_sync_mutex: Mutex<()>,
     /// Set when a transaction aborted: the mount is read-only from then on (BTRFS_FS_STATE_ERROR).
     pub aborted: std::sync::atomic::AtomicBool,
     /// Data written and not yet in extents, per (subvolume, inode).
@@ -425,6 +432,7 @@ impl FsInfo {
             space: StatSpace::default(),
             tree_lock: RwLock::new(()),
             trans: None,
+            log_sync_mutex: Mutex::new(()),
             aborted: std::sync::atomic::AtomicBool::new(false),
             dirty: Mutex::new(HashMap::new()),
             data_may_use: Arc::new(AtomicU64::new(0)),
@@ -904,19 +912,35 @@ impl FsInfo {
         }
     }
 
-    /// `btrfs_sync_log`: write the running transaction's logs and point the primary superblock
-    /// at them.
-    pub fn sync_log(&self) -> Result<()> {
+    /// `btrfs_sync_log` for an fsync that logged into log transid `log_transid` of transaction
+    /// `transid`: write the running transaction's logs and point the primary superblock at
+    /// them. Returns true when nothing was left to write for it because a log sync that ran
+    /// while it waited for the log sync mutex committed its log transid (batched). A
+    /// transaction commit meanwhile also leaves nothing to write (false).
+    ///
+    /// Log syncs are serialised by `log_sync_mutex` and run under the tree lock, so no log
+    /// writer runs during one: everything logged before the sync is in it, and the next log
+    /// transid starts empty. (The kernel overlaps writers of log transid N+1 with the
+    /// write-out of N and needs the LOG1/LOG2 parity marks and two context lists for that;
+    /// here the tree lock excludes the overlap.)
+    pub fn sync_log(&self, transid: u64, log_transid: u64) -> Result<bool> {
         let Some(trans) = self.trans.as_ref() else {
-            return Ok(());
+            return Ok(false);
         };
+        let _sync = self.log_sync_mutex.lock();
         let _g = self.tree_lock.write();
         let mut t = trans.lock();
+        if t.transid != transid {
+            return Ok(false); // committed meanwhile: durable, nobody's log sync did it
+        }
+        if t.log.log_transid > log_transid {
+            return Ok(true);
+        }
         let sb = self.sb_live.lock();
         match t.sync_log(&self.reader, &sb) {
             Ok(_) => {
                 self.counters.log_syncs.fetch_add(1, Ordering::Relaxed);
-                Ok(())
+                Ok(false)
             }
             Err(e) => {
                 // A failed log sync: the superblock may or may not point at a partial log; a
@@ -927,7 +951,7 @@ impl FsInfo {
                 drop(_g);
                 tracing::error!("log sync failed: {e}; committing instead");
                 self.commit()?;
-                Ok(())
+                Ok(false)
             }
         }
     }

@@ -113,6 +113,7 @@ pub fn btrfs_sync_file(fs: &FsInfo, root: u64, ino: u64) -> Result<SyncOutcome> 
     let _mmap_lock = emi.mmap_lock().write();
     btrfs_writeback(fs, root, ino)?;
     let full_sync = emi.needs_full_sync();
+    let mut ticket = (0, 0);
     let outcome = fs.write_op(|c| {
         let transid = c.transid();
         let ii = c.read_inode(root, ino)?;
@@ -133,7 +134,11 @@ pub fn btrfs_sync_file(fs: &FsInfo, root: u64, ino: u64) -> Result<SyncOutcome> 
         let mut ctx = LogCtx::default();
         let r = btrfs_log_inode_parent(c, root, ino, LogMode::All, Some(&emi), full_sync, &mut ctx);
         match r {
-            Ok(None) => Ok(SyncOutcome::Logged),
+            Ok(None) => {
+                // start_log_trans: the log transid this fsync's items belong to.
+                ticket = (transid, c.t.log.log_transid);
+                Ok(SyncOutcome::Logged)
+            }
             Ok(Some(reason)) => {
                 // btrfs_set_log_full_commit: the log may hold a part of this fsync's items.
                 c.t.log.full_commit.get_or_insert(reason);
@@ -155,7 +160,11 @@ pub fn btrfs_sync_file(fs: &FsInfo, root: u64, ino: u64) -> Result<SyncOutcome> 
             .fsync_skipped
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         SyncOutcome::Logged => {
-            fs.sync_log()?;
+            if fs.sync_log(ticket.0, ticket.1)? {
+                fs.counters
+                    .fsync_batched
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             if full_sync {
                 fs.counters
                     .fsync_full
@@ -1838,4 +1847,111 @@ fn replay_one_extent(
     c.write_inode(root, ino, &ii)?;
     st.extents += 1;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk_io::MountOptions;
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::sync::Arc;
+
+    fn image(name: &str) -> std::path::PathBuf {
+        let base = std::env::var_os("UBTRFS_TEST_TMPDIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        std::fs::create_dir_all(&base).unwrap();
+        let img = base.join(format!("tree-log-unit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&img);
+        crate::mkfs::mkfs(
+            &img,
+            &crate::mkfs::MkfsOptions {
+                size: Some(256 << 20),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        img
+    }
+
+    // Test scenario: two threads fsync two different files while a third holds the log sync
+    // mutex (a log sync in progress). Both log into the same log transid; when the mutex is
+    // released one of them syncs the log and the other finds its log transid committed:
+    //
+    //   holder               thread A                 thread B
+    //   lock log_sync_mutex
+    //                        log a (log transid 0)
+    //                        wait for the mutex       log b (log transid 0)
+    //                                                 wait for the mutex
+    //   unlock
+    //                        sync: writes a and b
+    //                                                 transid 0 committed: batched
+    //
+    // One log sync, one batched fsync, and a replay shows both files.
+    #[test]
+    fn concurrent_fsyncs_share_one_log_sync() {
+        let img = image("batch");
+        let opts = MountOptions {
+            readonly: false,
+            commit_interval: 3600,
+            ..MountOptions::default()
+        };
+        {
+            let fs = Arc::new(FsInfo::open(&img, opts.clone()).unwrap());
+            let root = fs.mount_root;
+            let dir = fs.root(root).unwrap().item.root_dirid;
+            let mut inos = Vec::new();
+            for name in [&b"a"[..], b"b"] {
+                let (ino, _) =
+                    crate::inode::btrfs_new_inode(&fs, root, dir, name, 0o100644, 0, 0, 0).unwrap();
+                inos.push(ino);
+            }
+            fs.sync().unwrap();
+            for (i, &ino) in inos.iter().enumerate() {
+                crate::file_write::btrfs_buffered_write(&fs, root, ino, 0, &[i as u8 + 1; 5000])
+                    .unwrap();
+            }
+            let held = fs.log_sync_mutex.lock();
+            let threads: Vec<_> = inos
+                .iter()
+                .map(|&ino| {
+                    let fs = fs.clone();
+                    std::thread::spawn(move || btrfs_sync_file(&fs, root, ino).unwrap())
+                })
+                .collect();
+            // Wait until both inodes are in the log (bounded: 10 s).
+            let logged = |fs: &FsInfo| {
+                let t = fs.trans.as_ref().unwrap().lock();
+                inos.iter().all(|&i| t.log.inodes.contains_key(&(root, i)))
+            };
+            let start = std::time::Instant::now();
+            while !logged(&fs) {
+                assert!(start.elapsed().as_secs() < 10, "the fsyncs did not log");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            drop(held);
+            for t in threads {
+                assert_eq!(t.join().unwrap(), SyncOutcome::Logged);
+            }
+            assert_eq!(fs.counters.log_syncs.load(Relaxed), 1);
+            assert_eq!(fs.counters.fsync_batched.load(Relaxed), 1);
+            // Crash: no commit.
+        }
+        let fs = FsInfo::open(&img, opts).unwrap();
+        let root = fs.mount_root;
+        let dir = fs.root(root).unwrap().item.root_dirid;
+        for (i, name) in [&b"a"[..], b"b"].iter().enumerate() {
+            let crate::dir_item::Target::Inode { ino, .. } =
+                crate::dir_item::lookup(&fs, root, dir, name).unwrap()
+            else {
+                panic!("not an inode")
+            };
+            let ii = crate::inode::read_inode(&fs, root, ino).unwrap();
+            let emi = fs.ems.inode(root, ino);
+            let data = crate::file::read(&fs, root, ino, &ii, &emi, 0, u32::MAX).unwrap();
+            assert_eq!(data, vec![i as u8 + 1; 5000]);
+        }
+        drop(fs);
+        let _ = std::fs::remove_file(&img);
+    }
 }
