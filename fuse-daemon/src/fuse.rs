@@ -223,6 +223,23 @@ fn generation(node: u64, ii: &InodeItem) -> Generation {
     })
 }
 
+/// `in_group_or_capable` for the caller of `req` and group `gid`: root, the caller's group,
+/// or one of its supplementary groups (FUSE passes only the fsgid, so they are read from
+/// /proc; a caller that is gone counts as outside the group).
+fn caller_in_group(req: &Request, gid: u32) -> bool {
+    if req.uid() == 0 || req.gid() == gid {
+        return true;
+    }
+    std::fs::read_to_string(format!("/proc/{}/status", req.pid()))
+        .ok()
+        .and_then(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
+        })
+        .unwrap_or(false)
+}
+
 /// Kernel-internal dev_t (major << 20 | minor) as stored by btrfs, to the FUSE/new_encode_dev form.
 fn fuse_rdev(rdev: u64) -> u32 {
     let major = ((rdev >> 20) & 0xfff) as u32;
@@ -386,9 +403,11 @@ impl UbtrfsFuse {
             return Err(FsError::NotDir);
         }
         fileattr::may_create(&pii)?;
-        let (uid, gid, mode) = self.new_owner(req, &pii, mode & !(umask & 0o777));
-        let (ino, ii) =
-            ubtrfs_fs::inode::btrfs_new_inode(&self.fs, root, dir, name, mode, rdev, uid, gid)?;
+        // FUSE_DONT_MASK: the umask applies only without a default ACL (`posix_acl_create`).
+        let (uid, gid, mode) = self.new_owner(req, &pii, mode);
+        let (ino, ii) = ubtrfs_fs::acl::btrfs_new_inode_acl(
+            &self.fs, root, dir, name, mode, umask, rdev, uid, gid,
+        )?;
         let node = self.remember(root, ino, ii)?;
         Ok((node, root, ino, ii))
     }
@@ -588,7 +607,11 @@ impl Filesystem for UbtrfsFuse {
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_EXPORT_SUPPORT;
+            | InitFlags::FUSE_EXPORT_SUPPORT
+            // The kernel enforces POSIX ACLs (it reads them with getxattr) and leaves the
+            // umask to us, to apply only where no default ACL is inherited.
+            | InitFlags::FUSE_POSIX_ACL
+            | InitFlags::FUSE_DONT_MASK;
         let _ = config.add_capabilities(wanted & config.capabilities());
         let _ = config.set_max_write(1 << 20);
         if let Err(max) = config.set_max_readahead(1 << 20) {
@@ -850,6 +873,9 @@ impl Filesystem for UbtrfsFuse {
             let _l = em.inode_lock().write();
             fileattr::may_setattr(&ubtrfs_fs::inode::read_inode(&self.fs, root, i)?, &attrs)?;
             let mut ii = ubtrfs_fs::inode::btrfs_setattr(&self.fs, root, i, &attrs)?;
+            if attrs.mode.is_some() {
+                ubtrfs_fs::acl::btrfs_acl_chmod(&self.fs, root, i, ii.mode)?;
+            }
             ubtrfs_fs::file_write::live_attrs(&self.fs, root, i, &mut ii);
             Ok(ii)
         })();
@@ -865,7 +891,7 @@ impl Filesystem for UbtrfsFuse {
     #[allow(clippy::too_many_arguments)]
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -878,13 +904,14 @@ impl Filesystem for UbtrfsFuse {
         }
         let r = self.inode_of(ino.0).and_then(|(root, i, ii)| {
             fileattr::may_set_xattr(&ii)?;
-            ubtrfs_fs::xattr::btrfs_setxattr(
+            ubtrfs_fs::acl::btrfs_set_acl(
                 &self.fs,
                 root,
                 i,
                 name.as_bytes(),
                 value,
                 flags as u32,
+                |ii| caller_in_group(req, ii.gid),
             )
         });
         reply_empty(r, "setxattr", reply)

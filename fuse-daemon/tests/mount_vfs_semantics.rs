@@ -722,3 +722,118 @@ fn reread_nothing(_: &Path) -> Vec<String> {
 fn file_handles_match_kernel() {
     against_kernel("handles", probe_handles, reread_nothing);
 }
+
+/// An ACL in the VFS's xattr form from (tag, perm, id) entries.
+fn acl_bytes(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut b = 2u32.to_le_bytes().to_vec();
+    for &(t, p, i) in entries {
+        b.extend_from_slice(&t.to_le_bytes());
+        b.extend_from_slice(&p.to_le_bytes());
+        b.extend_from_slice(&i.to_le_bytes());
+    }
+    b
+}
+
+fn set_xattr_value(p: &Path, name: &str, v: &[u8]) -> String {
+    let c = cpath(p);
+    let n = CString::new(name).unwrap();
+    // SAFETY: valid C strings and a buffer of v.len() bytes.
+    let r = unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
+    if r < 0 {
+        last_errno()
+    } else {
+        "ok".into()
+    }
+}
+
+fn mode_and_acls(p: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let mode = fs::metadata(p).map(|m| format!("{:o}", m.mode()));
+    let a = common::compare::get_xattr(p, "system.posix_acl_access".as_ref());
+    let d = common::compare::get_xattr(p, "system.posix_acl_default".as_ref());
+    format!("mode {} access {} default {}", res(mode), res(a), res(d))
+}
+
+/// POSIX ACLs: inheritance of a default ACL by new files and directories (with the umask
+/// ignored), setting an access ACL sets the mode (and one equivalent to the mode is not
+/// kept), chmod rewrites the ACL.
+fn probe_acls(root: &Path) -> Vec<String> {
+    const U: u32 = u32::MAX;
+    let mut o = Vec::new();
+    // SAFETY: umask has no preconditions; the test's own umask, restored below.
+    let old_umask = unsafe { libc::umask(0o027) };
+    let a = root.join("acl");
+    fs::create_dir(&a).unwrap();
+    let def = acl_bytes(&[
+        (1, 7, U),
+        (2, 7, 1000),
+        (4, 5, U),
+        (0x10, 7, U),
+        (0x20, 5, U),
+    ]);
+    o.push(format!(
+        "set default: {}",
+        set_xattr_value(&a, "system.posix_acl_default", &def)
+    ));
+    fs::write(a.join("f"), b"").unwrap();
+    fs::create_dir(a.join("d")).unwrap();
+    fs::write(a.join("d/g"), b"").unwrap();
+    let c = cpath(&a.join("node"));
+    // SAFETY: valid C string.
+    unsafe { libc::mknod(c.as_ptr(), libc::S_IFIFO | 0o666, 0) };
+    for n in ["f", "d", "d/g", "node"] {
+        o.push(format!("{n}: {}", mode_and_acls(&a.join(n))));
+    }
+    let plain = root.join("plain");
+    fs::write(&plain, b"").unwrap();
+    o.push(format!("without default ACL: {}", mode_and_acls(&plain)));
+    let base = acl_bytes(&[(1, 6, U), (4, 4, U), (0x20, 0, U)]);
+    o.push(format!(
+        "set base-only access ACL: {}",
+        set_xattr_value(&plain, "system.posix_acl_access", &base)
+    ));
+    o.push(format!("after: {}", mode_and_acls(&plain)));
+    let named = acl_bytes(&[
+        (1, 7, U),
+        (2, 6, 1000),
+        (4, 4, U),
+        (0x10, 6, U),
+        (0x20, 1, U),
+    ]);
+    o.push(format!(
+        "set named access ACL: {}",
+        set_xattr_value(&plain, "system.posix_acl_access", &named)
+    ));
+    o.push(format!("after: {}", mode_and_acls(&plain)));
+    o.push(format!(
+        "chmod 640: {}",
+        res(fs::set_permissions(
+            &plain,
+            std::os::unix::fs::PermissionsExt::from_mode(0o640)
+        ))
+    ));
+    o.push(format!("after: {}", mode_and_acls(&plain)));
+    o.push(format!(
+        "default ACL on a file: {}",
+        set_xattr_value(&plain, "system.posix_acl_default", &def)
+    ));
+    // SAFETY: restores the umask saved above.
+    unsafe { libc::umask(old_umask) };
+    o
+}
+
+fn reread_acls(root: &Path) -> Vec<String> {
+    ["acl", "acl/f", "acl/d", "acl/d/g", "plain"]
+        .iter()
+        .map(|p| format!("{p}: {}", mode_and_acls(&root.join(p))))
+        .collect()
+}
+
+// Test scenario: POSIX ACLs kept in step with the mode bits as the kernel's btrfs keeps them:
+// default ACL inheritance on create (umask ignored), mode from a set access ACL, an ACL
+// equivalent to the mode not stored, chmod rewriting the ACL's mask; the kernel reads the
+// same modes and ACLs from ubtrfs's image.
+#[test]
+fn posix_acls_match_kernel() {
+    against_kernel("acls", probe_acls, reread_acls);
+}

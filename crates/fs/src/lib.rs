@@ -17,6 +17,7 @@
 //!    locks, never held across a call out).
 #![forbid(unsafe_code)]
 
+pub mod acl;
 pub mod compression;
 pub mod dir_item;
 pub mod disk_io;
