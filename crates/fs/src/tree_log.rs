@@ -153,7 +153,13 @@ pub fn btrfs_sync_file(fs: &FsInfo, root: u64, ino: u64) -> Result<SyncOutcome> 
                 Ok(SyncOutcome::FullCommit("logging error"))
             }
         }
-    })?;
+    });
+    // No metadata space to log into (the reservation refused before anything changed): the
+    // commit, which may use the global reserve, makes the data durable instead.
+    let outcome = match outcome {
+        Err(FsError::NoSpace) => SyncOutcome::FullCommit("no space for the log"),
+        other => other?,
+    };
     match outcome {
         SyncOutcome::Skipped => fs
             .counters

@@ -147,6 +147,16 @@ fn full_filesystem_enospc_unlink_truncate() {
             Err(FsError::NoSpace)
         ));
         assert!(!fs.is_readonly(), "ENOSPC must not abort the transaction");
+        // fsync on the full filesystem still makes the file durable (a full commit when there
+        // is no room to log into).
+        let out = ubtrfs_fs::tree_log::btrfs_sync_file(&fs, root, xino).unwrap();
+        assert!(
+            matches!(
+                out,
+                ubtrfs_fs::tree_log::SyncOutcome::FullCommit("no space for the log")
+            ),
+            "fsync on the full filesystem: {out:?}"
+        );
         // Give space back on the full filesystem.
         btrfs_rmdir(&fs, root, top, b"empty").unwrap();
         btrfs_unlink(&fs, root, dir, files[1].0.as_bytes()).unwrap();
