@@ -1425,6 +1425,10 @@ fn replay_subvol(
         touched.insert(k.objectid);
     }
     // Stage REPLAY_ALL: names from refs, xattrs, extents, checksums.
+    // Disk ranges whose checksums replay takes from the log: those the replayed extents
+    // reference (replay_one_extent looks up the log's csums per extent). The log may hold
+    // stale checksums of extents an earlier fsync logged and a later one replaced.
+    let mut csum_ranges: Vec<(u64, u64)> = Vec::new();
     for (k, d) in items {
         if skip.contains(&k.objectid) {
             continue;
@@ -1493,8 +1497,18 @@ fn replay_subvol(
                 st.xattrs += 1;
             }
             item::EXTENT_DATA => {
-                replay_one_extent(c, root, k, d, st)?;
+                let in_subvol = replay_one_extent(c, root, k, d, st)?;
                 touched.insert(k.objectid);
+                let fe = FileExtentItem::parse(d)
+                    .map_err(|e| FsError::corrupt(format!("log item {k}: {e}")))?;
+                if in_subvol && fe.extent_type == FILE_EXTENT_REG && fe.disk_bytenr != 0 {
+                    let (s, l) = if fe.compression != 0 {
+                        (fe.disk_bytenr, fe.disk_num_bytes)
+                    } else {
+                        (fe.disk_bytenr.saturating_add(fe.offset), fe.num_bytes)
+                    };
+                    csum_ranges.push((s, s.saturating_add(l)));
+                }
             }
             item::EXTENT_CSUM if k.objectid == objectid::EXTENT_CSUM => {
                 let n = (d.len() / c.fs.reader.csum_type.size()) as u64;
@@ -1507,12 +1521,28 @@ fn replay_subvol(
                         d.len()
                     )));
                 }
-                let reader = &c.fs.reader;
-                c.t.modify_tree(reader, objectid::CSUM_TREE, |w, r| {
-                    ubtrfs_ctree::extent_tree::delete_csums(w, r, k.offset, n * ss)
-                })?;
-                c.insert(objectid::CSUM_TREE, *k, d)?;
-                st.csum_items += 1;
+                let csize = c.fs.reader.csum_type.size() as u64;
+                let (item_start, item_end) = (k.offset, k.offset + n * ss);
+                for &(rs, re) in &csum_ranges {
+                    let ps = rs.max(item_start).next_multiple_of(ss);
+                    let pe = re.min(item_end);
+                    if ps >= pe {
+                        continue;
+                    }
+                    let pe = ps + (pe - ps).div_ceil(ss) * ss;
+                    let from = ((ps - item_start) / ss * csize) as usize;
+                    let to = ((pe.min(item_end) - item_start) / ss * csize) as usize;
+                    let reader = &c.fs.reader;
+                    c.t.modify_tree(reader, objectid::CSUM_TREE, |w, r| {
+                        ubtrfs_ctree::extent_tree::delete_csums(w, r, ps, pe - ps)
+                    })?;
+                    c.insert(
+                        objectid::CSUM_TREE,
+                        Key::new(objectid::EXTENT_CSUM, item::EXTENT_CSUM, ps),
+                        &d[from..to],
+                    )?;
+                    st.csum_items += 1;
+                }
             }
             _ => {}
         }
@@ -1788,25 +1818,26 @@ fn remove_name(
     Ok(())
 }
 
-/// `replay_one_extent`.
+/// `replay_one_extent`. Returns whether the subvolume now holds the logged extent item (false
+/// when its inode exists neither committed nor logged).
 fn replay_one_extent(
     c: &mut WriteCtx<'_>,
     root: u64,
     k: &Key,
     d: &[u8],
     st: &mut ReplayStats,
-) -> Result<()> {
+) -> Result<bool> {
     let ss = u64::from(c.fs.sectorsize());
     let ino = k.objectid;
     if c.lookup(root, &Key::new(ino, item::INODE_ITEM, 0))?
         .is_none()
     {
-        return Ok(()); // the inode does not exist (not logged, not committed)
+        return Ok(false); // the inode does not exist (not logged, not committed)
     }
     let fe =
         FileExtentItem::parse(d).map_err(|e| FsError::corrupt(format!("log item {k}: {e}")))?;
     if c.lookup(root, k)?.as_deref() == Some(d) {
-        return Ok(()); // identical item already there
+        return Ok(true); // identical item already there
     }
     let end = if fe.extent_type == 0 {
         k.offset
@@ -1852,7 +1883,7 @@ fn replay_one_extent(
         .saturating_add(added);
     c.write_inode(root, ino, &ii)?;
     st.extents += 1;
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]
