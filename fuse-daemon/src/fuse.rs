@@ -44,6 +44,7 @@ const FS_IOC32_GETFLAGS: u32 = 0x8004_6601;
 const FS_IOC32_SETFLAGS: u32 = 0x4004_6602;
 const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
 const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
+const FITRIM: u32 = 0xc018_5879;
 
 /// The ioctls ubtrfs answers (an error of one of them is its own errno, not ENOTTY).
 fn known_ioctl(cmd: u32) -> bool {
@@ -55,7 +56,41 @@ fn known_ioctl(cmd: u32) -> bool {
             | FS_IOC32_SETFLAGS
             | FS_IOC_FSGETXATTR
             | FS_IOC_FSSETXATTR
+            | FITRIM
     )
+}
+
+/// Discard `len` bytes at `off` of a device: BLKDISCARD on a block device, a punched hole in
+/// an image file (what a loop device does with a discard). A pluggable backend has nothing
+/// to discard.
+fn discard(dev: &ubtrfs_ctree::Device, off: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileTypeExt;
+    let ubtrfs_ctree::DeviceIo::File(f) = &dev.io else {
+        return Ok(());
+    };
+    let r = if f.metadata()?.file_type().is_block_device() {
+        const BLKDISCARD: libc::c_ulong = 0x1277;
+        let range = [off, len];
+        // SAFETY: BLKDISCARD reads two u64 (start, length) through the pointer, which points
+        // to `range`; the fd stays open for the call.
+        unsafe { libc::ioctl(f.as_raw_fd(), BLKDISCARD, range.as_ptr()) }
+    } else {
+        // SAFETY: plain fallocate on an open fd; no pointers.
+        unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off as libc::off_t,
+                len as libc::off_t,
+            )
+        }
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Map an error to the errno the kernel would return, logging what deserves a log line.
@@ -1453,7 +1488,7 @@ impl Filesystem for UbtrfsFuse {
     #[allow(clippy::too_many_arguments)]
     fn ioctl(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         _flags: fuser::IoctlFlags,
@@ -1491,6 +1526,16 @@ impl Filesystem for UbtrfsFuse {
                         .ok_or_else(|| FsError::Invalid("short FSSETXATTR argument".into()))?;
                     self.set_fileattr(ino.0, root, i, fileattr::FileAttrSet::Fsx(x))?;
                     Ok(Vec::new())
+                }
+                FITRIM => {
+                    // CAP_SYS_ADMIN; FUSE passes no capabilities, so: root.
+                    if req.uid() != 0 {
+                        return Err(FsError::NotPermitted);
+                    }
+                    let range = ubtrfs_fs::trim::FstrimRange::parse(in_data)
+                        .ok_or_else(|| FsError::Invalid("short FITRIM argument".into()))?;
+                    let out = ubtrfs_fs::trim::btrfs_trim_fs(&self.fs, range, discard)?;
+                    Ok(out.to_bytes().to_vec())
                 }
                 _ => Err(FsError::Unsupported(format!("ioctl {cmd:#x}"))),
             }

@@ -31,6 +31,7 @@ pub mod mkfs;
 pub mod space_info;
 pub mod transaction;
 pub mod tree_log;
+pub mod trim;
 pub mod xattr;
 
 pub use disk_io::{FsInfo, FsRoot, MountOptions};
