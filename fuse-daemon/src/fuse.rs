@@ -543,6 +543,43 @@ impl UbtrfsFuse {
             .unwrap_or(u64::MAX))
     }
 
+    /// `file_remove_privs` before a write or fallocate: a caller without CAP_FSETID (here:
+    /// not root) clears setuid, and setgid when the file is group-executable or the caller
+    /// is outside its group (`setattr_should_drop_sgid`). The FUSE kernel client does this
+    /// itself only for group-executable setgid files (fuse_setattr without handle_killpriv),
+    /// so the rest falls to the daemon.
+    fn file_remove_privs(
+        &self,
+        req: &Request,
+        root: u64,
+        ino: u64,
+        ii: &InodeItem,
+    ) -> Result<(), FsError> {
+        const S_ISUID: u32 = 0o4000;
+        const S_ISGID: u32 = 0o2000;
+        if ii.mode & (S_ISUID | S_ISGID) == 0
+            || ii.mode & S_IFMT != ubtrfs_fs::inode::S_IFREG
+            || req.uid() == 0
+        {
+            return Ok(());
+        }
+        let mut mode = ii.mode & !S_ISUID;
+        if ii.mode & S_ISGID != 0 && (ii.mode & 0o010 != 0 || !caller_in_group(req, ii.gid)) {
+            mode &= !S_ISGID;
+        }
+        if mode == ii.mode {
+            return Ok(());
+        }
+        let attrs = ubtrfs_fs::inode::SetAttr {
+            mode: Some(mode & 0o7777),
+            ..Default::default()
+        };
+        ubtrfs_fs::inode::btrfs_setattr(&self.fs, root, ino, &attrs)?;
+        ubtrfs_fs::acl::btrfs_acl_chmod(&self.fs, root, ino, mode)?;
+        self.invalidate_attrs(self.node_id(root, ino)?);
+        Ok(())
+    }
+
     /// One open of `node` ends (release, releasedir).
     fn release_inode(&self, node: u64) {
         if !self.rw {
@@ -965,7 +1002,7 @@ impl Filesystem for UbtrfsFuse {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -979,7 +1016,9 @@ impl Filesystem for UbtrfsFuse {
         let r = self.resolve(ino.0).and_then(|(root, i)| {
             let em = self.extent_maps(ino.0, root, i);
             let _l = em.inode_lock().write();
-            fileattr::may_fallocate(&ubtrfs_fs::inode::read_inode(&self.fs, root, i)?, mode)?;
+            let ii = ubtrfs_fs::inode::read_inode(&self.fs, root, i)?;
+            fileattr::may_fallocate(&ii, mode)?;
+            self.file_remove_privs(req, root, i, &ii)?;
             ubtrfs_fs::file_write::btrfs_fallocate(&self.fs, root, i, mode as u32, offset, length)
         });
         reply_empty(r, "fallocate", reply)
@@ -1112,7 +1151,7 @@ impl Filesystem for UbtrfsFuse {
     #[allow(clippy::too_many_arguments)]
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -1128,6 +1167,7 @@ impl Filesystem for UbtrfsFuse {
             let _l = em.inode_lock().write();
             let (_, _, ii) = self.inode_of(ino.0)?;
             fileattr::may_write(&ii, offset, ii.size)?;
+            self.file_remove_privs(req, root, i, &ii)?;
             ubtrfs_fs::file_write::btrfs_buffered_write(&self.fs, root, i, offset, data)
         });
         match r {

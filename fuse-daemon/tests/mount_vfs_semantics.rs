@@ -929,3 +929,67 @@ fn reread_fitrim(root: &Path) -> Vec<String> {
         res(fs::read(root.join("data")).map(|d| d.len()))
     )]
 }
+
+/// In a child running as uid/gid 65534 (not in the file's group), open `p` for writing and
+/// do `op`: 0 = write one byte at the end, 1 = fallocate keeping the size, 2 = punch a hole.
+fn as_nobody(p: &Path, op: i32) -> String {
+    let c = cpath(p);
+    // SAFETY: the child only makes async-signal-safe system calls and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: plain system calls on values owned by this (child) process.
+        unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                libc::_exit(2);
+            }
+            let fd = libc::open(c.as_ptr(), libc::O_WRONLY | libc::O_APPEND);
+            if fd < 0 {
+                libc::_exit(3);
+            }
+            let r = match op {
+                0 => (libc::write(fd, b"x".as_ptr().cast(), 1) == 1) as i32 - 1,
+                1 => libc::fallocate(fd, libc::FALLOC_FL_KEEP_SIZE, 0, 1 << 16),
+                _ => libc::fallocate(
+                    fd,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    0,
+                    4096,
+                ),
+            };
+            libc::_exit(if r == 0 { 0 } else { 4 });
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for the child forked above.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    format!("child exit {}", libc::WEXITSTATUS(status))
+}
+
+/// setuid/setgid bits after a write or fallocate by an unprivileged user outside the group
+/// (`file_remove_privs`), for group-executable and non-executable files.
+fn probe_privs(root: &Path) -> Vec<String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut o = Vec::new();
+    for (op, name) in [(0, "write"), (1, "fallocate"), (2, "punch")] {
+        for mode in [0o2666, 0o2676, 0o4666, 0o6777, 0o2660] {
+            let f = root.join(format!("{name}-{mode:o}"));
+            fs::write(&f, vec![1u8; 8192]).unwrap();
+            fs::set_permissions(&f, fs::Permissions::from_mode(mode)).unwrap();
+            let r = as_nobody(&f, op);
+            let after = fs::metadata(&f).map(|m| format!("{:o}", m.mode() & 0o7777));
+            o.push(format!("{name} on {mode:o}: {r}, mode {}", res(after)));
+        }
+    }
+    o
+}
+
+// Test scenario: a write, fallocate or hole punch by an unprivileged caller outside the
+// file's group clears setuid and setgid as the kernel's btrfs does (file_remove_privs), also
+// the setgid of a file without group execute, which FUSE's kernel side leaves to the daemon.
+#[test]
+fn remove_privs_matches_kernel() {
+    against_kernel("privs", probe_privs, reread_nothing);
+}
