@@ -69,6 +69,9 @@ pub enum Response {
         mountpoint: String,
         image: String,
         pid: u32,
+        /// The subvolume options the daemon was mounted with ([`subvol_key`]).
+        #[serde(default)]
+        subvol: String,
     },
     Stats(Box<Snapshot>),
     Shrink(ShrinkReport),
@@ -357,6 +360,7 @@ fn serve_connection(stream: UnixStream, daemon: &Daemon) {
                 mountpoint: daemon.mountpoint.display().to_string(),
                 image: daemon.image.display().to_string(),
                 pid: std::process::id(),
+                subvol: subvol_key(&daemon.fs.options),
             },
             Ok(Request::Stats) => Response::Stats(Box::new(daemon.snapshot())),
             Ok(Request::Shrink { nr }) => match peer_may_act(&out) {
@@ -431,6 +435,41 @@ pub struct Client {
     writer: UnixStream,
     pub mountpoint: PathBuf,
     pub pid: u32,
+    /// The image the daemon serves (canonical) and its subvolume options ([`subvol_key`]).
+    pub image: PathBuf,
+    pub subvol: String,
+}
+
+/// What a mount's subvolume options say, comparable between two mounts of one image.
+pub fn subvol_key(o: &ubtrfs_fs::MountOptions) -> String {
+    format!(
+        "subvol={} subvolid={}",
+        o.subvol.as_deref().unwrap_or(""),
+        o.subvolid.map(|i| i.to_string()).unwrap_or_default()
+    )
+}
+
+/// Every FUSE mount (target, source) in /proc/self/mountinfo.
+pub fn fuse_mounts() -> Vec<MountEntry> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            let pre: Vec<&str> = pre.split(' ').collect();
+            let post: Vec<&str> = post.split(' ').collect();
+            if pre.len() < 5 || post.len() < 2 {
+                return None;
+            }
+            Some(MountEntry {
+                target: PathBuf::from(unescape_mountinfo(pre[4])),
+                fstype: post[0].to_string(),
+                source: unescape_mountinfo(post[1]),
+            })
+        })
+        .filter(|m| m.fstype == "fuse" || m.fstype.starts_with("fuse."))
+        .collect()
 }
 
 impl Client {
@@ -479,13 +518,16 @@ impl Client {
             writer,
             mountpoint: canon.to_path_buf(),
             pid: 0,
+            image: PathBuf::new(),
+            subvol: String::new(),
         };
         match c.request(&Request::Hello)? {
             Response::Hello {
                 protocol,
                 mountpoint,
                 pid,
-                ..
+                image,
+                subvol,
             } => {
                 if protocol != PROTOCOL {
                     return Err(format!(
@@ -500,6 +542,8 @@ impl Client {
                     ));
                 }
                 c.pid = pid;
+                c.image = PathBuf::from(image);
+                c.subvol = subvol;
                 Ok(c)
             }
             other => Err(format!("{shown}: unexpected hello reply {other:?}")),

@@ -295,6 +295,9 @@ fn cmd_mount(
         return Err(format!("{}: no such file or device", image.display()));
     }
     if !daemon {
+        if let Some(existing) = served_elsewhere(&image, &parsed) {
+            return mount_again(&existing, &mountpoint, parsed.fs.readonly);
+        }
         return spawn_daemon(&image, &mountpoint, &opts);
     }
     let fs = match ubtrfs_fs::FsInfo::open(&image, parsed.fs.clone()) {
@@ -315,6 +318,113 @@ fn cmd_mount(
         Err(e) => return Err(e.to_string()),
     };
     serve(fs, &image, &mountpoint, &parsed)
+}
+
+/// The live ubtrfs mount of `image` with the same subvolume options, if there is one: its
+/// daemon holds the image, so a second daemon cannot serve it.
+fn served_elsewhere(image: &Path, p: &options::ParsedOptions) -> Option<control::Client> {
+    let canon = std::fs::canonicalize(image).ok()?;
+    let want = control::subvol_key(&p.fs);
+    // Only mounts whose source names this image are asked (a hung FUSE mount elsewhere
+    // must not hang this one).
+    let names = [
+        p.fsname.clone().unwrap_or_default(),
+        image.display().to_string(),
+        canon.display().to_string(),
+    ];
+    control::fuse_mounts().into_iter().find_map(|m| {
+        if !names.iter().any(|n| !n.is_empty() && *n == m.source) {
+            return None;
+        }
+        let c = control::Client::connect(&m.target).ok()?;
+        (c.image == canon && c.subvol == want).then_some(c)
+    })
+}
+
+/// A second mount of an image a ubtrfs daemon already serves, as the kernel makes a second
+/// mount of a mounted btrfs: the same filesystem (one superblock, here one daemon) seen at
+/// another place, by a bind mount of the first, read-only if asked. A read-write mount of an
+/// image mounted read-only would need the daemon to turn read-write: refused.
+fn mount_again(
+    existing: &control::Client,
+    mountpoint: &Path,
+    readonly: bool,
+) -> Result<(), String> {
+    let src = &existing.mountpoint;
+    let shown = format!(
+        "{} (served by pid {} at {})",
+        existing.image.display(),
+        existing.pid,
+        src.display()
+    );
+    let st = nix_statvfs_readonly(src).map_err(|e| format!("{}: {e}", src.display()))?;
+    if st && !readonly {
+        return Err(format!(
+            "{shown} is mounted read-only; a read-write mount needs that mount gone first"
+        ));
+    }
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())
+    };
+    let (s, d) = (c(src)?, c(mountpoint)?);
+    // SAFETY: valid NUL-terminated paths; no filesystem type or data for a bind mount.
+    let r = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            d.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "bind mount of {shown} on {}: {}",
+            mountpoint.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    if readonly {
+        // SAFETY: as above; a bind remount changes only this mount's flags.
+        let r = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                d.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+                std::ptr::null(),
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: valid path; undo the bind mount made above.
+            unsafe { libc::umount2(d.as_ptr(), libc::MNT_DETACH) };
+            return Err(format!(
+                "read-only bind mount on {}: {e}",
+                mountpoint.display()
+            ));
+        }
+    }
+    eprintln!(
+        "ubtrfs: {} is {shown}: mounted there too",
+        mountpoint.display()
+    );
+    Ok(())
+}
+
+/// Whether the mount at `p` is read-only (statvfs ST_RDONLY).
+fn nix_statvfs_readonly(p: &Path) -> std::io::Result<bool> {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: c is a valid path and st points to writable storage for one statvfs.
+    let r = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs succeeded and filled st.
+    let st = unsafe { st.assume_init() };
+    Ok(st.f_flag & libc::ST_RDONLY != 0)
 }
 
 /// Re-run ourselves in the foreground as a background daemon, and return when it reports that

@@ -993,3 +993,70 @@ fn probe_privs(root: &Path) -> Vec<String> {
 fn remove_privs_matches_kernel() {
     against_kernel("privs", probe_privs, reread_nothing);
 }
+
+/// Unmounts (lazily) on drop whatever is still mounted at its path.
+struct Unmounter(std::path::PathBuf);
+
+impl Drop for Unmounter {
+    fn drop(&mut self) {
+        if common::mount::mount_at(&self.0).is_some() {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+// Test scenario: mounting an image that a ubtrfs daemon already serves gives a second view of
+// the same filesystem, as a second kernel mount of a mounted btrfs does (one superblock): a
+// write through one mount is seen through the other, a read-only second mount refuses
+// writes, the first mount can go while the second stays usable, the daemon ends with the last
+// mount, and btrfs check is clean.
+#[test]
+fn second_mount_shares_the_daemon() {
+    require_fuse_env();
+    let t = TestDir::new("second_mount");
+    let img = t.join("img");
+    mkfs_image(&img, &Mkfs::default());
+    let (m1, m2, m3) = (t.mkdir("m1"), t.mkdir("m2"), t.mkdir("m3"));
+    let first = Mount::with_options(&img, &m1, "rw");
+    let _g2 = Unmounter(m2.clone());
+    let _g3 = Unmounter(m3.clone());
+    let again = |mnt: &Path, opts: &str| {
+        common::run_with_timeout(
+            Command::new(common::UBTRFS)
+                .args(["mount", "-o", opts])
+                .arg(&img)
+                .arg(mnt),
+            std::time::Duration::from_secs(60),
+        )
+        .expect("second ubtrfs mount hung")
+    };
+    let out = again(&m2, "rw");
+    assert!(
+        out.status.success(),
+        "second mount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = again(&m3, "ro");
+    assert!(
+        out.status.success(),
+        "read-only mount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::write(m1.join("a"), b"through m1").unwrap();
+    assert_eq!(fs::read(m2.join("a")).unwrap(), b"through m1");
+    fs::write(m2.join("b"), b"through m2").unwrap();
+    assert_eq!(fs::read(m1.join("b")).unwrap(), b"through m2");
+    assert_eq!(fs::read(m3.join("b")).unwrap(), b"through m2");
+    assert_eq!(res(fs::write(m3.join("c"), b"")), errno_name(libc::EROFS));
+    // The first mount goes; the daemon stays for the others.
+    assert!(Command::new("umount").arg(&m1).status().unwrap().success());
+    fs::write(m2.join("c"), b"after m1 went").unwrap();
+    assert!(Command::new("umount").arg(&m3).status().unwrap().success());
+    assert!(Command::new("umount").arg(&m2).status().unwrap().success());
+    let exit = first.unmount();
+    assert!(exit.is_clean_exit(), "daemon: {}", exit.describe());
+    check_image(&img);
+    let k = LoopMount::new(&img, &m1, "ro");
+    assert_eq!(fs::read(m1.join("c")).unwrap(), b"after m1 went");
+    k.unmount();
+}
