@@ -411,7 +411,20 @@ fn quantiles(name: &str, rounds: usize, mut f: impl FnMut(u64) -> Duration) {
 }
 
 fn quick() {
+    quantiles("log_one_extent only", 2000, |r| {
+        let start = Instant::now();
+        for i in 0..BATCH {
+            log_one_extent(&batch_map(i, r));
+        }
+        start.elapsed()
+    });
     let ours = Arc::new(Ours::new());
+    if let Ok(n) = std::env::var("UBTRFS_BENCH_PROFILE_IDLE") {
+        // Long idle run for a profiler.
+        let n: usize = n.parse().unwrap_or(100_000);
+        quantiles("idle (profile)", n, |r| ours.fsync_round(r));
+        return;
+    }
     quantiles("idle", 2000, |r| ours.fsync_round(r));
     let stop = Arc::new(AtomicBool::new(false));
     let h = {

@@ -5,8 +5,9 @@
 //! - Leaves hold up to [`MAX`] slots sorted by key; inner nodes hold up to [`MAX`] children and
 //!   one separator key between each two neighbours.
 //! - Nodes are shared between versions through `Arc`. A writer changes its working version with
-//!   `Arc::make_mut`, which copies a node only while an older version (one readers may hold)
-//!   still shares it; later changes to the same node in the same version happen in place.
+//!   [`cow`] (`Arc::make_mut` without its atomic read-modify-write), which copies a node only
+//!   while an older version (one readers may hold) still shares it; later changes to the same
+//!   node in the same version happen in place.
 //!
 //! # Invariants
 //! 1. In an inner node, every key of `children[i]` is `< keys[i]` and every key of
@@ -48,6 +49,33 @@ impl Node {
             Node::Inner { children, .. } => children.len(),
         }
     }
+}
+
+/// `Arc::make_mut` for tree nodes: a mutable reference to the node, copied first if another
+/// handle shares it. Same condition as `Arc::make_mut` (no other strong handle, no weak one),
+/// but checked with two loads and a fence instead of a compare-and-swap, which matters because
+/// every write descends through one call per level.
+fn cow(a: &mut Arc<Node>) -> &mut Node {
+    // No `Weak<Node>` is ever created (this module and extent_map.rs never call
+    // `Arc::downgrade` on a node), so `weak_count` is always 0; it is checked anyway so that a
+    // future `Weak` cannot silently break the proof below.
+    if Arc::strong_count(a) == 1 && Arc::weak_count(a) == 0 {
+        // Pairs with the `Release` decrement of the thread that dropped the last other handle
+        // (`Arc`'s drop), so that its reads of the node happen before our writes.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        // SAFETY: `a` is borrowed mutably, so no one else uses this handle. The strong count
+        // was 1 and no `Weak` exists, so no other handle to the allocation exists, and none can
+        // appear while we hold the borrow: a new handle can only be made by cloning or
+        // upgrading an existing one, and the only one is ours (this is exactly the condition
+        // `Arc::get_mut` establishes; its compare-and-swap only guards against a concurrent
+        // `Weak::upgrade`, impossible without a `Weak`). Readers reach a node only through a
+        // handle held by a published version (a parent node or a version's root), so none can
+        // be reading it: the node is exclusively ours for the lifetime of the borrow of `a`.
+        // The pointer comes from `Arc::as_ptr`, valid for the allocation's lifetime, which
+        // outlives the borrow of `a`.
+        return unsafe { &mut *(Arc::as_ptr(a) as *mut Node) };
+    }
+    Arc::make_mut(a)
 }
 
 /// Index of the child of an inner node that may hold `key`.
@@ -140,16 +168,87 @@ pub(crate) fn first(t: &Link) -> Option<&Slot> {
 /// must not change `slot.em.start`; replacing the whole slot by one with the same start is
 /// fine.
 pub(crate) fn get_mut(t: &mut Link, key: u64) -> Option<&mut Slot> {
-    let mut n = Arc::make_mut(t.as_mut()?);
+    let mut n = cow(t.as_mut()?);
     loop {
         match n {
             Node::Inner { keys, children } => {
                 let i = child_idx(keys, key);
-                n = Arc::make_mut(&mut children[i]);
+                n = cow(&mut children[i]);
             }
             Node::Leaf(s) => {
                 let i = s.binary_search_by_key(&key, |x| x.em.start).ok()?;
                 return Some(&mut s[i]);
+            }
+        }
+    }
+}
+
+/// The leaf holding the slot with exactly this key, and the slot's index in it.
+pub(crate) fn leaf(t: &Link, key: u64) -> Option<(&[Slot], usize)> {
+    let mut n = t.as_deref()?;
+    loop {
+        match n {
+            Node::Inner { keys, children } => n = &children[child_idx(keys, key)],
+            Node::Leaf(s) => {
+                let i = s.binary_search_by_key(&key, |x| x.em.start).ok()?;
+                return Some((s, i));
+            }
+        }
+    }
+}
+
+/// Mutable access to one leaf that keeps invariants 1-3: a slot may get a new value with the
+/// same key, and any slot but the first may be removed (so the leaf stays non-empty and its
+/// smallest key, which the separators above bound, does not change).
+pub(crate) struct LeafMut<'a> {
+    slots: &'a mut Vec<Slot>,
+}
+
+impl LeafMut<'_> {
+    /// The leaf's slots.
+    pub(crate) fn slots(&self) -> &[Slot] {
+        self.slots
+    }
+
+    /// Replaces slot `i` by `slot`, which must have the same key; returns the old slot, or
+    /// gives `slot` back if the keys differ or `i` is out of range.
+    pub(crate) fn replace(&mut self, i: usize, slot: Slot) -> Result<Slot, Slot> {
+        match self.slots.get_mut(i) {
+            Some(old) if old.em.start == slot.em.start => Ok(std::mem::replace(old, slot)),
+            _ => Err(slot),
+        }
+    }
+
+    /// Sets the value of slot `i` if it has the same key; false otherwise.
+    pub(crate) fn set_value(&mut self, i: usize, em: crate::ExtentMap) -> bool {
+        match self.slots.get_mut(i) {
+            Some(s) if s.em.start == em.start => {
+                s.em = em;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes slot `i` unless it is the first one (or out of range).
+    pub(crate) fn remove(&mut self, i: usize) -> Option<Slot> {
+        (i > 0 && i < self.slots.len()).then(|| self.slots.remove(i))
+    }
+}
+
+/// The leaf holding the slot with exactly this key (its path copied if shared), and the slot's
+/// index in it.
+pub(crate) fn leaf_mut(t: &mut Link, key: u64) -> Option<(LeafMut<'_>, usize)> {
+    let mut n = cow(t.as_mut()?);
+    loop {
+        match n {
+            Node::Inner { keys, children } => {
+                let i = child_idx(keys, key);
+                n = cow(&mut children[i]);
+            }
+            Node::Leaf(s) => {
+                let i = s.binary_search_by_key(&key, |x| x.em.start).ok()?;
+                return Some((LeafMut { slots: s }, i));
             }
         }
     }
@@ -170,7 +269,7 @@ fn insert_in(n: &mut Node, slot: Slot) -> Option<(u64, Arc<Node>)> {
         }
         Node::Inner { keys, children } => {
             let i = child_idx(keys, slot.em.start);
-            let (sep, right) = insert_in(Arc::make_mut(&mut children[i]), slot)?;
+            let (sep, right) = insert_in(cow(&mut children[i]), slot)?;
             keys.insert(i, sep);
             children.insert(i + 1, right);
             if children.len() > MAX {
@@ -198,7 +297,7 @@ pub(crate) fn insert(t: &mut Link, slot: Slot) {
         *t = Some(Arc::new(Node::Leaf(vec![slot])));
         return;
     };
-    if let Some((sep, right)) = insert_in(Arc::make_mut(root), slot) {
+    if let Some((sep, right)) = insert_in(cow(root), slot) {
         if let Some(left) = t.take() {
             *t = Some(Arc::new(Node::Inner {
                 keys: vec![sep],
@@ -229,7 +328,7 @@ fn fix_child(keys: &mut Vec<u64>, children: &mut Vec<Arc<Node>>, i: usize) {
     let right = children.remove(l + 1);
     let sep = keys.remove(l);
     let right = Arc::try_unwrap(right).unwrap_or_else(|shared| (*shared).clone());
-    match (Arc::make_mut(&mut children[l]), right) {
+    match (cow(&mut children[l]), right) {
         (Node::Leaf(a), Node::Leaf(b)) => a.extend(b),
         (
             Node::Inner {
@@ -258,7 +357,7 @@ fn remove_in(n: &mut Node, key: u64) -> Option<Slot> {
         }
         Node::Inner { keys, children } => {
             let i = child_idx(keys, key);
-            let r = remove_in(Arc::make_mut(&mut children[i]), key)?;
+            let r = remove_in(cow(&mut children[i]), key)?;
             fix_child(keys, children, i);
             Some(r)
         }
@@ -269,7 +368,7 @@ fn remove_in(n: &mut Node, key: u64) -> Option<Slot> {
 pub(crate) fn remove(t: &mut Link, key: u64) -> Option<Slot> {
     // Only copy the path when the key is there.
     get(t, key)?;
-    let root = Arc::make_mut(t.as_mut()?);
+    let root = cow(t.as_mut()?);
     let r = remove_in(root, key);
     // Collapse a one-child inner root; an empty root becomes the empty tree.
     loop {

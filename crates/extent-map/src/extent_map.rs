@@ -58,7 +58,8 @@ const DROP_ALL_BATCH: usize = 1024;
 /// Identity and kernel bookkeeping of one map (the non-value part of `struct extent_map`).
 ///
 /// All fields change only under the owning tree's write lock; they are atomics only because
-/// the node is shared (`Arc`) with readers, which never read them.
+/// the node is shared (`Arc`) with readers, which never read them. Hence every change is a
+/// plain load and store (no read-modify-write instruction): the lock orders all writers.
 #[derive(Debug)]
 pub struct EmNode {
     refs: AtomicU32,
@@ -78,10 +79,10 @@ impl EmNode {
         self.state.load(Ordering::Relaxed)
     }
     fn set(&self, bits: u32) {
-        self.state.fetch_or(bits, Ordering::Relaxed);
+        self.state.store(self.st() | bits, Ordering::Relaxed);
     }
     fn clear(&self, bits: u32) {
-        self.state.fetch_and(!bits, Ordering::Relaxed);
+        self.state.store(self.st() & !bits, Ordering::Relaxed);
     }
     fn refs(&self) -> u32 {
         self.refs.load(Ordering::Relaxed)
@@ -139,7 +140,15 @@ pub(crate) struct ExtentMapTree {
     /// writer (or the shrinker): the epoch collector, which may run on any thread (a reader, an
     /// unrelated inode's fsync), only moves them here, so the cost of freeing a version stays
     /// with the threads that change this tree.
-    reclaim: Arc<Mutex<Vec<Version>>>,
+    reclaim: Arc<Reclaim>,
+}
+
+/// Reclaim queue of one tree and its length, read without the lock by every writer (a
+/// stale zero only delays the freeing to the next writer).
+#[derive(Default)]
+struct Reclaim {
+    queue: Mutex<Vec<Version>>,
+    len: AtomicU32,
 }
 
 impl ExtentMapTree {
@@ -156,17 +165,24 @@ impl ExtentMapTree {
                 next_pass: 1,
             }),
             waiters: AtomicU32::new(0),
-            reclaim: Arc::new(Mutex::new(Vec::new())),
+            reclaim: Arc::new(Reclaim::default()),
         }
     }
 
     /// Frees the retired versions whose grace period has ended (see `publish`). Called by the
     /// tree's writers and the shrinker before they take the tree lock.
     fn reclaim(&self) {
+        if self.reclaim.len.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         // One version at a time, outside the queue's lock; the queue keeps its capacity.
         loop {
-            let v = match self.reclaim.try_lock() {
-                Some(mut q) => q.pop(),
+            let v = match self.reclaim.queue.try_lock() {
+                Some(mut q) => {
+                    let v = q.pop();
+                    self.reclaim.len.store(q.len() as u32, Ordering::Relaxed);
+                    v
+                }
                 None => return,
             };
             match v {
@@ -208,7 +224,9 @@ impl ExtentMapTree {
                 // that was pinned when it was deferred (every reader that could have loaded the
                 // pointer) has unpinned, so nobody can still reach it: taking ownership is sound.
                 let owned = unsafe { Owned::<Version>::from_raw(ptr as *mut Version) };
-                queue.lock().push(*owned.into_box());
+                let mut q = queue.queue.lock();
+                q.push(*owned.into_box());
+                queue.len.store(q.len() as u32, Ordering::Relaxed);
             });
         }
     }
@@ -332,6 +350,104 @@ fn merge_ondisk_extents(prev: &ExtentMap, next: &ExtentMap, out: &mut ExtentMap)
     out.offset = offset;
 }
 
+/// `try_merge_map`'s merge of `em` into its previous map `prev` (the result takes prev's start).
+fn merged_with_prev(prev: &ExtentMap, em: ExtentMap) -> ExtentMap {
+    let mut out = em;
+    out.start = prev.start;
+    out.len = em.len.wrapping_add(prev.len);
+    out.generation = em.generation.max(prev.generation);
+    if out.disk_bytenr < EXTENT_MAP_LAST_BYTE {
+        merge_ondisk_extents(prev, &em, &mut out);
+    }
+    out.flags |= flags::MERGED;
+    out
+}
+
+/// `try_merge_map`'s merge of the next map `next` into `em`.
+fn merged_with_next(em: ExtentMap, next: &ExtentMap) -> ExtentMap {
+    let mut out = em;
+    out.len = em.len.wrapping_add(next.len);
+    if out.disk_bytenr < EXTENT_MAP_LAST_BYTE {
+        merge_ondisk_extents(&em, next, &mut out);
+    }
+    out.generation = em.generation.max(next.generation);
+    out.flags |= flags::MERGED;
+    out
+}
+
+/// What `try_merge_map` does to the map in slot `i` of a leaf.
+struct MergePlan {
+    /// Absorb the previous map (slot `i - 1`).
+    prev: bool,
+    /// Absorb the next map (slot `i + 1`).
+    next: bool,
+    /// The map's value afterwards.
+    em: ExtentMap,
+}
+
+/// `try_merge_map`'s decisions for slot `i` of a leaf, or `None` if a neighbour it needs is in
+/// another leaf (then the general path decides).
+fn plan_merge_in_leaf(slots: &[Slot], i: usize) -> Option<MergePlan> {
+    let cur = &slots[i];
+    let mut em = cur.em;
+    if cur.node.refs() > 2 || !can_merge(cur) {
+        return Some(MergePlan {
+            prev: false,
+            next: false,
+            em,
+        });
+    }
+    let next = slots.get(i + 1)?;
+    let prev = if em.start == 0 {
+        None
+    } else {
+        Some(&slots[i.checked_sub(1)?])
+    };
+    let merge_prev = prev.is_some_and(|p| can_merge(p) && mergeable_maps(&p.em, &em));
+    if let (true, Some(p)) = (merge_prev, prev) {
+        em = merged_with_prev(&p.em, em);
+    }
+    let merge_next = can_merge(next) && mergeable_maps(&em, &next.em);
+    if merge_next {
+        em = merged_with_next(em, &next.em);
+    }
+    Some(MergePlan {
+        prev: merge_prev,
+        next: merge_next,
+        em,
+    })
+}
+
+/// Applies a [`MergePlan`] to slot `i` of the leaf; returns the slots of the maps merged away
+/// (previous, next).
+fn apply_merge_in_leaf(
+    leaf: &mut btree::LeafMut<'_>,
+    i: usize,
+    plan: &MergePlan,
+) -> [Option<Slot>; 2] {
+    let mut at = i;
+    let mut gone_prev = None;
+    if plan.prev {
+        // em takes prev's place: the map's node (never the leaf's first slot when it has a
+        // previous slot) moves into prev's slot, whose key the merged map keeps.
+        if let Some(cur) = leaf.remove(i) {
+            at = i - 1;
+            gone_prev = leaf
+                .replace(
+                    at,
+                    Slot {
+                        em: plan.em,
+                        node: cur.node,
+                    },
+                )
+                .ok();
+        }
+    }
+    let gone_next = if plan.next { leaf.remove(at + 1) } else { None };
+    leaf.set_value(at, plan.em);
+    [gone_prev, gone_next]
+}
+
 /// `is_fstree`: maps of these roots are counted as evictable.
 pub(crate) fn is_fstree(root: u64) -> bool {
     root == 5 || ((root as i64) >= 256 && (root >> 48) == 0)
@@ -349,10 +465,20 @@ pub(crate) struct Locked<'a> {
     /// Unpublished, the working version's nodes stay unshared and are changed in place instead
     /// of being copied once per logged map.
     pub(crate) defer_publish: bool,
+    /// Change of the evictable count made in this critical section, added to the shared
+    /// counter once, at unlock (the kernel's counter is per-CPU for the same reason: writers
+    /// and the shrinker on other CPUs would otherwise bounce its cache line per map).
+    evictable_delta: i64,
 }
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
+        if self.evictable_delta != 0 {
+            self.inode
+                .core
+                .evictable
+                .fetch_add(self.evictable_delta, Ordering::Relaxed);
+        }
         if self.w.dirty && !self.defer_publish {
             self.inode.tree.publish(&mut self.w);
         }
@@ -400,7 +526,8 @@ impl<'a> Locked<'a> {
 
     /// Takes a kernel reference (`refcount_inc`).
     pub(crate) fn get_ref(&self, node: &EmNode) {
-        node.refs.fetch_add(1, Ordering::Relaxed);
+        node.refs
+            .store(node.refs().wrapping_add(1), Ordering::Relaxed);
     }
 
     /// `btrfs_free_extent_map`: drops one kernel reference; the final one checks the WARN_ONs
@@ -422,12 +549,9 @@ impl<'a> Locked<'a> {
         }
     }
 
-    fn evictable_add(&self, delta: i64) {
+    fn evictable_add(&mut self, delta: i64) {
         if is_fstree(self.inode.root) {
-            self.inode
-                .core
-                .evictable
-                .fetch_add(delta, Ordering::Relaxed);
+            self.evictable_delta += delta;
         }
     }
 
@@ -566,32 +690,27 @@ impl<'a> Locked<'a> {
     /// `try_merge_map`: absorb the previous and then the next map if both sides allow it.
     /// Returns the key of the map afterwards.
     pub(crate) fn try_merge_map(&mut self, key: u64) -> u64 {
-        let Some(s) = self.slot(key).cloned() else {
-            return key;
-        };
-        if s.node.refs() > 2 || !can_merge(&s) {
-            return key;
+        if let Some(k) = self.try_merge_map_in_leaf(key) {
+            return k;
         }
-        let mut em = s.em;
+        // Slots are read in place and moved, never cloned: a clone would cost two atomic
+        // reference-count operations per map, on the fsync path.
+        let mut em = match self.slot(key) {
+            Some(s) if s.node.refs() <= 2 && can_merge(s) => s.em,
+            _ => return key,
+        };
         if em.start != 0 {
-            if let Some(prev) = btree::prev_before(&self.w.root, key).cloned() {
-                if can_merge(&prev) && mergeable_maps(&prev.em, &em) {
-                    let orig = em;
-                    em.start = prev.em.start;
-                    em.len = em.len.wrapping_add(prev.em.len);
-                    em.generation = em.generation.max(prev.em.generation);
-                    if em.disk_bytenr < EXTENT_MAP_LAST_BYTE {
-                        merge_ondisk_extents(&prev.em, &orig, &mut em);
-                    }
-                    em.flags |= flags::MERGED;
-                    // em takes prev's place (same key: an in-place slot update).
-                    btree::remove(&mut self.w.root, key);
-                    if let Some(slot) = btree::get_mut(&mut self.w.root, prev.em.start) {
-                        *slot = Slot {
-                            em,
-                            node: s.node.clone(),
-                        };
-                    }
+            let prev = btree::prev_before(&self.w.root, key)
+                .filter(|p| can_merge(p) && mergeable_maps(&p.em, &em))
+                .map(|p| p.em);
+            if let Some(prev) = prev {
+                em = merged_with_prev(&prev, em);
+                // em takes prev's place (same key: an in-place slot update).
+                let taken = btree::remove(&mut self.w.root, key).and_then(|cur| {
+                    let slot = btree::get_mut(&mut self.w.root, prev.start)?;
+                    Some(std::mem::replace(slot, Slot { em, node: cur.node }))
+                });
+                if let Some(prev) = taken {
                     prev.node.clear(IN_TREE);
                     self.w.nr = self.w.nr.saturating_sub(1);
                     self.w.dirty = true;
@@ -600,24 +719,47 @@ impl<'a> Locked<'a> {
                 }
             }
         }
-        if let Some(next) = btree::next_after(&self.w.root, em.start).cloned() {
-            if can_merge(&next) && mergeable_maps(&em, &next.em) {
-                let cur = em;
-                em.len = em.len.wrapping_add(next.em.len);
-                if em.disk_bytenr < EXTENT_MAP_LAST_BYTE {
-                    merge_ondisk_extents(&cur, &next.em, &mut em);
-                }
-                btree::remove(&mut self.w.root, next.em.start);
+        let next = btree::next_after(&self.w.root, em.start)
+            .filter(|n| can_merge(n) && mergeable_maps(&em, &n.em))
+            .map(|n| n.em);
+        if let Some(next) = next {
+            em = merged_with_next(em, &next);
+            if let Some(next) = btree::remove(&mut self.w.root, next.start) {
                 next.node.clear(IN_TREE);
                 self.w.nr = self.w.nr.saturating_sub(1);
-                em.generation = em.generation.max(next.em.generation);
-                em.flags |= flags::MERGED;
                 self.update(em.start, |v| *v = em);
                 self.put(&next.node, &next.em);
                 self.evictable_add(-1);
             }
         }
         em.start
+    }
+
+    /// `try_merge_map` when the map's neighbours are in the same B+tree leaf (the common case):
+    /// the same decisions as the general path, made on one leaf found by one read-only descent,
+    /// and applied through one more. `None` (nothing changed) when a neighbour the decision
+    /// needs may be in another leaf.
+    fn try_merge_map_in_leaf(&mut self, key: u64) -> Option<u64> {
+        let (slots, i) = btree::leaf(&self.w.root, key)?;
+        let plan = plan_merge_in_leaf(slots, i)?;
+        if !plan.prev && !plan.next {
+            return Some(key);
+        }
+        let (mut leaf, i) = btree::leaf_mut(&mut self.w.root, key)?;
+        let gone = apply_merge_in_leaf(&mut leaf, i, &plan);
+        self.merged_away(gone);
+        Some(plan.em.start)
+    }
+
+    /// Bookkeeping of the maps a merge took out of the tree.
+    fn merged_away(&mut self, gone: [Option<Slot>; 2]) {
+        for gone in gone.into_iter().flatten() {
+            gone.node.clear(IN_TREE);
+            self.w.nr = self.w.nr.saturating_sub(1);
+            self.w.dirty = true;
+            self.put(&gone.node, &gone.em);
+            self.evictable_add(-1);
+        }
     }
 
     /// `btrfs_remove_extent_mapping`: out of the tree; unlinked from its list unless LOGGING.
@@ -681,13 +823,28 @@ impl<'a> Locked<'a> {
     }
 
     /// `btrfs_clear_em_logging`: clear LOGGING; merge if still in the tree.
-    pub(crate) fn clear_em_logging(&mut self, node: &Arc<EmNode>, start: u64) {
-        let in_tree = node.st() & IN_TREE != 0
-            && self.slot(start).is_some_and(|s| Arc::ptr_eq(&s.node, node));
-        if in_tree {
-            self.update(start, |em| em.flags &= !flags::LOGGING);
-            self.try_merge_map(start);
+    /// Returns the map's value afterwards if it is in the tree.
+    pub(crate) fn clear_em_logging(&mut self, node: &Arc<EmNode>, start: u64) -> Option<ExtentMap> {
+        if node.st() & IN_TREE == 0 || !self.slot(start).is_some_and(|s| Arc::ptr_eq(&s.node, node))
+        {
+            return None;
         }
+        // One descent clears the flag and, when the neighbours are in the same leaf, merges.
+        self.w.dirty = true;
+        let (mut leaf, i) = btree::leaf_mut(&mut self.w.root, start)?;
+        let mut em = leaf.slots()[i].em;
+        em.flags &= !flags::LOGGING;
+        leaf.set_value(i, em);
+        let Some(plan) = plan_merge_in_leaf(leaf.slots(), i) else {
+            let key = self.try_merge_map(start);
+            return self.slot(key).map(|s| s.em);
+        };
+        if !plan.prev && !plan.next {
+            return Some(em);
+        }
+        let gone = apply_merge_in_leaf(&mut leaf, i, &plan);
+        self.merged_away(gone);
+        Some(plan.em)
     }
 
     /// Current value of a map: the tree's slot if it is in the tree, else `fallback`.
@@ -814,6 +971,7 @@ impl BtrfsInode {
             inode: self,
             w,
             defer_publish: false,
+            evictable_delta: 0,
         }
     }
 
@@ -824,6 +982,7 @@ impl BtrfsInode {
             inode: self,
             w,
             defer_publish: false,
+            evictable_delta: 0,
         })
     }
 

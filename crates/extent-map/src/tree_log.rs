@@ -18,6 +18,7 @@
 //! logged and this pass's reference to it is leaked, counted in [`crate::Stats::leaked_refs`]
 //! and [`crate::Stats::logging_maps_lost`].
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::em::{flags, EmError, ExtentMap};
@@ -42,6 +43,9 @@ pub struct LoggingPass<'a> {
     current: Option<(Arc<EmNode>, ExtentMap)>,
     err: bool,
     efbig: bool,
+    /// Maps handed out and not yet added to [`crate::Stats::maps_logged`] (added once, when
+    /// the pass ends, to keep the shared counters' cache line quiet).
+    logged: u64,
 }
 
 /// Why `btrfs_log_changed_extents` failed.
@@ -109,6 +113,7 @@ impl BtrfsInode {
             current: None,
             err: efbig,
             efbig,
+            logged: 0,
         }
     }
 
@@ -155,13 +160,16 @@ impl LoggingPass<'_> {
         // published when the private list is exhausted (below) or by any other writer.
         l.defer_publish = true;
         if let Some((node, em)) = self.current.take() {
-            l.clear_em_logging(&node, em.start);
-            let v = l.current_value(&node, em);
+            let v = l.clear_em_logging(&node, em.start).unwrap_or(em);
             l.put(&node, &v);
         }
         loop {
             let Some(seq) = self.order.next() else {
                 l.defer_publish = false;
+                if self.logged > 0 {
+                    let c = &self.inode.core.counters.maps_logged;
+                    c.fetch_add(std::mem::take(&mut self.logged), Ordering::Relaxed);
+                }
                 return None;
             };
             let Some(entry) = l.w.logging.remove(&seq) else {
@@ -174,12 +182,11 @@ impl LoggingPass<'_> {
             l.unlink_logging_entry(&entry.node);
             let v = l.current_value(&entry.node, entry.em);
             if self.err {
-                l.clear_em_logging(&entry.node, v.start);
-                let v = l.current_value(&entry.node, v);
+                let v = l.clear_em_logging(&entry.node, v.start).unwrap_or(v);
                 l.put(&entry.node, &v);
                 continue;
             }
-            Counters::inc(&self.inode.core.counters.maps_logged);
+            self.logged += 1;
             self.current = Some((entry.node, v));
             drop(l);
             self.inode.sched(SchedPoint::LogOneExtent);
