@@ -113,6 +113,39 @@ pub(crate) struct ListEntry {
     pub(crate) pass: u64,
 }
 
+/// The private logging lists of the running logging passes (normally at most one: fsync holds
+/// the inode lock). A pass links its maps with consecutive sequence numbers, so its list is a
+/// vector indexed by sequence number minus the first one; an unlinked entry leaves a hole.
+#[derive(Default)]
+pub(crate) struct LoggingLists {
+    /// (pass id, first sequence number, entries).
+    passes: Vec<(u64, u64, Vec<Option<ListEntry>>)>,
+}
+
+impl LoggingLists {
+    fn entry(&mut self, seq: u64) -> Option<&mut Option<ListEntry>> {
+        self.passes.iter_mut().find_map(|(_, first, v)| {
+            let i = usize::try_from(seq.checked_sub(*first)?).ok()?;
+            v.get_mut(i)
+        })
+    }
+
+    /// The entry linked with sequence number `seq`.
+    pub(crate) fn get_mut(&mut self, seq: u64) -> Option<&mut ListEntry> {
+        self.entry(seq)?.as_mut()
+    }
+
+    /// Unlinks the entry linked with sequence number `seq`.
+    pub(crate) fn remove(&mut self, seq: u64) -> Option<ListEntry> {
+        self.entry(seq)?.take()
+    }
+
+    /// Forgets the list of a finished pass (all its entries were unlinked).
+    pub(crate) fn end_pass(&mut self, pass: u64) {
+        self.passes.retain(|(p, _, _)| *p != pass);
+    }
+}
+
 /// A published, immutable tree version.
 pub(crate) struct Version {
     root: Link,
@@ -125,8 +158,8 @@ pub(crate) struct TreeW {
     dirty: bool,
     /// `modified_extents`: keyed by link sequence; the head (newest) is the last key.
     modified: BTreeMap<u64, ListEntry>,
-    /// All private logging lists of running logging passes, keyed by link sequence.
-    pub(crate) logging: BTreeMap<u64, ListEntry>,
+    /// All private logging lists of running logging passes.
+    pub(crate) logging: LoggingLists,
     next_seq: u64,
     next_pass: u64,
 }
@@ -160,7 +193,7 @@ impl ExtentMapTree {
                 nr: 0,
                 dirty: false,
                 modified: BTreeMap::new(),
-                logging: BTreeMap::new(),
+                logging: LoggingLists::default(),
                 next_seq: 1,
                 next_pass: 1,
             }),
@@ -575,21 +608,29 @@ impl<'a> Locked<'a> {
         );
     }
 
-    /// Links a map onto a logging pass's private list.
-    pub(crate) fn list_add_logging(&mut self, node: &Arc<EmNode>, em: ExtentMap, pass: u64) -> u64 {
-        let seq = self.w.next_seq;
-        self.w.next_seq += 1;
-        node.list_seq.store(seq, Ordering::Relaxed);
-        node.set(ON_LOGGING);
-        self.w.logging.insert(
-            seq,
-            ListEntry {
-                node: node.clone(),
-                em,
-                pass,
-            },
-        );
-        seq
+    /// Links maps, in order, onto logging pass `pass`'s private list; returns their link
+    /// sequence numbers (consecutive).
+    pub(crate) fn list_add_logging(
+        &mut self,
+        maps: Vec<(Arc<EmNode>, ExtentMap)>,
+        pass: u64,
+    ) -> std::ops::Range<u64> {
+        let first = self.w.next_seq;
+        let entries = maps
+            .into_iter()
+            .zip(first..)
+            .map(|((node, em), seq)| {
+                node.list_seq.store(seq, Ordering::Relaxed);
+                node.set(ON_LOGGING);
+                Some(ListEntry { node, em, pass })
+            })
+            .collect::<Vec<_>>();
+        let seqs = first..first + entries.len() as u64;
+        self.w.next_seq = seqs.end;
+        if !entries.is_empty() {
+            self.w.logging.passes.push((pass, first, entries));
+        }
+        seqs
     }
 
     /// `list_del_init(&em->list)`: unlinks the map from whichever list it is on. `by_logger` is
@@ -601,7 +642,7 @@ impl<'a> Locked<'a> {
             node.clear(ON_MODIFIED);
         }
         if st & ON_LOGGING != 0 {
-            self.w.logging.remove(&node.seq());
+            self.w.logging.remove(node.seq());
             node.clear(ON_LOGGING);
             if !by_logger {
                 self.violation(Invariant::LoggingMapStolen, em);
@@ -612,14 +653,14 @@ impl<'a> Locked<'a> {
     /// Refreshes the list-entry snapshot of a listed map that leaves the tree.
     fn refresh_list_snapshot(&mut self, node: &EmNode, em: ExtentMap) {
         let st = node.st();
-        let list = if st & ON_MODIFIED != 0 {
-            &mut self.w.modified
+        let entry = if st & ON_MODIFIED != 0 {
+            self.w.modified.get_mut(&node.seq())
         } else if st & ON_LOGGING != 0 {
-            &mut self.w.logging
+            self.w.logging.get_mut(node.seq())
         } else {
             return;
         };
-        if let Some(e) = list.get_mut(&node.seq()) {
+        if let Some(e) = entry {
             e.em = em;
         }
     }
@@ -845,6 +886,38 @@ impl<'a> Locked<'a> {
         let gone = apply_merge_in_leaf(&mut leaf, i, &plan);
         self.merged_away(gone);
         Some(plan.em)
+    }
+
+    /// fsync's collection step for one map: if `take` accepts the map's current value (see
+    /// [`Locked::current_value`]), sets LOGGING on it and returns the new value. One descent
+    /// when the map is in the tree; otherwise the flag goes to the slot at `fallback.start`, if
+    /// any (as `update` does).
+    pub(crate) fn set_logging_if(
+        &mut self,
+        node: &Arc<EmNode>,
+        fallback: ExtentMap,
+        take: impl FnOnce(&ExtentMap) -> bool,
+    ) -> Option<ExtentMap> {
+        if node.st() & IN_TREE != 0 {
+            // (A map that is not taken costs a path copy if the path was shared: once per leaf
+            // and pass at most, cheaper than a second descent for every taken map.)
+            if let Some(s) = btree::get_mut(&mut self.w.root, fallback.start) {
+                if Arc::ptr_eq(&s.node, node) {
+                    if !take(&s.em) {
+                        return None;
+                    }
+                    s.em.flags |= flags::LOGGING;
+                    let v = s.em;
+                    self.w.dirty = true;
+                    return Some(v);
+                }
+            }
+        }
+        if !take(&fallback) {
+            return None;
+        }
+        self.update(fallback.start, |m| m.flags |= flags::LOGGING);
+        Some(fallback.with_flags(flags::LOGGING))
     }
 
     /// Current value of a map: the tree's slot if it is in the tree, else `fallback`.

@@ -38,7 +38,7 @@ pub struct LoggingPass<'a> {
     inode: &'a BtrfsInode,
     pass: u64,
     /// Private list, sorted by start: link sequence numbers.
-    order: std::vec::IntoIter<u64>,
+    order: std::ops::Range<u64>,
     /// The map handed out last, to clear and release before handing out the next.
     current: Option<(Arc<EmNode>, ExtentMap)>,
     err: bool,
@@ -81,16 +81,14 @@ impl BtrfsInode {
                 efbig = true;
                 break;
             }
-            let v = l.current_value(&e.node, e.em);
-            if v.generation < transid {
+            let take = |v: &ExtentMap| {
+                v.generation >= transid && !(v.has(flags::PREALLOC) && v.start >= i_size)
+            };
+            let Some(v) = l.set_logging_if(&e.node, e.em, take) else {
                 continue;
-            }
-            if v.has(flags::PREALLOC) && v.start >= i_size {
-                continue;
-            }
+            };
             l.get_ref(&e.node);
-            l.update(v.start, |m| m.flags |= flags::LOGGING);
-            collected.push((e.node, v.with_flags(flags::LOGGING)));
+            collected.push((e.node, v));
             num += 1;
         }
         // After -EFBIG the rest of the list is detached from the head but still linked to
@@ -101,15 +99,12 @@ impl BtrfsInode {
         if !efbig {
             collected.sort_by_key(|(_, v)| v.start);
         }
-        let order: Vec<u64> = collected
-            .into_iter()
-            .map(|(node, v)| l.list_add_logging(&node, v, pass))
-            .collect();
+        let order = l.list_add_logging(collected, pass);
         drop(l);
         LoggingPass {
             inode: self,
             pass,
-            order: order.into_iter(),
+            order,
             current: None,
             err: efbig,
             efbig,
@@ -166,13 +161,14 @@ impl LoggingPass<'_> {
         loop {
             let Some(seq) = self.order.next() else {
                 l.defer_publish = false;
+                l.w.logging.end_pass(self.pass);
                 if self.logged > 0 {
                     let c = &self.inode.core.counters.maps_logged;
                     c.fetch_add(std::mem::take(&mut self.logged), Ordering::Relaxed);
                 }
                 return None;
             };
-            let Some(entry) = l.w.logging.remove(&seq) else {
+            let Some(entry) = l.w.logging.remove(seq) else {
                 // Unlinked by another task: never logged, our reference leaked.
                 Counters::inc(&self.inode.core.counters.logging_maps_lost);
                 Counters::inc(&self.inode.core.counters.leaked_refs);
@@ -212,7 +208,7 @@ impl LoggingPass<'_> {
     }
 
     fn drain(&mut self) {
-        if self.current.is_none() && self.order.len() == 0 {
+        if self.current.is_none() && self.order.is_empty() {
             return;
         }
         self.err = true;
