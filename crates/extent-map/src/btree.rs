@@ -307,8 +307,11 @@ pub(crate) fn insert(t: &mut Link, slot: Slot) {
     }
 }
 
-/// Merges `children[i]` with a neighbour if it got small and both fit in one node; drops it if
-/// it got empty.
+/// After a removal from `children[i]`: drops it if it got empty; merges it with a neighbour if
+/// it got small, or with its left neighbour if that one is small, when both fit in one node.
+/// (The second case keeps a run of removals at the start of a node, as fsync's merges of
+/// consecutive maps into the map before them do, from leaving a near-empty node on the left
+/// whose last map every following merge must reach across a node boundary.)
 fn fix_child(keys: &mut Vec<u64>, children: &mut Vec<Arc<Node>>, i: usize) {
     let len = children[i].len();
     if len == 0 {
@@ -318,10 +321,20 @@ fn fix_child(keys: &mut Vec<u64>, children: &mut Vec<Arc<Node>>, i: usize) {
         }
         return;
     }
-    if len >= MIN || children.len() < 2 {
+    if children.len() < 2 {
         return;
     }
-    let l = if i + 1 < children.len() { i } else { i - 1 };
+    let l = if len < MIN {
+        if i + 1 < children.len() {
+            i
+        } else {
+            i - 1
+        }
+    } else if i > 0 && children[i - 1].len() < MIN {
+        i - 1
+    } else {
+        return;
+    };
     if children[l].len() + children[l + 1].len() > MAX {
         return;
     }

@@ -135,6 +135,11 @@ impl LoggingLists {
         self.entry(seq)?.as_mut()
     }
 
+    /// Address of the map linked with sequence number `seq` (for comparisons only).
+    pub(crate) fn peek_node(&mut self, seq: u64) -> Option<*const EmNode> {
+        Some(Arc::as_ptr(&self.entry(seq)?.as_ref()?.node))
+    }
+
     /// Unlinks the entry linked with sequence number `seq`.
     pub(crate) fn remove(&mut self, seq: u64) -> Option<ListEntry> {
         self.entry(seq)?.take()
@@ -866,26 +871,51 @@ impl<'a> Locked<'a> {
     /// `btrfs_clear_em_logging`: clear LOGGING; merge if still in the tree.
     /// Returns the map's value afterwards if it is in the tree.
     pub(crate) fn clear_em_logging(&mut self, node: &Arc<EmNode>, start: u64) -> Option<ExtentMap> {
-        if node.st() & IN_TREE == 0 || !self.slot(start).is_some_and(|s| Arc::ptr_eq(&s.node, node))
-        {
-            return None;
+        self.clear_em_logging_peek(node, start, None).0
+    }
+
+    /// [`Locked::clear_em_logging`], also returning the current value of map `next` (compared
+    /// by address) if it is the map right after this one in the same leaf: what
+    /// [`Locked::current_value`] would return for it, without another descent. fsync's next
+    /// map is usually that one.
+    pub(crate) fn clear_em_logging_peek(
+        &mut self,
+        node: &Arc<EmNode>,
+        start: u64,
+        next: Option<*const EmNode>,
+    ) -> (Option<ExtentMap>, Option<ExtentMap>) {
+        let peek = |leaf: &btree::LeafMut<'_>, at: usize| {
+            let s = leaf.slots().get(at + 1)?;
+            (Some(Arc::as_ptr(&s.node)) == next).then_some(s.em)
+        };
+        if node.st() & IN_TREE == 0 {
+            return (None, None);
         }
         // One descent clears the flag and, when the neighbours are in the same leaf, merges.
-        self.w.dirty = true;
-        let (mut leaf, i) = btree::leaf_mut(&mut self.w.root, start)?;
+        // (If the slot at `start` is another map, its path was copied for nothing: harmless.)
+        let w = &mut *self.w;
+        let Some((mut leaf, i)) = btree::leaf_mut(&mut w.root, start) else {
+            return (None, None);
+        };
+        if !Arc::ptr_eq(&leaf.slots()[i].node, node) {
+            return (None, None);
+        }
+        w.dirty = true;
         let mut em = leaf.slots()[i].em;
         em.flags &= !flags::LOGGING;
         leaf.set_value(i, em);
         let Some(plan) = plan_merge_in_leaf(leaf.slots(), i) else {
             let key = self.try_merge_map(start);
-            return self.slot(key).map(|s| s.em);
+            return (self.slot(key).map(|s| s.em), None);
         };
         if !plan.prev && !plan.next {
-            return Some(em);
+            return (Some(em), peek(&leaf, i));
         }
         let gone = apply_merge_in_leaf(&mut leaf, i, &plan);
+        let at = if plan.prev { i - 1 } else { i };
+        let next_value = peek(&leaf, at);
         self.merged_away(gone);
-        Some(plan.em)
+        (Some(plan.em), next_value)
     }
 
     /// fsync's collection step for one map: if `take` accepts the map's current value (see

@@ -154,9 +154,15 @@ impl LoggingPass<'_> {
         // Clearing LOGGING and the merges it allows change no mapping; the version is
         // published when the private list is exhausted (below) or by any other writer.
         l.defer_publish = true;
+        let mut next_value = None;
         if let Some((node, em)) = self.current.take() {
-            let v = l.clear_em_logging(&node, em.start).unwrap_or(em);
-            l.put(&node, &v);
+            // The next map's value comes for free when it is the neighbour in the same leaf.
+            let next = (!self.err)
+                .then(|| l.w.logging.peek_node(self.order.start))
+                .flatten();
+            let (v, nv) = l.clear_em_logging_peek(&node, em.start, next);
+            next_value = nv;
+            l.put(&node, &v.unwrap_or(em));
         }
         loop {
             let Some(seq) = self.order.next() else {
@@ -176,7 +182,10 @@ impl LoggingPass<'_> {
             };
             debug_assert_eq!(entry.pass, self.pass);
             l.unlink_logging_entry(&entry.node);
-            let v = l.current_value(&entry.node, entry.em);
+            let v = match next_value.take() {
+                Some(v) => v,
+                None => l.current_value(&entry.node, entry.em),
+            };
             if self.err {
                 let v = l.clear_em_logging(&entry.node, v.start).unwrap_or(v);
                 l.put(&entry.node, &v);
