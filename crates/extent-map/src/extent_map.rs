@@ -424,9 +424,21 @@ struct MergePlan {
 }
 
 /// `try_merge_map`'s decisions for slot `i` of a leaf, or `None` if a neighbour it needs is in
-/// another leaf (then the general path decides).
+/// another leaf (then see [`plan_merge`]).
 fn plan_merge_in_leaf(slots: &[Slot], i: usize) -> Option<MergePlan> {
-    let cur = &slots[i];
+    let prev = i.checked_sub(1).map(|p| Some(&slots[p]));
+    let next = (i + 1 < slots.len()).then(|| Some(&slots[i + 1]));
+    plan_merge(&slots[i], prev, next)
+}
+
+/// `try_merge_map`'s decisions for the map in `cur` given its neighbours: `Some(n)` is a known
+/// neighbour (`Some(None)`: there is none), `None` one not looked up (in another leaf). Returns
+/// `None` if the decision needs a neighbour that was not looked up.
+fn plan_merge(
+    cur: &Slot,
+    prev: Option<Option<&Slot>>,
+    next: Option<Option<&Slot>>,
+) -> Option<MergePlan> {
     let mut em = cur.em;
     if cur.node.refs() > 2 || !can_merge(cur) {
         return Some(MergePlan {
@@ -435,19 +447,14 @@ fn plan_merge_in_leaf(slots: &[Slot], i: usize) -> Option<MergePlan> {
             em,
         });
     }
-    let next = slots.get(i + 1)?;
-    let prev = if em.start == 0 {
-        None
-    } else {
-        Some(&slots[i.checked_sub(1)?])
-    };
+    let prev = if em.start == 0 { None } else { prev? };
     let merge_prev = prev.is_some_and(|p| can_merge(p) && mergeable_maps(&p.em, &em));
     if let (true, Some(p)) = (merge_prev, prev) {
         em = merged_with_prev(&p.em, em);
     }
-    let merge_next = can_merge(next) && mergeable_maps(&em, &next.em);
-    if merge_next {
-        em = merged_with_next(em, &next.em);
+    let merge_next = next?.is_some_and(|n| can_merge(n) && mergeable_maps(&em, &n.em));
+    if let (true, Some(Some(n))) = (merge_next, next) {
+        em = merged_with_next(em, &n.em);
     }
     Some(MergePlan {
         prev: merge_prev,
@@ -506,7 +513,7 @@ pub(crate) struct Locked<'a> {
     /// Change of the evictable count made in this critical section, added to the shared
     /// counter once, at unlock (the kernel's counter is per-CPU for the same reason: writers
     /// and the shrinker on other CPUs would otherwise bounce its cache line per map).
-    evictable_delta: i64,
+    pub(crate) evictable_delta: i64,
 }
 
 impl Drop for Locked<'_> {
@@ -786,8 +793,25 @@ impl<'a> Locked<'a> {
     /// and applied through one more. `None` (nothing changed) when a neighbour the decision
     /// needs may be in another leaf.
     fn try_merge_map_in_leaf(&mut self, key: u64) -> Option<u64> {
-        let (slots, i) = btree::leaf(&self.w.root, key)?;
-        let plan = plan_merge_in_leaf(slots, i)?;
+        let root = &self.w.root;
+        let (slots, i) = btree::leaf(root, key)?;
+        let plan = match plan_merge_in_leaf(slots, i) {
+            Some(plan) => plan,
+            None => {
+                // A neighbour is in another leaf: look it up; the merge stays in this leaf
+                // unless it is with that neighbour.
+                let prev = match i {
+                    0 => btree::prev_before(root, key),
+                    _ => Some(&slots[i - 1]),
+                };
+                let next = slots.get(i + 1).or_else(|| btree::next_after(root, key));
+                let plan = plan_merge(&slots[i], Some(prev), Some(next))?;
+                if (plan.prev && i == 0) || (plan.next && i + 1 == slots.len()) {
+                    return None;
+                }
+                plan
+            }
+        };
         if !plan.prev && !plan.next {
             return Some(key);
         }

@@ -46,6 +46,10 @@ pub struct LoggingPass<'a> {
     /// Maps handed out and not yet added to [`crate::Stats::maps_logged`] (added once, when
     /// the pass ends, to keep the shared counters' cache line quiet).
     logged: u64,
+    /// Change of the evictable count by this pass's merges, added to the shared counter when
+    /// the pass ends (as the kernel's per-CPU counter batches it; the count read meanwhile is
+    /// off by at most the number of maps this pass merged away).
+    evictable_delta: i64,
 }
 
 /// Why `btrfs_log_changed_extents` failed.
@@ -109,6 +113,7 @@ impl BtrfsInode {
             err: efbig,
             efbig,
             logged: 0,
+            evictable_delta: 0,
         }
     }
 
@@ -168,6 +173,7 @@ impl LoggingPass<'_> {
             let Some(seq) = self.order.next() else {
                 l.defer_publish = false;
                 l.w.logging.end_pass(self.pass);
+                l.evictable_delta += std::mem::take(&mut self.evictable_delta);
                 if self.logged > 0 {
                     let c = &self.inode.core.counters.maps_logged;
                     c.fetch_add(std::mem::take(&mut self.logged), Ordering::Relaxed);
@@ -193,6 +199,7 @@ impl LoggingPass<'_> {
             }
             self.logged += 1;
             self.current = Some((entry.node, v));
+            self.evictable_delta += std::mem::take(&mut l.evictable_delta);
             drop(l);
             self.inode.sched(SchedPoint::LogOneExtent);
             return Some(v);
