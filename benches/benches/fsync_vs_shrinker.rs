@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -132,13 +132,31 @@ impl Ours {
 
 // ------------------------------------------------------------------------------------------
 // Baseline: RwLock<BTreeMap> + Arc, kernel-shaped
+//
+// Maps are stored by value in the BTreeMap (the fastest natural layout: no allocation per map),
+// with what the kernel's logging pass relies on besides the value: an identity (the kernel's
+// lists link the map object itself, so fsync clears LOGGING on the map it collected, not on
+// whatever map now starts at that offset), the reference count (fsync's reference, and
+// try_merge_map's `refs > 2` rule) and the evictable-map counter (updated per merge and per
+// shrinker removal, batched per critical section as ubtrfs-extent-map does).
 
 const LISTED: u32 = 1 << 16;
 
+#[derive(Clone, Copy)]
+struct BMap {
+    em: ExtentMap,
+    /// Identity of the map object (never reused).
+    id: u64,
+    /// Kernel reference count, the tree's reference included.
+    refs: u32,
+}
+
 #[derive(Default)]
 struct BTree {
-    maps: BTreeMap<u64, ExtentMap>,
-    modified: Vec<u64>,
+    maps: BTreeMap<u64, BMap>,
+    /// The modified list: (start, identity) of each linked map.
+    modified: Vec<(u64, u64)>,
+    next_id: u64,
 }
 
 #[derive(Default)]
@@ -160,70 +178,93 @@ fn b_mergeable(prev: &ExtentMap, next: &ExtentMap) -> bool {
 }
 
 impl BTree {
-    fn insert(&mut self, em: ExtentMap, modified: bool) -> bool {
+    /// Inserts; returns the change of the evictable count.
+    fn insert(&mut self, em: ExtentMap, modified: bool) -> i64 {
         let overlap = self
             .maps
             .range(..=em.start)
             .next_back()
-            .is_some_and(|(_, p)| p.end() > em.start)
+            .is_some_and(|(_, p)| p.em.end() > em.start)
             || self
                 .maps
                 .range(em.start + 1..)
                 .next()
-                .is_some_and(|(_, n)| n.start < em.end());
+                .is_some_and(|(_, n)| n.em.start < em.end());
         if overlap {
-            return false;
+            return 0;
         }
+        self.next_id += 1;
+        let id = self.next_id;
         if modified {
-            self.maps.insert(em.start, em.with_flags(LISTED));
-            self.modified.push(em.start);
+            let m = BMap {
+                em: em.with_flags(LISTED),
+                id,
+                refs: 1,
+            };
+            self.maps.insert(em.start, m);
+            self.modified.push((em.start, id));
+            1
         } else {
-            self.maps.insert(em.start, em);
-            self.try_merge(em.start);
+            self.maps.insert(em.start, BMap { em, id, refs: 1 });
+            1 + self.try_merge(em.start)
         }
-        true
     }
 
-    fn try_merge(&mut self, start: u64) {
-        let Some(mut em) = self.maps.get(&start).copied() else {
-            return;
+    /// `try_merge_map`; returns the change of the evictable count.
+    fn try_merge(&mut self, start: u64) -> i64 {
+        let Some(mut m) = self.maps.get(&start).copied() else {
+            return 0;
         };
+        if m.refs > 2 {
+            return 0;
+        }
+        let mut delta = 0;
         if let Some((&ps, prev)) = self.maps.range(..start).next_back() {
-            if b_mergeable(prev, &em) {
-                let prev = *prev;
+            if b_mergeable(&prev.em, &m.em) {
+                let prev = prev.em;
                 self.maps.remove(&start);
-                em.start = ps;
-                em.len += prev.len;
-                em.disk_bytenr = prev.disk_bytenr;
-                em.disk_num_bytes += prev.disk_num_bytes;
-                em.ram_bytes = em.disk_num_bytes;
-                em.flags |= flags::MERGED;
-                self.maps.insert(ps, em);
+                m.em.start = ps;
+                m.em.len += prev.len;
+                m.em.disk_bytenr = prev.disk_bytenr;
+                m.em.disk_num_bytes += prev.disk_num_bytes;
+                m.em.ram_bytes = m.em.disk_num_bytes;
+                m.em.flags |= flags::MERGED;
+                self.maps.insert(ps, m);
+                delta -= 1;
             }
         }
-        if let Some((&ns, next)) = self.maps.range(em.start + 1..).next() {
-            if b_mergeable(&em, next) {
-                let next = *next;
+        if let Some((&ns, next)) = self.maps.range(m.em.start + 1..).next() {
+            if b_mergeable(&m.em, &next.em) {
+                let next = next.em;
                 self.maps.remove(&ns);
-                em.len += next.len;
-                em.disk_num_bytes += next.disk_num_bytes;
-                em.ram_bytes = em.disk_num_bytes;
-                em.flags |= flags::MERGED;
-                self.maps.insert(em.start, em);
+                m.em.len += next.len;
+                m.em.disk_num_bytes += next.disk_num_bytes;
+                m.em.ram_bytes = m.em.disk_num_bytes;
+                m.em.flags |= flags::MERGED;
+                self.maps.insert(m.em.start, m);
+                delta -= 1;
             }
         }
+        delta
     }
 }
 
 struct Base {
     target: Arc<BInode>,
     inodes: Vec<Arc<BInode>>,
+    /// `evictable_extent_maps`, on its own cache line as in ubtrfs-extent-map.
+    evictable: CachePadded,
 }
+
+#[repr(align(128))]
+#[derive(Default)]
+struct CachePadded(AtomicI64);
 
 impl Base {
     fn new() -> Self {
         let target = Arc::new(BInode::default());
         let mut inodes = vec![target.clone()];
+        let evictable = CachePadded::default();
         // Built on another thread, as for `Ours`.
         std::thread::scope(|s| {
             s.spawn(|| {
@@ -231,15 +272,27 @@ impl Base {
                     let o = Arc::new(BInode::default());
                     {
                         let mut t = o.tree.write();
+                        let mut d = 0;
                         for i in 0..OTHER_MAPS {
-                            t.insert(other_map(i), false);
+                            d += t.insert(other_map(i), false);
                         }
+                        evictable.0.fetch_add(d, Ordering::Relaxed);
                     }
                     inodes.push(o);
                 }
             });
         });
-        Base { target, inodes }
+        Base {
+            target,
+            inodes,
+            evictable,
+        }
+    }
+
+    fn evictable_add(&self, d: i64) {
+        if d != 0 {
+            self.evictable.0.fetch_add(d, Ordering::Relaxed);
+        }
     }
 
     fn fsync_round(&self, round: u64) -> Duration {
@@ -248,36 +301,51 @@ impl Base {
         let _ml = t.mmap_lock.write();
         {
             let mut tr = t.tree.write();
+            let n = tr.maps.len() as i64;
             tr.maps.clear();
             tr.modified.clear();
+            self.evictable_add(-n);
         }
         for i in 0..BATCH {
             let em = batch_map(i, round);
             let mut tr = t.tree.write();
-            let _ = tr.insert(em, true);
+            let d = tr.insert(em, true);
+            self.evictable_add(d);
         }
         let start = Instant::now();
-        // Collect, mark LOGGING, sort.
+        // Collect (take a reference, mark LOGGING), sort.
         let mut tr = t.tree.write();
         let list = std::mem::take(&mut tr.modified);
         let mut logging = Vec::new();
-        for s in list {
-            if let Some(e) = tr.maps.get_mut(&s) {
-                e.flags &= !LISTED;
-                if e.generation >= TRANSID {
-                    e.flags |= flags::LOGGING;
-                    logging.push(*e);
+        for (s, id) in list {
+            if let Some(m) = tr.maps.get_mut(&s).filter(|m| m.id == id) {
+                m.em.flags &= !LISTED;
+                if m.em.generation >= TRANSID {
+                    m.em.flags |= flags::LOGGING;
+                    m.refs += 1;
+                    logging.push((m.em, id));
                 }
             }
         }
-        logging.sort_by_key(|e| e.start);
-        for em in logging {
+        logging.sort_by_key(|(e, _)| e.start);
+        for (em, id) in logging {
             drop(tr);
             log_one_extent(&em);
             tr = t.tree.write();
-            if let Some(e) = tr.maps.get_mut(&em.start) {
-                e.flags &= !flags::LOGGING;
-                tr.try_merge(em.start);
+            // btrfs_clear_em_logging on the collected map, then drop fsync's reference.
+            if let Some(m) = tr.maps.get_mut(&em.start).filter(|m| m.id == id) {
+                m.em.flags &= !flags::LOGGING;
+                let d = tr.try_merge(em.start);
+                if let Some(m) = tr
+                    .maps
+                    .range_mut(..=em.start)
+                    .next_back()
+                    .map(|(_, m)| m)
+                    .filter(|m| m.id == id)
+                {
+                    m.refs -= 1;
+                }
+                self.evictable_add(d);
             }
         }
         drop(tr);
@@ -304,16 +372,19 @@ impl Base {
                     continue;
                 };
                 let keys: Vec<u64> = tr.maps.keys().copied().collect();
+                let mut dropped = 0;
                 for k in keys {
                     scanned += 1;
-                    let pinned = tr.maps.get(&k).is_some_and(|e| e.has(flags::PINNED));
+                    let pinned = tr.maps.get(&k).is_some_and(|m| m.em.has(flags::PINNED));
                     if !pinned {
                         tr.maps.remove(&k);
+                        dropped += 1;
                     }
                     if scanned >= 4096 {
                         break;
                     }
                 }
+                self.evictable_add(-dropped);
             }
             n += 1;
             if n & 7 == 0 {
@@ -326,9 +397,10 @@ impl Base {
                         .maps
                         .range(..=em.start)
                         .next_back()
-                        .is_some_and(|(_, p)| p.end() > em.start);
+                        .is_some_and(|(_, p)| p.em.end() > em.start);
                     if !present {
-                        o.tree.write().insert(em, false);
+                        let d = o.tree.write().insert(em, false);
+                        self.evictable_add(d);
                     }
                 }
             }
@@ -410,7 +482,47 @@ fn quantiles(name: &str, rounds: usize, mut f: impl FnMut(u64) -> Duration) {
     );
 }
 
+/// Where a logging pass's time goes (`UBTRFS_BENCH_PHASES=1`): collection (`begin`), the loop
+/// without `log_one_extent`, and `log_one_extent` itself (the two timer reads per map inflate
+/// the last two a little).
+fn phases() {
+    let ours = Ours::new();
+    let mut v = Vec::new();
+    for round in 0..3000u64 {
+        let t = &ours.target;
+        let _il = t.inode_lock().write();
+        let _ml = t.mmap_lock().write();
+        t.btrfs_drop_extent_map_range(0, u64::MAX, false);
+        for i in 0..BATCH {
+            t.btrfs_replace_extent_map_range(batch_map(i, round), true)
+                .expect("write");
+        }
+        let t0 = Instant::now();
+        let mut pass = t.btrfs_log_changed_extents_begin(TRANSID, u64::MAX);
+        let t1 = Instant::now();
+        let mut log = Duration::ZERO;
+        while let Some(em) = pass.next_extent() {
+            let a = Instant::now();
+            log_one_extent(&em);
+            log += a.elapsed();
+        }
+        let t2 = Instant::now();
+        assert!(pass.finish().is_ok());
+        v.push((t1 - t0, t2 - t1 - log, log));
+    }
+    v.sort_by_key(|x| x.0 + x.1);
+    let m = v[v.len() / 2];
+    println!(
+        "phases (median round): begin {:?}, loop without log_one_extent {:?}, log_one_extent {:?}",
+        m.0, m.1, m.2
+    );
+}
+
 fn quick() {
+    if std::env::var_os("UBTRFS_BENCH_PHASES").is_some() {
+        phases();
+        return;
+    }
     quantiles("log_one_extent only", 2000, |r| {
         let start = Instant::now();
         for i in 0..BATCH {
