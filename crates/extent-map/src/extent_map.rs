@@ -34,7 +34,6 @@
 //! `replace_extent_mapping`, `merge_extent_mapping`, `drop_all_extent_maps_fast`,
 //! `btrfs_clear_em_logging` and `btrfs_free_extent_map`.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -113,6 +112,49 @@ pub(crate) struct ListEntry {
     pub(crate) pass: u64,
 }
 
+/// The modified list: entries in link order (sequence numbers increase; the head, the newest
+/// entry, is the last one). An unlinked entry leaves a hole, found by binary search on the
+/// sequence number; holes are compacted away once they are the majority, so unlinking is
+/// amortised O(log n) and taking the whole list (fsync) is a vector move.
+#[derive(Default)]
+pub(crate) struct ModifiedList {
+    entries: Vec<(u64, Option<ListEntry>)>,
+    live: usize,
+}
+
+impl ModifiedList {
+    /// Links `e` at the head; `seq` must be greater than every sequence number linked so far.
+    fn push(&mut self, seq: u64, e: ListEntry) {
+        debug_assert!(self.entries.last().is_none_or(|(s, _)| *s < seq));
+        self.entries.push((seq, Some(e)));
+        self.live += 1;
+    }
+
+    fn entry(&mut self, seq: u64) -> Option<&mut Option<ListEntry>> {
+        let i = self.entries.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
+        Some(&mut self.entries[i].1)
+    }
+
+    fn get_mut(&mut self, seq: u64) -> Option<&mut ListEntry> {
+        self.entry(seq)?.as_mut()
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<ListEntry> {
+        let e = self.entry(seq)?.take()?;
+        self.live -= 1;
+        if self.entries.len() >= 64 && self.live < self.entries.len() / 2 {
+            self.entries.retain(|(_, e)| e.is_some());
+        }
+        Some(e)
+    }
+
+    /// Unlinks everything; returns the entries in link order (tail first), with holes.
+    fn take(&mut self) -> Vec<(u64, Option<ListEntry>)> {
+        self.live = 0;
+        std::mem::take(&mut self.entries)
+    }
+}
+
 /// The private logging lists of the running logging passes (normally at most one: fsync holds
 /// the inode lock). A pass links its maps with consecutive sequence numbers, so its list is a
 /// vector indexed by sequence number minus the first one; an unlinked entry leaves a hole.
@@ -162,7 +204,7 @@ pub(crate) struct TreeW {
     nr: u64,
     dirty: bool,
     /// `modified_extents`: keyed by link sequence; the head (newest) is the last key.
-    modified: BTreeMap<u64, ListEntry>,
+    modified: ModifiedList,
     /// All private logging lists of running logging passes.
     pub(crate) logging: LoggingLists,
     next_seq: u64,
@@ -197,7 +239,7 @@ impl ExtentMapTree {
                 root: None,
                 nr: 0,
                 dirty: false,
-                modified: BTreeMap::new(),
+                modified: ModifiedList::default(),
                 logging: LoggingLists::default(),
                 next_seq: 1,
                 next_pass: 1,
@@ -610,7 +652,7 @@ impl<'a> Locked<'a> {
         self.w.next_seq += 1;
         node.list_seq.store(seq, Ordering::Relaxed);
         node.set(ON_MODIFIED);
-        self.w.modified.insert(
+        self.w.modified.push(
             seq,
             ListEntry {
                 node: node.clone(),
@@ -624,19 +666,16 @@ impl<'a> Locked<'a> {
     /// sequence numbers (consecutive).
     pub(crate) fn list_add_logging(
         &mut self,
-        maps: Vec<(Arc<EmNode>, ExtentMap)>,
+        entries: Vec<Option<ListEntry>>,
         pass: u64,
     ) -> std::ops::Range<u64> {
         let first = self.w.next_seq;
-        let entries = maps
-            .into_iter()
-            .zip(first..)
-            .map(|((node, em), seq)| {
-                node.list_seq.store(seq, Ordering::Relaxed);
-                node.set(ON_LOGGING);
-                Some(ListEntry { node, em, pass })
-            })
-            .collect::<Vec<_>>();
+        for (e, seq) in entries.iter().zip(first..) {
+            if let Some(e) = e {
+                e.node.list_seq.store(seq, Ordering::Relaxed);
+                e.node.set(ON_LOGGING);
+            }
+        }
         let seqs = first..first + entries.len() as u64;
         self.w.next_seq = seqs.end;
         if !entries.is_empty() {
@@ -650,7 +689,7 @@ impl<'a> Locked<'a> {
     pub(crate) fn list_del_init(&mut self, node: &EmNode, em: &ExtentMap, by_logger: bool) {
         let st = node.st();
         if st & ON_MODIFIED != 0 {
-            self.w.modified.remove(&node.seq());
+            self.w.modified.remove(node.seq());
             node.clear(ON_MODIFIED);
         }
         if st & ON_LOGGING != 0 {
@@ -666,7 +705,7 @@ impl<'a> Locked<'a> {
     fn refresh_list_snapshot(&mut self, node: &EmNode, em: ExtentMap) {
         let st = node.st();
         let entry = if st & ON_MODIFIED != 0 {
-            self.w.modified.get_mut(&node.seq())
+            self.w.modified.get_mut(node.seq())
         } else if st & ON_LOGGING != 0 {
             self.w.logging.get_mut(node.seq())
         } else {
@@ -1002,12 +1041,17 @@ impl<'a> Locked<'a> {
 
     /// Takes every entry off the modified list, head (newest) first.
     pub(crate) fn take_modified(&mut self) -> impl Iterator<Item = ListEntry> {
-        std::mem::take(&mut self.w.modified)
-            .into_values()
-            .rev()
-            .inspect(|e| {
-                e.node.clear(ON_MODIFIED);
-            })
+        let list = self.w.modified.take();
+        list.into_iter().rev().filter_map(|(_, e)| {
+            let e = e?;
+            e.node.clear(ON_MODIFIED);
+            Some(e)
+        })
+    }
+
+    /// Number of maps on the modified list.
+    pub(crate) fn modified_len(&self) -> usize {
+        self.w.modified.live
     }
 
     /// Marks a map taken off the modified list as still linked (to a ring detached from the
@@ -1154,8 +1198,10 @@ impl BtrfsInode {
     pub fn modified_extents(&self) -> Vec<ExtentMap> {
         let l = self.lock_tree();
         l.w.modified
-            .values()
+            .entries
+            .iter()
             .rev()
+            .filter_map(|(_, e)| e.as_ref())
             .map(|e| l.current_value(&e.node, e.em))
             .collect()
     }

@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::em::{flags, EmError, ExtentMap};
-use crate::extent_map::{BtrfsInode, EmNode, Locked};
+use crate::extent_map::{BtrfsInode, EmNode, ListEntry, Locked};
 use crate::sched::SchedPoint;
 use crate::stats::{Counters, Invariant};
 
@@ -70,10 +70,10 @@ impl BtrfsInode {
         // Setting LOGGING changes no mapping: publish at the end of the pass.
         l.defer_publish = true;
         let pass = l.next_pass_id();
+        let mut collected = Vec::with_capacity(l.modified_len().min(MAX_LOGGED_UNITS));
         let mut rest = l.take_modified();
         let mut num = 0usize;
         let mut efbig = false;
-        let mut collected: Vec<(Arc<EmNode>, ExtentMap)> = Vec::new();
         for e in rest.by_ref() {
             if Locked::node_is_freed(&e.node) {
                 // The kernel would walk through freed memory here (list corruption).
@@ -92,7 +92,11 @@ impl BtrfsInode {
                 continue;
             };
             l.get_ref(&e.node);
-            collected.push((e.node, v));
+            collected.push(Some(ListEntry {
+                node: e.node,
+                em: v,
+                pass,
+            }));
             num += 1;
         }
         // After -EFBIG the rest of the list is detached from the head but still linked to
@@ -101,7 +105,7 @@ impl BtrfsInode {
             l.relink_detached(&e.node, e.em);
         }
         if !efbig {
-            collected.sort_by_key(|(_, v)| v.start);
+            collected.sort_by_key(|e| e.as_ref().map(|e| e.em.start));
         }
         let order = l.list_add_logging(collected, pass);
         drop(l);
