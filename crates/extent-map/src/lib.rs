@@ -21,9 +21,10 @@
 //! reference count, no write to shared memory, so a reader never waits for a writer or for a
 //! shrinker scan, and it sees the state at the end of some write-locked critical section (as a
 //! kernel reader holding the read lock would). Writers serialise on the tree lock (a mutex: the
-//! write side of the kernel's rwlock), change a private working version with `Arc::make_mut`
-//! (copying a node only while a published version still shares it, in place otherwise), and
-//! publish once when they unlock. The replaced version is retired with `Guard::defer`: once
+//! write side of the kernel's rwlock), change a private working version copy-on-write (a node
+//! is copied only while a published version still shares it, changed in place otherwise; the
+//! sharing test is `Arc::make_mut`'s, done with plain loads: `btree::cow`), and publish once
+//! when they unlock. The replaced version is retired with `Guard::defer`: once
 //! every thread pinned at that time has unpinned, the collector moves it to the tree's reclaim
 //! queue, and the tree's next writer (or the shrinker's next visit) frees it outside the tree
 //! lock, so the cost of freeing stays with the threads that change that tree instead of landing
@@ -36,7 +37,15 @@
 //! merges that follow) never changes what any file byte maps to (merged maps are adjacent and
 //! physically contiguous), so it publishes once, when its private list is exhausted, instead of
 //! at every unlock; readers meanwhile see the previous, mapping-equivalent version. Any other
-//! writer's unlock publishes everything pending.
+//! writer's unlock publishes everything pending. The pass also adds its merges' change of the
+//! evictable count to the shared counter once, at its end (the kernel's counter is per-CPU and
+//! approximate for the same reason).
+//!
+//! Costs that shaped the write side (fsync_vs_shrinker, benches/RESULTS-extent-map.md): map
+//! bookkeeping that only changes under the tree lock uses plain loads and stores, not atomic
+//! read-modify-writes; `try_merge_map` and `btrfs_clear_em_logging` decide and merge inside one
+//! B+tree leaf when the neighbours are there (one descent instead of six); the modified list
+//! and fsync's private lists are vectors in link order rather than ordered maps.
 //!
 //! Alternatives considered: an epoch-protected concurrent skip list (readers could observe the
 //! intermediate states of compound operations such as a merge or a split, which the kernel's
