@@ -66,6 +66,10 @@ pub struct BlockGroup {
     pub free: BTreeMap<u64, u64>,
     /// Ranges freed in the running transaction.
     pub pinned: BTreeMap<u64, u64>,
+    /// Data extents reserved for a writeback whose data I/O is in flight: not free, not yet
+    /// used (no extent item); the free space tree still lists them free, as the kernel's does
+    /// until the ref is added (`btrfs_add_reserved_bytes`).
+    pub reserved: BTreeMap<u64, u64>,
     /// The free space tree currently stores this group as bitmaps.
     pub fst_bitmaps: bool,
     /// Changed in the running transaction (item and free space tree need rewriting).
@@ -151,10 +155,11 @@ impl BlockGroup {
         (high, if high > 100 { low } else { 0 })
     }
 
-    /// What the free space tree must list for this group after commit: free ∪ pinned.
+    /// What the free space tree must list for this group after commit: free ∪ pinned ∪
+    /// reserved (extents of in-flight writeback have no extent item yet).
     pub fn committed_free(&self) -> BTreeMap<u64, u64> {
         let mut m = self.free.clone();
-        for (&s, &l) in &self.pinned {
+        for (&s, &l) in self.pinned.iter().chain(&self.reserved) {
             range_insert(&mut m, s, l);
         }
         m
@@ -251,6 +256,7 @@ impl SpaceInfo {
                     used: bg.used,
                     free: BTreeMap::new(),
                     pinned: BTreeMap::new(),
+                    reserved: BTreeMap::new(),
                     fst_bitmaps: false,
                     dirty: false,
                 },
@@ -488,6 +494,47 @@ impl SpaceInfo {
         self.claimed.clear();
     }
 
+    /// Move `[start, start+len)`, just allocated by [`SpaceInfo::alloc`] or
+    /// [`SpaceInfo::alloc_data_upto`], from used to reserved (`btrfs_reserve_extent` for a
+    /// writeback: the extent item comes when the data is on disk).
+    pub fn to_reserved(&mut self, start: u64, len: u64) -> Result<()> {
+        let bg = self.group_of(start, len)?;
+        bg.used = bg
+            .used
+            .checked_sub(len)
+            .ok_or_else(|| Error::corrupt(format!("reserving {start}+{len}: not allocated")))?;
+        range_insert(&mut bg.reserved, start, len);
+        Ok(())
+    }
+
+    /// A reserved extent gets its extent item: it becomes used
+    /// (`btrfs_alloc_reserved_file_extent`).
+    pub fn use_reserved(&mut self, start: u64, len: u64) -> Result<()> {
+        let bg = self.group_of(start, len)?;
+        if !range_remove(&mut bg.reserved, start, len) {
+            return Err(Error::corrupt(format!(
+                "extent {start}+{len} is not reserved"
+            )));
+        }
+        bg.used += len;
+        bg.dirty = true;
+        Ok(())
+    }
+
+    /// A reserved extent is not used after all (its data write failed): free again
+    /// (`btrfs_free_reserved_extent`).
+    pub fn free_reserved(&mut self, start: u64, len: u64) -> Result<()> {
+        let bg = self.group_of(start, len)?;
+        if !range_remove(&mut bg.reserved, start, len) {
+            return Err(Error::corrupt(format!(
+                "extent {start}+{len} is not reserved"
+            )));
+        }
+        range_insert(&mut bg.free, start, len);
+        bg.dirty = true;
+        Ok(())
+    }
+
     /// After a durable commit: pinned space becomes free (`btrfs_finish_extent_commit`).
     pub fn unpin_all(&mut self) {
         for bg in self.groups.values_mut() {
@@ -518,7 +565,7 @@ impl SpaceInfo {
     /// copies inside each group.
     pub fn check_accounting(&self, sb_bytes: impl Fn(&BlockGroup) -> u64) -> Result<()> {
         for g in self.groups.values() {
-            let pinned: u64 = g.pinned.values().sum();
+            let pinned: u64 = g.pinned.values().sum::<u64>() + g.reserved.values().sum::<u64>();
             let total = g.used + g.free_bytes() + pinned + sb_bytes(g);
             if total != g.length {
                 return Err(Error::corrupt(format!(
@@ -548,6 +595,7 @@ mod tests {
             used: 0,
             free,
             pinned: BTreeMap::new(),
+            reserved: BTreeMap::new(),
             fst_bitmaps: false,
             dirty: false,
         }

@@ -895,6 +895,7 @@ impl Transaction {
             used: 0,
             free,
             pinned: BTreeMap::new(),
+            reserved: BTreeMap::new(),
             fst_bitmaps: false,
             dirty: true,
         };

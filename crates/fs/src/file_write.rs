@@ -23,8 +23,14 @@
 //! - `nbytes` changes by the bytes of new extents minus the bytes `btrfs_drop_extents` dropped
 //!   (inline extents count their unaligned length).
 //!
-//! Lock order: the inode's `inode_lock` (writers, truncate) before the dirty-inode mutex before
-//! `FsInfo::tree_lock`; the dirty mutex is never held while taking the inode lock.
+//! - Writeback reserves a run's extents in one write operation, writes the data with no lock
+//!   held, and inserts the file extent items in a second one (`write_run`); in between the
+//!   extents are *reserved*: neither free nor used, and listed free by any commit's free space
+//!   tree, since nothing on disk refers to them yet.
+//!
+//! Lock order: the inode's `inode_lock` (writers, truncate) before the inode's writeback lock
+//! (`DirtyInode::wb`) before the dirty-inode mutex before `FsInfo::tree_lock`; the dirty mutex
+//! is never held while taking the inode lock.
 
 use crate::disk_io::FsInfo;
 use crate::error::{FsError, Result};
@@ -58,6 +64,10 @@ pub struct DirtyInode {
     seq: u64,
     /// Data space reserved for the dirty sectors (one sector each; space_info.rs).
     pub rsv: Arc<crate::space_info::InodeRsv>,
+    /// Held for a whole writeback of the inode: its data I/O runs without the tree lock, and a
+    /// second writeback (fsync's, say) must wait for the extents in flight
+    /// (`btrfs_wait_ordered_range`).
+    pub wb: Arc<Mutex<()>>,
 }
 
 impl DirtyInode {
@@ -451,6 +461,8 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
     let Some(dirty) = dirty_inode(fs, root, ino) else {
         return Ok(());
     };
+    let wb = dirty.lock().wb.clone();
+    let _wb = wb.lock();
     let ss = u64::from(fs.sectorsize());
     // Snapshot the runs to write.
     let (runs, size, mtime, rsv) = {
@@ -532,9 +544,20 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
     Ok(())
 }
 
-/// Write one run of file data starting at `start` as a new extent (or inline extent). The
-/// run's data reservation (in `rsv`) is released in the same write operation that allocates
-/// its extent, so the free space and `data_may_use` never count it twice.
+/// Write one run of file data starting at `start` as a new extent (or inline extent), in the
+/// kernel's three steps so that no lock is held during the data I/O:
+/// 1. `cow_file_range`: reserve extents for the run (reserved space: not free, no extent
+///    item yet, still free in the free space tree of any commit meanwhile) and insert their
+///    pinned extent maps. The run's data reservation (in `rsv`) is released in this same
+///    write operation, so free space and `data_may_use` never count it twice.
+/// 2. Write the data, with no lock held (the extents belong to this writeback only; readers
+///    still get these sectors from the dirty buffer).
+/// 3. `btrfs_finish_ordered_io`: checksums, file extent items replacing what was there, data
+///    refs, inode size and nbytes, and the maps unpinned.
+///
+/// A failed data write gives the reserved extents back and leaves the sectors dirty; nothing
+/// referenced them, so the transaction is not aborted (the kernel sets a mapping error for
+/// fsync instead). The caller serializes writebacks of one inode.
 #[allow(clippy::too_many_arguments)]
 fn write_run(
     fs: &FsInfo,
@@ -547,20 +570,17 @@ fn write_run(
     mtime: Option<ubtrfs_format::items::Timespec>,
     rsv: &crate::space_info::InodeRsv,
 ) -> Result<()> {
+    use crate::space_info::MetaRsv;
+    use ubtrfs_ctree::block_group::AllocKind;
     let ss = u64::from(fs.sectorsize());
-    fs.write_op_rsv(crate::space_info::MetaRsv::WRITEBACK, |c| {
-        rsv.release(data.len() as u64);
-        let transid = c.transid();
-        let mut ii = c.read_inode(root, ino)?;
-        let datasum = ii.flags & inode_flags::NODATASUM == 0;
-        let max_inline = DEFAULT_MAX_INLINE.min(ss);
-        // cow_file_range_inline: whole file, at 0, within one sector and max_inline.
-        if start == 0
-            && size <= ss
-            && size <= max_inline
-            && size > 0
-            && data.len() as u64 >= size.min(ss)
-        {
+    let max_inline = DEFAULT_MAX_INLINE.min(ss);
+    let total = data.len() as u64;
+    // cow_file_range_inline: whole file, at 0, within one sector and max_inline.
+    if start == 0 && size <= ss && size <= max_inline && size > 0 && total >= size.min(ss) {
+        return fs.write_op_rsv(MetaRsv::WRITEBACK, |c| {
+            rsv.release(total);
+            let transid = c.transid();
+            let mut ii = c.read_inode(root, ino)?;
             let drop = btrfs_drop_extents(c, root, ino, 0, ss)?;
             let fe = FileExtentItem {
                 generation: transid,
@@ -591,26 +611,25 @@ fn write_run(
                 flags: 0,
             };
             let _ = emi.btrfs_add_extent_mapping(em, 0, ss);
-            return Ok(());
-        }
+            Ok(())
+        });
+    }
+    // Step 1: reserve the extents: (file offset, bytenr, length).
+    let mut pieces: Vec<(u64, u64, u64)> = Vec::new();
+    let reserved = fs.write_op_rsv(MetaRsv::WRITEBACK, |c| {
+        rsv.release(total);
         let mut pos = 0u64;
-        let total = data.len() as u64;
         while pos < total {
             let want = total - pos;
             // find_free_extent: the whole run in one extent if any group (or a new chunk) has
             // room; only then fragments of what is left.
-            let whole =
-                c.t.space
-                    .alloc(ubtrfs_ctree::block_group::AllocKind::Data, want);
+            let whole = c.t.space.alloc(AllocKind::Data, want);
             let (bytenr, got) = match whole {
                 Some(b) => (b, want),
                 None => {
                     let grown = c.alloc_data_chunk()?;
                     match grown
-                        .then(|| {
-                            c.t.space
-                                .alloc(ubtrfs_ctree::block_group::AllocKind::Data, want)
-                        })
+                        .then(|| c.t.space.alloc(AllocKind::Data, want))
                         .flatten()
                     {
                         Some(b) => (b, want),
@@ -622,8 +641,9 @@ fn write_run(
                     }
                 }
             };
-            let piece = &data[pos as usize..(pos + got) as usize];
+            c.t.space.to_reserved(bytenr, got)?;
             let fstart = start + pos;
+            pieces.push((fstart, bytenr, got));
             // The pinned, modified map of the new extent (btrfs_create_io_em).
             let em = ExtentMap {
                 start: fstart,
@@ -638,7 +658,53 @@ fn write_run(
             emi.btrfs_replace_extent_map_range(em, true).map_err(|e| {
                 FsError::corrupt(format!("root {root} ino {ino}: extent map: {e:?}"))
             })?;
-            c.fs.reader.write_logical(bytenr, piece)?;
+            pos += got;
+        }
+        Ok(())
+    });
+    let give_back = |pieces: &[(u64, u64, u64)]| {
+        emi.btrfs_drop_extent_map_range(start, start + total, false);
+        if pieces.is_empty() {
+            return;
+        }
+        let r = fs.write_op_rsv(MetaRsv::WRITEBACK, |c| {
+            for &(_, bytenr, got) in pieces {
+                c.t.space.free_reserved(bytenr, got)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            tracing::warn!("root {root} ino {ino}: giving reserved extents back: {e}");
+        }
+    };
+    if let Err(e) = reserved {
+        give_back(&pieces);
+        return Err(e);
+    }
+    // Step 2: the data I/O, no lock held.
+    for &(fstart, bytenr, got) in &pieces {
+        let off = (fstart - start) as usize;
+        if let Err(e) = fs
+            .reader
+            .write_logical(bytenr, &data[off..off + got as usize])
+        {
+            tracing::error!(
+                "root {root} ino {ino}: writing data at file offset {fstart} (logical {bytenr}, \
+                 {got} bytes) failed: {e}"
+            );
+            give_back(&pieces);
+            return Err(e.into());
+        }
+    }
+    // Step 3: btrfs_finish_ordered_io.
+    let done = fs.write_op_rsv(MetaRsv::WRITEBACK, |c| {
+        let transid = c.transid();
+        let mut ii = c.read_inode(root, ino)?;
+        let datasum = ii.flags & inode_flags::NODATASUM == 0;
+        for &(fstart, bytenr, got) in &pieces {
+            let off = (fstart - start) as usize;
+            let piece = &data[off..off + got as usize];
+            c.t.space.use_reserved(bytenr, got)?;
             if datasum {
                 btrfs_csum_file_blocks(c, bytenr, piece)?;
             }
@@ -675,10 +741,15 @@ fn write_run(
             // Ordered extent completion: the map gets its generation and is unpinned.
             emi.btrfs_unpin_extent_cache(fstart, got, transid)
                 .map_err(|e| FsError::corrupt(format!("root {root} ino {ino}: unpin: {e:?}")))?;
-            pos += got;
         }
         finish_inode(c, root, ino, &mut ii, size, mtime)
-    })
+    });
+    // Failed before changing anything (the inode was evicted meanwhile): nothing refers to
+    // the extents. After a change, the transaction was aborted instead.
+    if done.is_err() && !fs.is_readonly() {
+        give_back(&pieces);
+    }
+    done
 }
 
 fn finish_inode(
