@@ -269,11 +269,65 @@ fn ref_names(root: u64, k: &Key, d: &[u8]) -> Result<Vec<(u64, Vec<u8>, u64)>> {
 
 /// `need_log_inode`: unmodified directories and inodes already logged in this transaction
 /// need no (re)logging as other inodes (their name changes update the log directly).
+///
+/// A directory counts as logged only once logged in full: one logged LOG_INODE_EXISTS (a new
+/// ancestor, the old directory of a renamed dentry) has none of its entries in the log.
 fn need_log_inode(c: &WriteCtx<'_>, root: u64, ino: u64, ii: &InodeItem) -> bool {
     if fmt_of(ii) == S_IFDIR && ii.transid < c.transid() {
         return false;
     }
-    !c.t.log.inodes.contains_key(&(root, ino))
+    match c.t.log.inodes.get(&(root, ino)) {
+        None => true,
+        Some(l) => fmt_of(ii) == S_IFDIR && !l.all,
+    }
+}
+
+/// The names `ino` had at the last commit and has no more (renamed away in this
+/// transaction): each old directory gets a one-index DIR_LOG_INDEX range, with its inode item
+/// (LOG_INODE_EXISTS) if the log has none, so replay removes the old entry.
+///
+/// The kernel does not do this for a renamed inode logged as a new dentry of another
+/// directory: its replay then shows the inode under both names (link count 2), a state that
+/// never existed. The log stays in the kernel's format; the kernel's replay of it removes the
+/// old name too.
+fn log_removed_names(
+    c: &mut WriteCtx<'_>,
+    root: u64,
+    ino: u64,
+    ctx: &mut LogCtx,
+) -> Result<Option<&'static str>> {
+    let keep = |k: &Key| k.objectid == ino && k.item_type <= item::INODE_EXTREF;
+    let old = commit_root_items(c, root, Key::new(ino, item::INODE_REF, 0), keep)?;
+    if old.is_empty() {
+        return Ok(None);
+    }
+    let mut cur = Vec::new();
+    for (k, d) in c.items(root, Key::new(ino, item::INODE_REF, 0), usize::MAX, keep)? {
+        cur.extend(ref_names(root, &k, &d)?);
+    }
+    for (k, d) in old {
+        for (p, name, idx) in ref_names(root, &k, &d)? {
+            if p == ino
+                || cur
+                    .iter()
+                    .any(|(cp, cn, ci)| *cp == p && *cn == name && *ci == idx)
+            {
+                continue;
+            }
+            match c.read_inode(root, p) {
+                Ok(_) => {}
+                Err(FsError::NotFound) => return Ok(Some("old parent directory deleted")),
+                Err(e) => return Err(e),
+            }
+            if !c.t.log.inodes.contains_key(&(root, p)) {
+                if let Some(r) = btrfs_log_inode(c, root, p, LogMode::Exists, None, false, ctx)? {
+                    return Ok(Some(r));
+                }
+            }
+            insert_dir_log_key(c, root, p, idx, idx)?;
+        }
+    }
+    Ok(None)
 }
 
 /// `btrfs_log_inode_parent`: log the inode, then the other inodes the kernel logs with it
@@ -449,6 +503,11 @@ fn log_new_dir_dentries(
             }
             if is_dir && ctx.log_new_dentries {
                 work.push(x);
+            }
+            if !is_dir && c.t.log.last_unlink.contains(&(root, x)) {
+                if let Some(r) = log_removed_names(c, root, x, ctx)? {
+                    return Ok(Some(r));
+                }
             }
         }
     }
