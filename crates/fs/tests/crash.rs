@@ -61,7 +61,7 @@ use ubtrfs_fs::{FsInfo, MountOptions};
 
 /// Whether a directory fsync goes through `btrfs_sync_file` (the kernel's fsyncdir, where
 /// directory logging lands) or, as the daemon's fsyncdir does until then, a full commit.
-const DIR_FSYNC_LOGS: bool = false;
+const DIR_FSYNC_LOGS: bool = true;
 
 const IMAGE_SIZE: u64 = 256 << 20;
 const SECTOR: u64 = 4096;
