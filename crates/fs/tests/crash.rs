@@ -50,6 +50,7 @@ use common::{Rng, TestDir};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -1312,7 +1313,10 @@ fn run_set(set: &str, workloads: Vec<Workload>, only: Option<&str>) {
         total.states += t.states;
         total.kernel += t.kernel;
     }
-    println!(
+    // Written to the process's stderr directly (print! is captured for passing tests): the
+    // count shows in every CI log.
+    let _ = writeln!(
+        std::io::stderr().lock(),
         "crash states checked ({set}): {} ({} by the kernel too)\n{}",
         total.states,
         total.kernel,
