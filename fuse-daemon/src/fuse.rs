@@ -221,6 +221,9 @@ pub struct UbtrfsFuse {
     /// (`btrfs_file_private::last_index`).
     dir_handles: Mutex<HashMap<u64, u64>>,
     next_dir_fh: std::sync::atomic::AtomicU64,
+    /// The mount's atime options: FUSE inodes are S_NOATIME in the kernel, which leaves
+    /// atime updates to the daemon.
+    atime: fileattr::AtimePolicy,
 }
 
 fn time(t: &ubtrfs_format::items::Timespec) -> SystemTime {
@@ -296,6 +299,26 @@ impl UbtrfsFuse {
             notifier: Arc::default(),
             dir_handles: Mutex::new(HashMap::new()),
             next_dir_fh: std::sync::atomic::AtomicU64::new(1),
+            atime: fileattr::AtimePolicy::default(),
+        }
+    }
+
+    /// The mount's atime policy (noatime, strictatime, nodiratime; relatime by default).
+    pub fn with_atime(mut self, atime: fileattr::AtimePolicy) -> Self {
+        self.atime = atime;
+        self
+    }
+
+    /// `touch_atime` after an access of `node` (read, readdir); errors are only logged, as
+    /// the kernel ignores a failed atime update.
+    fn accessed(&self, node: u64, root: u64, ino: u64) {
+        if !self.rw {
+            return;
+        }
+        match fileattr::touch_atime(&self.fs, root, ino, self.atime) {
+            Ok(true) => self.invalidate_attrs(node),
+            Ok(false) => {}
+            Err(e) => log_error("atime", &e),
         }
     }
 
@@ -1195,10 +1218,14 @@ impl Filesystem for UbtrfsFuse {
                 return Err(FsError::IsDir);
             }
             let em = self.extent_maps(ino.0, root, i);
-            ubtrfs_fs::file::read(&self.fs, root, i, &ii, &em, offset, size)
+            let d = ubtrfs_fs::file::read(&self.fs, root, i, &ii, &em, offset, size)?;
+            Ok((root, i, d))
         });
         match r {
-            Ok(d) => reply.data(&d),
+            Ok((root, i, d)) => {
+                reply.data(&d);
+                self.accessed(ino.0, root, i);
+            }
             Err(e) => {
                 log_error("read", &e);
                 reply.error(errno_of(&e))
@@ -1263,6 +1290,8 @@ impl Filesystem for UbtrfsFuse {
             Ok(l) => l,
             Err(e) => return reply.error(errno_of(&e)),
         };
+        // iterate_dir's file_accessed.
+        self.accessed(ino.0, root, dir);
         // Cookies: "." is 0 -> 1, ".." is 1 -> 2, entries carry DIR_INDEX + 1 (kernel readdir).
         if offset == 0 && reply.add(ino, 1, FileType::Directory, ".") {
             return reply.ok();
@@ -1326,6 +1355,8 @@ impl Filesystem for UbtrfsFuse {
             Ok(l) => l,
             Err(e) => return reply.error(errno_of(&e)),
         };
+        // iterate_dir's file_accessed.
+        self.accessed(ino.0, root, dir);
         if offset == 0
             && reply.add(
                 ino,

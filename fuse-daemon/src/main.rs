@@ -585,7 +585,11 @@ fn serve(
             .inspect(|c| tracing::debug!("control socket {}", c.path().display()))
             .ok()
     });
-    let fuse_fs = fuse::UbtrfsFuse::new(fs.clone());
+    let fuse_fs = fuse::UbtrfsFuse::new(fs.clone()).with_atime(ubtrfs_fs::fileattr::AtimePolicy {
+        noatime: p.noatime,
+        strictatime: p.strictatime,
+        nodiratime: p.nodiratime,
+    });
     let notifier_slot = fuse_fs.notifier_slot();
     let session = match kernel_mount(&fsname, mountpoint, p, readonly) {
         Ok(fd) => fuser::Session::from_fd(fuse_fs, fd, cfg.acl, cfg),

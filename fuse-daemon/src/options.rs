@@ -13,6 +13,9 @@ pub struct ParsedOptions {
     /// Subtype shown as `fuse.SUBTYPE` (default `ubtrfs`; empty for plain `fuse`).
     pub subtype: String,
     pub noatime: bool,
+    /// `strictatime` (or `norelatime`): every access updates atime; otherwise relatime.
+    pub strictatime: bool,
+    pub nodiratime: bool,
     pub nodev: bool,
     pub nosuid: bool,
     pub noexec: bool,
@@ -33,13 +36,8 @@ pub struct ParsedOptions {
 
 /// VFS and mount(8) options that need nothing from us beyond acceptance.
 const ACCEPTED_NOOP: &[&str] = &[
-    "relatime",
-    "strictatime",
     "lazytime",
     "nolazytime",
-    "atime",
-    "diratime",
-    "nodiratime",
     "dev",
     "suid",
     "exec",
@@ -53,7 +51,6 @@ const ACCEPTED_NOOP: &[&str] = &[
     "_netdev",
     "defaults",
     "default_permissions",
-    "norelatime",
     "nostrictatime",
     "loop",
     "silent",
@@ -115,6 +112,8 @@ pub fn parse(opts: &[String]) -> Result<ParsedOptions, String> {
         fsname: None,
         subtype: "ubtrfs".into(),
         noatime: false,
+        strictatime: false,
+        nodiratime: false,
         nodev: false,
         nosuid: false,
         noexec: false,
@@ -153,6 +152,17 @@ pub fn parse(opts: &[String]) -> Result<ParsedOptions, String> {
                     p.fs.commit_interval = n;
                 }
                 ("noatime", None) => p.noatime = true,
+                ("atime", None) => p.noatime = false,
+                ("relatime", None) => {
+                    p.noatime = false;
+                    p.strictatime = false;
+                }
+                ("strictatime" | "norelatime", None) => {
+                    p.noatime = false;
+                    p.strictatime = true;
+                }
+                ("nodiratime", None) => p.nodiratime = true,
+                ("diratime", None) => p.nodiratime = false,
                 ("nodev", None) => p.nodev = true,
                 ("nosuid", None) => p.nosuid = true,
                 ("noexec", None) => p.noexec = true,

@@ -1060,3 +1060,64 @@ fn second_mount_shares_the_daemon() {
     assert_eq!(fs::read(m1.join("c")).unwrap(), b"after m1 went");
     k.unmount();
 }
+
+fn times(p: &Path) -> (i64, i64, i64, i64, i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(p).unwrap();
+    (
+        m.atime(),
+        m.atime_nsec(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    )
+}
+
+/// Which of atime, mtime, ctime changed between two `times`.
+fn changed(a: (i64, i64, i64, i64, i64, i64), b: (i64, i64, i64, i64, i64, i64)) -> String {
+    format!(
+        "atime {} mtime {} ctime {}",
+        (a.0, a.1) != (b.0, b.1),
+        (a.2, a.3) != (b.2, b.3),
+        (a.4, a.5) != (b.4, b.5)
+    )
+}
+
+/// relatime (the default): the first read after a change updates atime, the next does not;
+/// a directory listing updates the directory's atime the same way; ctime never moves.
+fn probe_atime(root: &Path) -> Vec<String> {
+    let pause = || std::thread::sleep(std::time::Duration::from_millis(1100));
+    let mut o = Vec::new();
+    let f = root.join("f");
+    fs::write(&f, b"aaa").unwrap();
+    let d = root.join("d");
+    fs::create_dir(&d).unwrap();
+    let (t0, d0) = (times(&f), times(&d));
+    pause();
+    fs::read(&f).unwrap();
+    let _ = fs::read_dir(&d).unwrap().count();
+    let (t1, d1) = (times(&f), times(&d));
+    o.push(format!("first read: {}", changed(t0, t1)));
+    o.push(format!("first listing: {}", changed(d0, d1)));
+    pause();
+    fs::read(&f).unwrap();
+    let _ = fs::read_dir(&d).unwrap().count();
+    o.push(format!("second read: {}", changed(t1, times(&f))));
+    o.push(format!("second listing: {}", changed(d1, times(&d))));
+    pause();
+    fs::write(&f, b"bbb").unwrap();
+    let t2 = times(&f);
+    pause();
+    fs::read(&f).unwrap();
+    o.push(format!("read after a write: {}", changed(t2, times(&f))));
+    o
+}
+
+// Test scenario: atime follows relatime as on the kernel's btrfs (FUSE leaves atime to the
+// daemon): the first read or listing after a change updates it, a second one does not, mtime
+// and ctime never move on reads; the kernel reads the same atimes back from the image.
+#[test]
+fn atime_matches_kernel() {
+    against_kernel("atime", probe_atime, reread_nothing);
+}

@@ -14,7 +14,7 @@
 
 use crate::disk_io::FsInfo;
 use crate::error::{FsError, Result};
-use ubtrfs_format::items::{inode_flags as bi, InodeItem, ROOT_SUBVOL_RDONLY};
+use ubtrfs_format::items::{inode_flags as bi, InodeItem, Timespec, ROOT_SUBVOL_RDONLY};
 
 /// `FS_*_FL` (include/uapi/linux/fs.h): the flags word of FS_IOC_GETFLAGS/SETFLAGS.
 pub mod fs_fl {
@@ -313,6 +313,59 @@ pub fn inherited_flags(dir_flags: u64, mode: u32) -> u64 {
         }
     }
     f
+}
+
+/// How a mount updates atime (`MNT_NOATIME`, `MNT_RELATIME`, strictatime; `MNT_NODIRATIME`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AtimePolicy {
+    pub noatime: bool,
+    pub strictatime: bool,
+    pub nodiratime: bool,
+}
+
+/// `atime_needs_update` with `relatime_need_update`: whether an access at `now` changes the
+/// atime of `ii`.
+pub fn atime_needs_update(p: AtimePolicy, ii: &InodeItem, now: &Timespec) -> bool {
+    use std::cmp::Ordering;
+    let cmp = |a: &Timespec, b: &Timespec| (a.sec as i64, a.nsec).cmp(&(b.sec as i64, b.nsec));
+    if ii.flags & bi::NOATIME != 0 || p.noatime {
+        return false;
+    }
+    if p.nodiratime && ii.mode & crate::inode::S_IFMT == crate::inode::S_IFDIR {
+        return false;
+    }
+    if !p.strictatime
+        && cmp(&ii.mtime, &ii.atime) == Ordering::Less
+        && cmp(&ii.ctime, &ii.atime) == Ordering::Less
+        && (now.sec as i64).saturating_sub(ii.atime.sec as i64) < 24 * 60 * 60
+    {
+        return false;
+    }
+    cmp(&ii.atime, now) != Ordering::Equal
+}
+
+/// `touch_atime` after a read or readdir of `ino`: the atime becomes now when the policy
+/// says so (ctime stays: `inode_update_time` with S_ATIME only). Nothing in a read-only
+/// subvolume or on a read-only mount. Returns whether the atime changed.
+pub fn touch_atime(fs: &FsInfo, root: u64, ino: u64, p: AtimePolicy) -> Result<bool> {
+    if fs.is_readonly() || fs.root(root)?.item.flags & ROOT_SUBVOL_RDONLY != 0 {
+        return Ok(false);
+    }
+    let now = crate::disk_io::now_timespec();
+    if !atime_needs_update(p, &crate::inode::read_inode(fs, root, ino)?, &now) {
+        return Ok(false);
+    }
+    fs.write_op(|c| {
+        let mut ii = c.read_inode(root, ino)?;
+        if !atime_needs_update(p, &ii, &now) {
+            return Ok(false);
+        }
+        ii.atime = now;
+        ii.transid = c.transid();
+        ii.sequence += 1;
+        c.write_inode(root, ino, &ii)?;
+        Ok(true)
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
