@@ -983,8 +983,11 @@ impl<'a> Locked<'a> {
 
     /// fsync's collection step for one map: if `take` accepts the map's current value (see
     /// [`Locked::current_value`]), sets LOGGING on it and returns the new value. One descent
-    /// when the map is in the tree; otherwise the flag goes to the slot at `fallback.start`, if
-    /// any (as `update` does).
+    /// when the map is in the tree. A listed map that is no longer in the tree (the kernel
+    /// policy's stale pieces, removed while listed) gets the flag on its own value only, as
+    /// the kernel sets `em->flags` on the listed struct: the map that now sits at its offset
+    /// is a different map and is left alone (a listed map never changes its start in the
+    /// tree: `can_merge_extent_map` refuses listed maps).
     pub(crate) fn set_logging_if(
         &mut self,
         node: &Arc<EmNode>,
@@ -1009,7 +1012,6 @@ impl<'a> Locked<'a> {
         if !take(&fallback) {
             return None;
         }
-        self.update(fallback.start, |m| m.flags |= flags::LOGGING);
         Some(fallback.with_flags(flags::LOGGING))
     }
 

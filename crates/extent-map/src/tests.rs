@@ -1305,3 +1305,57 @@ fn folio_release_skips_io_locked_maps() {
     inode.try_release_extent_mapping_unless_locked(0, 3 * K - 1, |_, _| false);
     assert!(ranges(&inode).is_empty());
 }
+
+#[test]
+fn fsync_marks_only_the_listed_map_not_its_successor_at_the_offset() {
+    // Test scenario: kernel policy: a stale LOGGING piece P is removed from the tree while
+    // still on the modified list, and a reader still holds a reference to it (as
+    // btrfs_get_extent's caller does during I/O), so it is not freed. A read then caches a
+    // new map N at P's offset. The next fsync walks the modified list and sets LOGGING on P
+    // (the listed struct), as `em->flags |= EXTENT_FLAG_LOGGING` does in the kernel; N is a
+    // different map and must not get the flag (it would keep a stale LOGGING forever).
+    let (fs0, inode) = fs(Policy::Kernel);
+    inode
+        .btrfs_replace_extent_map_range(ExtentMap::regular(0, K, 1 << 20, 2), true)
+        .unwrap();
+    inode
+        .btrfs_replace_extent_map_range(ExtentMap::regular(4 * K, 4 * K, 2 << 20, 2), true)
+        .unwrap();
+    let mut pass = inode.btrfs_log_changed_extents_begin(2, u64::MAX);
+    pass.next_extent().unwrap();
+    inode.btrfs_drop_extent_map_range(5 * K, 6 * K - 1, false);
+    pass.finish().unwrap();
+    // The piece [4K, 5K) carries stale LOGGING and sits on the modified list; a reader holds it.
+    let held = {
+        let l = inode.lock_tree();
+        let s = l.search(4 * K, 1, true).expect("stale piece in the tree");
+        assert!(s.em.has(flags::LOGGING));
+        l.get_ref(&s.node);
+        s
+    };
+    inode.try_release_extent_mapping(4 * K, 5 * K - 1);
+    assert!(inode.btrfs_lookup_extent_mapping(4 * K, 1).is_none());
+    assert_eq!(fs0.stats().violations(Invariant::RemovedStillListed), 1);
+    // A read caches the range again: a new, unlisted map at the same offset.
+    inode
+        .btrfs_add_extent_mapping(ExtentMap::regular(4 * K, K, 2 << 20, 2), 4 * K, K)
+        .unwrap();
+    let mut logged = vec![];
+    inode
+        .btrfs_log_changed_extents::<()>(2, u64::MAX, |e| {
+            logged.push((e.start, e.len));
+            Ok(())
+        })
+        .unwrap();
+    assert!(
+        logged.contains(&(4 * K, K)),
+        "the listed piece is logged: {logged:?}"
+    );
+    let n = inode.btrfs_lookup_extent_mapping(4 * K, 1).unwrap();
+    assert!(
+        !n.has(flags::LOGGING),
+        "the new map at the offset was marked LOGGING"
+    );
+    assert_eq!(fs0.stats().violations(Invariant::UseAfterFree), 0);
+    inode.lock_tree().put(&held.node, &held.em);
+}
