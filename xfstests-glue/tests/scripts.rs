@@ -25,8 +25,9 @@ fn scripts_parse() {
     }
 }
 
-// Test scenario: the patch to xfstests touches only common/rc, adds both hooks and the
-// subtype for tests that mount with -t $FSTYP.
+// Test scenario: the patch to xfstests touches only common/rc, adds both hooks, the
+// subtype for tests that mount with -t $FSTYP, and btrfs's timestamp range and byte-string
+// names for ubtrfs.
 #[test]
 fn patch_shape() {
     let patch = std::fs::read_to_string(glue_dir().join("fuse-mkfs-fsck.patch")).unwrap();
@@ -37,6 +38,8 @@ fn patch_shape() {
     assert!(patch.contains("+_check_fuse_filesystem()"));
     assert!(patch.contains("$FSCK_FUSE_PROG $device"));
     assert!(patch.contains("arg=fuse$FUSE_SUBTYP"));
+    // btrfs's facts that xfstests keys on FSTYP=btrfs, for FUSE_SUBTYP=.ubtrfs only.
+    assert_eq!(patch.matches("[ \"$FUSE_SUBTYP\" = .ubtrfs ]").count(), 2);
 }
 
 struct Fake {
