@@ -260,3 +260,144 @@ fn pinned_space_is_reclaimed_by_a_commit() {
     }
     btrfs_check(&img);
 }
+
+// Test scenario: a seeded random mix of operations (create, mkdir, buffered writes and
+// overwrites, fallocate, punch hole, zero range, truncate, setxattr, rename, link, unlink,
+// rmdir, fsync, sync) on a 160 MiB image kept near full. Every operation either succeeds or
+// says ENOSPC; none may abort the transaction (that would mean a reservation let an operation
+// start that then ran out of space). btrfs check is clean at the end and the kernel mounts
+// the image. `UBTRFS_ENOSPC_STEPS` runs longer.
+#[test]
+fn random_operations_near_full_never_abort() {
+    use ubtrfs_fs::file_write::{
+        btrfs_fallocate, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
+    };
+    let steps: u64 = std::env::var("UBTRFS_ENOSPC_STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1500);
+    let d = TestDir::new("enospc-random");
+    let img = d.join("img");
+    mkfs_btrfs(&img, 160 * MIB, &[]);
+    let mut rng = common::Rng::new(0x5eed_e05c);
+    let mut nospc = 0u64;
+    {
+        let fs = FsInfo::open(&img, rw()).unwrap();
+        let root = fs.mount_root;
+        let top = fs.root(root).unwrap().item.root_dirid;
+        let dirs = [top];
+        let mut files: Vec<(u64, String)> = Vec::new();
+        let mut subdirs: Vec<String> = Vec::new();
+        let mut next = 0u64;
+        for step in 0..steps {
+            let what = rng.below(100);
+            let r: Result<(), FsError> = if files.is_empty() || what < 12 {
+                next += 1;
+                let name = format!("f{next}");
+                btrfs_new_inode(&fs, root, dirs[0], name.as_bytes(), 0o100644, 0, 0, 0).map(
+                    |(ino, _)| {
+                        files.push((ino, name));
+                    },
+                )
+            } else if what < 16 {
+                next += 1;
+                let name = format!("d{next}");
+                btrfs_new_inode(&fs, root, top, name.as_bytes(), 0o040755, 0, 0, 0)
+                    .map(|_| subdirs.push(name))
+            } else if what < 45 {
+                let (ino, _) = files[rng.index(files.len())].clone();
+                let len = 4096 * (1 + rng.below(2048)) + rng.below(4096);
+                let off = 4096 * rng.below(8192);
+                let buf = pattern(step, len as usize);
+                ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, ino, off, &buf).map(|_| ())
+            } else if what < 55 {
+                let (ino, _) = files[rng.index(files.len())].clone();
+                let mode = [
+                    0,
+                    FALLOC_FL_KEEP_SIZE,
+                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                    FALLOC_FL_ZERO_RANGE,
+                ][rng.index(4)];
+                let off = rng.below(32 * MIB);
+                let len = 1 + rng.below(24 * MIB);
+                btrfs_fallocate(&fs, root, ino, mode, off, len)
+            } else if what < 62 {
+                let (ino, _) = files[rng.index(files.len())].clone();
+                let size = rng.below(40 * MIB);
+                btrfs_setattr(
+                    &fs,
+                    root,
+                    ino,
+                    &SetAttr {
+                        size: Some(size),
+                        ..Default::default()
+                    },
+                )
+                .map(|_| ())
+            } else if what < 70 {
+                let (ino, _) = files[rng.index(files.len())].clone();
+                let name = format!("user.x{}", rng.below(400));
+                let v = vec![b'v'; rng.below(3000) as usize];
+                ubtrfs_fs::xattr::btrfs_setxattr(&fs, root, ino, name.as_bytes(), &v, 0)
+            } else if what < 76 {
+                let i = rng.index(files.len());
+                next += 1;
+                let new = format!("r{next}");
+                let r = ubtrfs_fs::inode::btrfs_rename(
+                    &fs,
+                    root,
+                    top,
+                    files[i].1.as_bytes(),
+                    top,
+                    new.as_bytes(),
+                    0,
+                );
+                if r.is_ok() {
+                    files[i].1 = new;
+                }
+                r
+            } else if what < 80 {
+                let (ino, _) = files[rng.index(files.len())].clone();
+                next += 1;
+                let name = format!("l{next}");
+                ubtrfs_fs::inode::btrfs_link(&fs, root, ino, top, name.as_bytes())
+                    .map(|_| files.push((ino, name)))
+            } else if what < 92 {
+                let i = rng.index(files.len());
+                let r = btrfs_unlink(&fs, root, top, files[i].1.as_bytes());
+                assert!(r.is_ok(), "step {step}: unlink: {r:?}");
+                files.remove(i);
+                Ok(())
+            } else if what < 94 && !subdirs.is_empty() {
+                let name = subdirs.remove(rng.index(subdirs.len()));
+                let r = btrfs_rmdir(&fs, root, top, name.as_bytes());
+                assert!(r.is_ok(), "step {step}: rmdir: {r:?}");
+                Ok(())
+            } else if what < 98 {
+                let (ino, _) = files[rng.index(files.len())].clone();
+                ubtrfs_fs::tree_log::btrfs_sync_file(&fs, root, ino).map(|_| ())
+            } else {
+                fs.sync()
+            };
+            match r {
+                Ok(()) => {}
+                Err(FsError::NoSpace) => nospc += 1,
+                Err(e) => panic!("step {step} (op {what}): {e}"),
+            }
+            assert!(
+                !fs.is_readonly(),
+                "step {step} (op {what}) aborted the transaction"
+            );
+        }
+        fs.sync().unwrap();
+        assert!(!fs.is_readonly());
+    }
+    eprintln!("{steps} steps, {nospc} said ENOSPC");
+    assert!(
+        nospc > 0,
+        "the filesystem never filled: the test does not test what it says"
+    );
+    btrfs_check(&img);
+    let m = KernelMount::new(&img, &d.join("mnt"), "ro");
+    assert!(std::fs::read_dir(&m.dir).unwrap().count() > 0);
+}
