@@ -90,7 +90,7 @@ const FUSE: &[Rule] = &[
     ),
     (
         &["idmap"],
-        "idmapped mounts: FUSE does not allow them for this mount (FS_ALLOW_IDMAP)",
+        "idmapped mounts: FUSE allows them only with FUSE_ALLOW_IDMAP, under which the kernel sends no caller uid/gid (FUSE_INVALID_UIDGID) but on creation, and ubtrfs needs the caller for the VFS checks FUSE leaves to it (setgid clearing, FITRIM)",
     ),
     (&["swap"], "swapfiles: FUSE has no swap_activate"),
     (&["encrypt"], "fscrypt: FUSE has no fscrypt"),
