@@ -45,6 +45,8 @@ const FS_IOC32_SETFLAGS: u32 = 0x4004_6602;
 const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
 const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
 const FITRIM: u32 = 0xc018_5879;
+const FS_IOC_GETFSLABEL: u32 = 0x8100_9431;
+const FS_IOC_SETFSLABEL: u32 = 0x4100_9432;
 
 /// The ioctls ubtrfs answers (an error of one of them is its own errno, not ENOTTY).
 fn known_ioctl(cmd: u32) -> bool {
@@ -57,6 +59,8 @@ fn known_ioctl(cmd: u32) -> bool {
             | FS_IOC_FSGETXATTR
             | FS_IOC_FSSETXATTR
             | FITRIM
+            | FS_IOC_GETFSLABEL
+            | FS_IOC_SETFSLABEL
     )
 }
 
@@ -1568,7 +1572,10 @@ impl Filesystem for UbtrfsFuse {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
-        let setting = matches!(cmd, FS_IOC_SETFLAGS | FS_IOC32_SETFLAGS | FS_IOC_FSSETXATTR);
+        let setting = matches!(
+            cmd,
+            FS_IOC_SETFLAGS | FS_IOC32_SETFLAGS | FS_IOC_FSSETXATTR | FS_IOC_SETFSLABEL
+        );
         if setting && !self.rw {
             return reply.error(Errno::EROFS);
         }
@@ -1607,6 +1614,20 @@ impl Filesystem for UbtrfsFuse {
                         .ok_or_else(|| FsError::Invalid("short FITRIM argument".into()))?;
                     let out = ubtrfs_fs::trim::btrfs_trim_fs(&self.fs, range, discard)?;
                     Ok(out.to_bytes().to_vec())
+                }
+                FS_IOC_GETFSLABEL => {
+                    let mut out = vec![0u8; ubtrfs_format::super_block::LABEL_SIZE];
+                    let l = fileattr::btrfs_get_fslabel(&self.fs);
+                    let n = l.len().min(out.len() - 1);
+                    out[..n].copy_from_slice(&l.as_bytes()[..n]);
+                    Ok(out)
+                }
+                FS_IOC_SETFSLABEL => {
+                    if req.uid() != 0 {
+                        return Err(FsError::NotPermitted);
+                    }
+                    fileattr::btrfs_set_fslabel(&self.fs, in_data)?;
+                    Ok(Vec::new())
                 }
                 _ => Err(FsError::Unsupported(format!("ioctl {cmd:#x}"))),
             }

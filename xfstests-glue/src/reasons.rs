@@ -147,10 +147,6 @@ const FUSE: &[Rule] = &[
         "DAX flag: btrfs has no FS_XFLAG_DAX (chattr +x fails on the kernel's btrfs too)",
     ),
     (
-        &["label failed"],
-        "FS_IOC_GETFSLABEL/SETFSLABEL: ubtrfs does not answer them (a label change needs a commit of the superblock alone, which ubtrfs cannot make yet)",
-    ),
-    (
         &["creation time"],
         "birth time: FUSE_STATX (protocol 7.39) carries btime, but fuser 0.18, the FUSE library ubtrfs uses, does not decode it",
     ),

@@ -39,7 +39,7 @@ fn patch_shape() {
     assert!(patch.contains("$FSCK_FUSE_PROG $device"));
     assert!(patch.contains("arg=fuse$FUSE_SUBTYP"));
     // btrfs's facts that xfstests keys on FSTYP=btrfs, for FUSE_SUBTYP=.ubtrfs only.
-    assert_eq!(patch.matches("[ \"$FUSE_SUBTYP\" = .ubtrfs ]").count(), 2);
+    assert_eq!(patch.matches("[ \"$FUSE_SUBTYP\" = .ubtrfs ]").count(), 3);
 }
 
 struct Fake {

@@ -368,6 +368,44 @@ pub fn touch_atime(fs: &FsInfo, root: u64, ino: u64, p: AtimePolicy) -> Result<b
     })
 }
 
+/// FS_IOC_GETFSLABEL (`btrfs_ioctl_get_fslabel`): the label as the superblock holds it.
+pub fn btrfs_get_fslabel(fs: &FsInfo) -> String {
+    fs.sb_live.lock().label.clone()
+}
+
+/// FS_IOC_SETFSLABEL (`btrfs_ioctl_set_fslabel`): a label of up to 255 bytes (the argument is
+/// 256 bytes, NUL-terminated), written by a transaction commit before this returns, as the
+/// kernel commits it. The commit needs a changed tree: the mounted subvolume's root
+/// directory item is rewritten as it is (the kernel's commit COWs the root tree every time).
+pub fn btrfs_set_fslabel(fs: &FsInfo, arg: &[u8]) -> Result<()> {
+    let len = arg.iter().position(|&b| b == 0).unwrap_or(arg.len());
+    if len >= ubtrfs_format::super_block::LABEL_SIZE {
+        return Err(FsError::Invalid(format!(
+            "label of {len} bytes (at most {})",
+            ubtrfs_format::super_block::LABEL_SIZE - 1
+        )));
+    }
+    let label = String::from_utf8(arg[..len].to_vec())
+        .map_err(|_| FsError::Invalid("label is not UTF-8".into()))?;
+    let root = fs.mount_root;
+    let dir = fs.root(root)?.item.root_dirid;
+    fs.write_op(|c| {
+        let mut ii = c.read_inode(root, dir)?;
+        ii.transid = c.transid();
+        c.write_inode(root, dir, &ii)?;
+        // The commit writes the superblock from its raw bytes: the label goes there too
+        // (offset 299 of struct btrfs_super_block, NUL-padded).
+        let mut sb = fs.sb_live.lock();
+        let at = 299..299 + ubtrfs_format::super_block::LABEL_SIZE;
+        sb.raw[at.clone()].fill(0);
+        sb.raw[at.start..at.start + len].copy_from_slice(label.as_bytes());
+        sb.label = label;
+        Ok(())
+    })?;
+    fs.commit()?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // The VFS's checks of immutable and append-only inodes (EPERM everywhere).
 // ---------------------------------------------------------------------------------------------
