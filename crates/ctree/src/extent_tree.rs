@@ -79,6 +79,9 @@ pub struct TransAlloc<'a> {
     pub space: &'a mut SpaceInfo,
     pub refs: &'a mut DelayedRefs,
     pub nodesize: u32,
+    /// Net bytes of tree blocks added per tree (`root_add_used_bytes` / `root_sub_used_bytes`:
+    /// a COW adds one block and frees one, a split adds one, a merge frees one).
+    pub used: &'a mut BTreeMap<u64, i64>,
 }
 
 impl TreeAlloc for TransAlloc<'_> {
@@ -95,10 +98,12 @@ impl TreeAlloc for TransAlloc<'_> {
             .ok_or_else(|| Error::NoSpace(format!("tree block for tree {owner}")))?;
         self.refs
             .add(bytenr, n, RefKind::Tree { root: owner, level }, 1);
+        *self.used.entry(owner).or_insert(0) += i64::from(self.nodesize);
         Ok(bytenr)
     }
 
     fn free_tree_block(&mut self, bytenr: u64, owner: u64, level: u8) {
+        *self.used.entry(owner).or_insert(0) -= i64::from(self.nodesize);
         self.refs.add(
             bytenr,
             u64::from(self.nodesize),

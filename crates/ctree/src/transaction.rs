@@ -54,6 +54,10 @@ pub struct Transaction {
     pub changes: u64,
     /// The tree-log of this transaction (KERNEL-SEMANTICS.md section 4, ONDISK-NOTES B.12).
     pub log: LogState,
+    /// Net change of each tree's size in bytes (its blocks × nodesize) not yet written to its
+    /// ROOT_ITEM's `bytes_used` (which the kernel keeps exact and sizes the global block
+    /// reserve from).
+    used_delta: BTreeMap<u64, i64>,
 }
 
 /// Log trees of the running transaction. Their blocks are owned by TREE_LOG, carry the running
@@ -143,6 +147,7 @@ impl Transaction {
             bg_tree,
             changes: 0,
             log: LogState::default(),
+            used_delta: BTreeMap::new(),
         }
     }
 
@@ -175,6 +180,7 @@ impl Transaction {
             space: &mut self.space,
             refs: &mut self.refs,
             nodesize,
+            used: &mut self.used_delta,
         };
         let mut w = TreeWriter::new(reader, &mut alloc, self.transid, self.template);
         let r = f(&mut w, &mut root);
@@ -214,6 +220,7 @@ impl Transaction {
             space: &mut self.space,
             refs: &mut self.refs,
             nodesize,
+            used: &mut self.used_delta,
         };
         let mut w = TreeWriter::new(reader, &mut alloc, self.transid, self.template);
         let r = f(&mut w, &mut ra, &mut rb)?;
@@ -380,11 +387,13 @@ impl Transaction {
     /// Update the ROOT_ITEM of every tree whose root moved (not the root and chunk trees,
     /// which the superblock points to).
     fn pass_root_items(&mut self, reader: &BlockReader) -> Result<bool> {
-        let ids: Vec<u64> = self
+        let ids: BTreeSet<u64> = self
             .dirty_roots
             .iter()
+            .chain(self.used_delta.keys())
             .copied()
             .filter(|&id| id != objectid::ROOT_TREE && id != objectid::CHUNK_TREE)
+            .filter(|id| self.roots.contains_key(id))
             .collect();
         let mut changed = false;
         for id in ids {
@@ -410,6 +419,11 @@ impl Transaction {
             let mut want = data.clone();
             put_u64(&mut want, 160, ptr.generation);
             put_u64(&mut want, 176, ptr.bytenr);
+            if let Some(delta) = self.used_delta.remove(&id) {
+                let cur = u64_at(&data, 192, "root bytes_used")
+                    .map_err(|e| Error::format("root item", e))?;
+                put_u64(&mut want, 192, cur.saturating_add_signed(delta));
+            }
             want[238] = ptr.level;
             if want.len() >= 247 {
                 put_u64(&mut want, 239, ptr.generation);
@@ -469,6 +483,7 @@ impl Transaction {
             g.dirty = false;
         }
         self.dirty_roots.clear();
+        self.used_delta.clear();
         self.log = LogState::default();
         reader.set_max_generation(self.transid + 1);
         let stats = CommitStats {

@@ -161,6 +161,8 @@ pub struct FsInfo {
     /// Data bytes reserved and not yet allocated (the data space_info's `bytes_may_use`; see
     /// space_info.rs).
     pub data_may_use: Arc<AtomicU64>,
+    /// The global block reserve's size (`fs_info->global_block_rsv.size`).
+    global_rsv: AtomicU64,
     /// Open file handles per (subvolume, inode): an unlinked inode is evicted at its last close.
     pub(crate) open_files: Mutex<HashMap<(u64, u64), u32>>,
     /// Next free inode number per subvolume (`btrfs_init_root_free_objectid`, then counted).
@@ -436,6 +438,7 @@ impl FsInfo {
             aborted: std::sync::atomic::AtomicBool::new(false),
             dirty: Mutex::new(HashMap::new()),
             data_may_use: Arc::new(AtomicU64::new(0)),
+            global_rsv: AtomicU64::new(0),
             next_ino: Mutex::new(HashMap::new()),
             open_files: Mutex::new(HashMap::new()),
             next_index: Mutex::new(HashMap::new()),
@@ -812,7 +815,7 @@ impl FsInfo {
 
     /// The global reserve's size computed at mount (0 if the block groups could not be read).
     pub(crate) fn global_rsv_bytes(&self) -> u64 {
-        self.space.global_rsv
+        self.global_rsv.load(Ordering::Relaxed)
     }
 
     /// Make the transaction's roots the ones readers search.
@@ -1006,6 +1009,7 @@ impl FsInfo {
                     ns
                 );
                 self.ems.set_generation(st.transid);
+                self.btrfs_update_global_block_rsv();
                 Ok(Some(st))
             }
             Err(e) => {
@@ -1048,7 +1052,7 @@ impl FsInfo {
         }
         let factor = s.data_factor.max(1);
         let blocks = self.sb.total_bytes / factor / bsize;
-        let used_blocks = s.total_used_disk / factor / bsize + s.global_rsv / bsize;
+        let used_blocks = s.total_used_disk / factor / bsize + self.global_rsv_bytes() / bsize;
         let unalloc = (s.unallocated / (64 << 10) * (64 << 10)).saturating_sub(1 << 20);
         let data_free = if self.is_readonly() {
             0
@@ -1100,9 +1104,17 @@ impl FsInfo {
             .dev_item
             .total_bytes
             .saturating_sub(self.sb.dev_item.bytes_used);
-        // btrfs_update_global_block_rsv: the bytes of the extent, csum, free space (and block
-        // group) trees, at least enough for an unlink's items and delayed refs, at most 512 MiB.
-        let mut min_items = 1u64 + 6;
+        let _g = self.read_guard();
+        self.btrfs_update_global_block_rsv();
+        Ok(sp)
+    }
+
+    /// `btrfs_update_global_block_rsv`: the bytes of the extent, csum, free space (and block
+    /// group) trees as their ROOT_ITEMs say, at least enough for an unlink's items and delayed
+    /// refs, at most 512 MiB. At mount and after every commit; the caller holds the tree lock
+    /// (shared or exclusive).
+    pub(crate) fn btrfs_update_global_block_rsv(&self) {
+        let mut min_items = 1u64 + crate::space_info::BTRFS_UNLINK_METADATA_UNITS;
         let mut num_bytes = 0u64;
         let mut trees = vec![
             objectid::EXTENT_TREE,
@@ -1113,19 +1125,22 @@ impl FsInfo {
             trees.push(objectid::BLOCK_GROUP_TREE);
         }
         for id in trees {
-            if let Ok(Some((_, ri))) = self.read_root_item(id) {
-                // bytes_used comes from the disk.
+            let key = Key::new(id, item::ROOT_ITEM, 0);
+            let Ok(Some(data)) = lookup_item(&self.reader, &self.tree_root(), &key) else {
+                continue;
+            };
+            if let Ok(ri) = RootItem::parse(&data) {
                 num_bytes = num_bytes.saturating_add(ri.bytes_used);
                 min_items += 1;
             }
         }
-        let per_item = u64::from(self.sb.nodesize) * 8 * 2;
-        let mut refs = per_item * 6;
+        let per_item = crate::space_info::btrfs_calc_insert_metadata_size(self.sb.nodesize, 1);
+        let mut refs = per_item * crate::space_info::BTRFS_UNLINK_METADATA_UNITS;
         if self.sb.compat_ro_flags & compat_ro::FREE_SPACE_TREE != 0 {
             refs *= 2;
         }
-        sp.global_rsv = num_bytes.max(per_item * min_items + refs).min(512 << 20);
-        Ok(sp)
+        let size = num_bytes.max(per_item * min_items + refs).min(512 << 20);
+        self.global_rsv.store(size, Ordering::Relaxed);
     }
 
     pub fn note_bytes_read(&self, n: u64) {
@@ -1136,7 +1151,6 @@ impl FsInfo {
 /// Space figures of the block groups.
 #[derive(Clone, Copy, Debug, Default)]
 struct StatSpace {
-    global_rsv: u64,
     total_used_disk: u64,
     data_free: u64,
     data_factor: u64,

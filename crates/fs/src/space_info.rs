@@ -95,9 +95,9 @@ pub fn btrfs_calc_insert_metadata_size(nodesize: u32, items: u64) -> u64 {
     u64::from(nodesize) * BTRFS_MAX_LEVEL * 2 * items
 }
 
-/// The global reserve's size: `btrfs_update_global_block_rsv` (the larger of the global
-/// trees' bytes and the minimum for an unlink with its delayed refs, at most 512 MiB), as
-/// computed at mount.
+/// The global reserve's size as `btrfs_update_global_block_rsv` last set it (at mount and
+/// after every commit, from the ROOT_ITEMs' `bytes_used`, which commits keep exact); never
+/// under the minimum for an unlink with its delayed refs.
 pub fn global_rsv_size(fs: &FsInfo) -> u64 {
     let min_trees = 1 + 3; // root tree, extent, csum, free space
     let per = btrfs_calc_insert_metadata_size(fs.sb.nodesize, 1);

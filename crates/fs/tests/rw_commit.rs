@@ -260,3 +260,112 @@ fn many_files_skip_superblock_copies() {
     drop(m);
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `bytes_used` of every ROOT_ITEM of the global and fs trees, from `btrfs inspect-internal
+/// dump-tree -t root`, by tree id.
+fn root_bytes_used(img: &std::path::Path) -> Vec<(u64, u64)> {
+    let out = Command::new("btrfs")
+        .args(["inspect-internal", "dump-tree", "-t", "root"])
+        .arg(img)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ids = [
+        ("EXTENT_TREE", 2),
+        ("DEV_TREE", 4),
+        ("FS_TREE", 5),
+        ("CSUM_TREE", 7),
+        ("UUID_TREE", 9),
+        ("FREE_SPACE_TREE", 10),
+        ("BLOCK_GROUP_TREE", 11),
+    ];
+    let lines: Vec<&str> = text.lines().collect();
+    let mut found = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        for (name, id) in ids {
+            if l.contains(&format!("key ({name} ROOT_ITEM 0)")) {
+                let next = lines[i + 1];
+                let v = next
+                    .split_whitespace()
+                    .skip_while(|w| *w != "bytes_used")
+                    .nth(1)
+                    .unwrap();
+                found.push((id, v.parse().unwrap()));
+            }
+        }
+    }
+    found
+}
+
+/// Bytes of the blocks of tree `id` (every leaf and node dump-tree prints, × nodesize).
+fn tree_bytes(img: &std::path::Path, id: u64) -> u64 {
+    let out = Command::new("btrfs")
+        .args(["inspect-internal", "dump-tree", "-t", &id.to_string()])
+        .arg(img)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let blocks = text
+        .lines()
+        .filter(|l| (l.starts_with("leaf ") || l.starts_with("node ")) && l.contains(" items "))
+        .count() as u64;
+    blocks * 16384
+}
+
+// Test scenario: a transaction grows the fs, extent, csum and free space trees by many blocks
+// (thousands of files, data) and another shrinks some again (unlinks); after each commit every
+// ROOT_ITEM's bytes_used equals its tree's blocks × nodesize, as the kernel keeps it
+// (root_add_used_bytes / root_sub_used_bytes; the global block reserve is sized from it).
+#[test]
+fn root_item_bytes_used_follows_the_tree() {
+    let d = tmpdir("bytes-used");
+    let img = d.join("img");
+    mkfs_btrfs(&img, 512 << 20, &[]);
+    let check = |what: &str| {
+        let used = root_bytes_used(&img);
+        assert!(used.len() >= 5, "{what}: root items {used:?}");
+        eprintln!("{what}: bytes_used by tree {used:?}");
+        for (id, bytes) in used {
+            assert_eq!(bytes, tree_bytes(&img, id), "{what}: tree {id} bytes_used");
+        }
+    };
+    {
+        let fs = FsInfo::open(&img, rw()).unwrap();
+        let root = fs.mount_root;
+        let dir = fs.root(root).unwrap().item.root_dirid;
+        for i in 0..2000 {
+            let name = format!("file-{i:05}-with-a-name-long-enough-to-need-leaves");
+            let (ino, _) = ubtrfs_fs::inode::btrfs_new_inode(
+                &fs,
+                root,
+                dir,
+                name.as_bytes(),
+                0o100644,
+                0,
+                0,
+                0,
+            )
+            .unwrap();
+            if i % 10 == 0 {
+                ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, ino, 0, &pattern(i, 70000))
+                    .unwrap();
+            }
+        }
+        fs.sync().unwrap();
+    }
+    btrfs_check(&img);
+    check("after growing");
+    {
+        let fs = FsInfo::open(&img, rw()).unwrap();
+        let root = fs.mount_root;
+        let dir = fs.root(root).unwrap().item.root_dirid;
+        for i in (0..2000).filter(|i| i % 3 != 0) {
+            let name = format!("file-{i:05}-with-a-name-long-enough-to-need-leaves");
+            ubtrfs_fs::inode::btrfs_unlink(&fs, root, dir, name.as_bytes()).unwrap();
+        }
+        fs.sync().unwrap();
+    }
+    btrfs_check(&img);
+    check("after shrinking");
+    let _ = std::fs::remove_dir_all(&d);
+}
