@@ -163,6 +163,10 @@ pub struct FsInfo {
     pub data_may_use: Arc<AtomicU64>,
     /// The global block reserve's size (`fs_info->global_block_rsv.size`).
     global_rsv: AtomicU64,
+    /// Free data and metadata bytes as the last write operation or commit left them, for the
+    /// lock-free reservation check (space_info.rs).
+    pub(crate) data_free_snap: Arc<AtomicU64>,
+    pub(crate) meta_free_snap: AtomicU64,
     /// Open file handles per (subvolume, inode): an unlinked inode is evicted at its last close.
     pub(crate) open_files: Mutex<HashMap<(u64, u64), u32>>,
     /// Next free inode number per subvolume (`btrfs_init_root_free_objectid`, then counted).
@@ -439,6 +443,8 @@ impl FsInfo {
             dirty: Mutex::new(HashMap::new()),
             data_may_use: Arc::new(AtomicU64::new(0)),
             global_rsv: AtomicU64::new(0),
+            data_free_snap: Arc::new(AtomicU64::new(0)),
+            meta_free_snap: AtomicU64::new(0),
             next_ino: Mutex::new(HashMap::new()),
             open_files: Mutex::new(HashMap::new()),
             next_index: Mutex::new(HashMap::new()),
@@ -472,6 +478,7 @@ impl FsInfo {
                 FsError::Mount(m) => FsError::ReadWriteRefused(m),
                 other => FsError::ReadWriteRefused(other.to_string()),
             })?;
+            fs.publish_space(&t);
             fs.trans = Some(Mutex::new(t));
         }
         if fs.sb.log_root != 0 {
@@ -818,8 +825,10 @@ impl FsInfo {
         self.global_rsv.load(Ordering::Relaxed)
     }
 
-    /// Make the transaction's roots the ones readers search.
+    /// Make the transaction's roots the ones readers search, and its free space the one the
+    /// lock-free reservation check sees.
     fn publish_roots(&self, t: &Transaction) {
+        self.publish_space(t);
         if let Some(r) = t.root(objectid::ROOT_TREE) {
             *self.tree_root.write() = r;
         }

@@ -617,7 +617,7 @@ fn write_run(
     // Step 1: reserve the extents: (file offset, bytenr, length).
     let mut pieces: Vec<(u64, u64, u64)> = Vec::new();
     let reserved = fs.write_op_rsv(MetaRsv::WRITEBACK, |c| {
-        rsv.release(total);
+        rsv.release_allocated(total);
         let mut pos = 0u64;
         while pos < total {
             let want = total - pos;

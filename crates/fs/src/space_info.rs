@@ -174,6 +174,7 @@ pub(crate) fn reserve_metadata_locked(
 #[derive(Debug)]
 pub struct DataRsv {
     pool: Arc<AtomicU64>,
+    snap: Arc<AtomicU64>,
     left: u64,
 }
 
@@ -188,6 +189,9 @@ impl DataRsv {
     pub fn consume(&mut self, n: u64) {
         let n = n.min(self.left);
         self.left -= n;
+        // The published free space first, so that the lock-free check never sees the bytes
+        // both free and no longer reserved.
+        sub_saturating(&self.snap, n);
         sub_saturating(&self.pool, n);
     }
 
@@ -206,6 +210,25 @@ impl Drop for DataRsv {
     }
 }
 
+/// Add `bytes` to `may_use` if `free()` covers it and the other reservations (a CAS loop, as
+/// reservations are also made without the transaction lock).
+fn try_add_may_use(may_use: &AtomicU64, bytes: u64, free: impl Fn() -> u64) -> bool {
+    // Bounded by the number of concurrent reservers that can win the race each time.
+    for _ in 0..1024 {
+        let cur = may_use.load(Ordering::SeqCst);
+        if free() < cur.saturating_add(bytes) {
+            return false;
+        }
+        if may_use
+            .compare_exchange(cur, cur + bytes, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            return true;
+        }
+    }
+    false
+}
+
 fn sub_saturating(a: &AtomicU64, n: u64) {
     let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
         Some(v.saturating_sub(n))
@@ -216,6 +239,7 @@ fn sub_saturating(a: &AtomicU64, n: u64) {
 #[derive(Debug, Default)]
 pub struct InodeRsv {
     pool: Arc<AtomicU64>,
+    snap: Arc<AtomicU64>,
     bytes: AtomicU64,
 }
 
@@ -223,6 +247,7 @@ impl InodeRsv {
     pub fn new(fs: &FsInfo) -> Arc<InodeRsv> {
         Arc::new(InodeRsv {
             pool: fs.data_may_use.clone(),
+            snap: fs.data_free_snap.clone(),
             bytes: AtomicU64::new(0),
         })
     }
@@ -232,8 +257,21 @@ impl InodeRsv {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    /// Give back up to `n` bytes: their sectors became extents or were dropped.
+    /// Give back up to `n` bytes: their sectors were dropped.
     pub fn release(&self, n: u64) {
+        let taken = self.take(n);
+        sub_saturating(&self.pool, taken);
+    }
+
+    /// Up to `n` bytes are being allocated as extents (under the transaction lock, in the
+    /// write operation that allocates them): the published free space goes down with them.
+    pub fn release_allocated(&self, n: u64) {
+        let taken = self.take(n);
+        sub_saturating(&self.snap, taken);
+        sub_saturating(&self.pool, taken);
+    }
+
+    fn take(&self, n: u64) -> u64 {
         let mut taken = 0;
         let _ = self
             .bytes
@@ -241,7 +279,7 @@ impl InodeRsv {
                 taken = v.min(n);
                 Some(v - taken)
             });
-        sub_saturating(&self.pool, taken);
+        taken
     }
 
     /// Make the held bytes equal `want` (the inode's dirty bytes). Normally this releases;
@@ -271,12 +309,13 @@ impl FsInfo {
     /// operation.
     pub fn btrfs_reserve_data(&self, bytes: u64, meta_items: u64) -> Result<DataRsv> {
         let trans = self.trans.as_ref().ok_or(FsError::ReadOnly)?;
-        let rsv = DataRsv {
+        let rsv = |left| DataRsv {
             pool: self.data_may_use.clone(),
-            left: 0,
+            snap: self.data_free_snap.clone(),
+            left,
         };
         if bytes == 0 {
-            return Ok(rsv);
+            return Ok(rsv(0));
         }
         let meta_need = if meta_items > 0 {
             btrfs_calc_insert_metadata_size(self.sb.nodesize, meta_items) + global_rsv_size(self)
@@ -286,19 +325,13 @@ impl FsInfo {
         if self.is_readonly() {
             return Err(FsError::ReadOnly);
         }
-        // Fast path: room without allocating chunks (only the transaction lock; never called
-        // inside a write operation, which holds it).
-        {
-            let t = trans.lock();
-            let may_use = self.data_may_use.load(Ordering::Relaxed);
-            if t.space.free_pinned(AllocKind::Data).0 >= may_use.saturating_add(bytes)
-                && t.space.free_pinned(AllocKind::Metadata).0 >= meta_need
-            {
-                self.data_may_use.fetch_add(bytes, Ordering::Relaxed);
-                return Ok(DataRsv {
-                    pool: self.data_may_use.clone(),
-                    left: bytes,
-                });
+        // Fast path, without locks (a buffered write must not wait for a commit): the free
+        // space published by the last write operation or commit, which allocations of reserved
+        // bytes lower before they release the reservation.
+        if self.meta_free_snap.load(Ordering::Relaxed) >= meta_need {
+            let free = || self.data_free_snap.load(Ordering::SeqCst);
+            if try_add_may_use(&self.data_may_use, bytes, free) {
+                return Ok(rsv(bytes));
             }
         }
         let mut committed = false;
@@ -332,12 +365,10 @@ impl FsInfo {
                         return Err(e);
                     }
                 };
-                if meta_ok && data_ok {
-                    self.data_may_use.fetch_add(bytes, Ordering::Relaxed);
-                    return Ok(DataRsv {
-                        pool: self.data_may_use.clone(),
-                        left: bytes,
-                    });
+                self.publish_space(&t);
+                let free = || t.space.free_pinned(AllocKind::Data).0;
+                if meta_ok && data_ok && try_add_may_use(&self.data_may_use, bytes, free) {
+                    return Ok(rsv(bytes));
                 }
                 let (_, dpinned) = t.space.free_pinned(AllocKind::Data);
                 let (_, mpinned) = t.space.free_pinned(AllocKind::Metadata);
@@ -355,6 +386,15 @@ impl FsInfo {
                 _ => return Err(FsError::NoSpace),
             }
         }
+    }
+
+    /// Publish the free data and metadata bytes for the lock-free reservation check (after
+    /// every write operation and commit, under the transaction lock).
+    pub(crate) fn publish_space(&self, t: &Transaction) {
+        self.data_free_snap
+            .store(t.space.free_pinned(AllocKind::Data).0, Ordering::SeqCst);
+        self.meta_free_snap
+            .store(t.space.free_pinned(AllocKind::Metadata).0, Ordering::SeqCst);
     }
 
     /// `btrfs_commit_transaction` from the flush machinery (`COMMIT_TRANS`): unpins the space
