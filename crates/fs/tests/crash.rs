@@ -934,6 +934,81 @@ fn check_states(r: &Recorded, seed: u64) -> (Tally, Option<String>) {
     (tally, Some(msg))
 }
 
+/// A kernel loop mount, unmounted and detached on drop even when the test fails. The unmount
+/// is retried: under load a plain umount sometimes fails with EBUSY right after the walk, and
+/// the mount and its loop device would outlive the test. Retries for up to 10 s, then detaches
+/// lazily.
+struct KMount {
+    dir: PathBuf,
+    dev: String,
+}
+
+impl KMount {
+    fn new(img: &Path, dir: &Path) -> Result<KMount, String> {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(img)
+            .output()
+            .map_err(|e| format!("losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("losetup: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let m = KMount {
+            dir: dir.to_path_buf(),
+            dev,
+        };
+        let out = Command::new("mount")
+            .args(["-o", "rw", &m.dev])
+            .arg(dir)
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "kernel mount of {} failed: {}",
+                img.display(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(m)
+    }
+
+    fn mounted(&self) -> bool {
+        let dir = self.dir.to_string_lossy();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(&*dir)))
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for KMount {
+    fn drop(&mut self) {
+        for i in 0..100 {
+            if !self.mounted() {
+                break;
+            }
+            if let Ok(o) = Command::new("umount").arg(&self.dir).output() {
+                if !o.status.success() && i == 0 {
+                    let _ = writeln!(
+                        std::io::stderr().lock(),
+                        "umount {}: {} (retrying)",
+                        self.dir.display(),
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    );
+                }
+            }
+            if self.mounted() {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+        if self.mounted() {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).output();
+        }
+        let _ = Command::new("losetup").args(["-d", &self.dev]).output();
+    }
+}
+
 /// Wait (bounded) until no loop device holds `img`: `losetup -d` detaches asynchronously, and
 /// btrfs check refuses an image a loop device still holds.
 fn wait_loop_detached(img: &Path) -> Result<(), String> {
@@ -989,7 +1064,7 @@ fn check_one(r: &Recorded, img: &Path, t: usize, with_kernel: bool) -> Result<()
         let _ = std::fs::remove_file(&kimg);
         cp_sparse(img, &kimg);
         let ksnap = {
-            let m = common::oracle::KernelMount::new(&kimg, &r.dir.join("mnt"), "rw");
+            let m = KMount::new(&kimg, &r.dir.join("mnt"))?;
             snapshot_kernel(&m.dir).map_err(|e| format!("kernel walk: {e}"))?
         };
         wait_loop_detached(&kimg)?;
