@@ -974,11 +974,23 @@ impl FsInfo {
             return Ok(());
         }
         let inodes: Vec<(u64, u64)> = self.dirty.lock().keys().copied().collect();
+        // One inode whose writeback fails (a data write error) must not keep the others, and
+        // the commit, from reaching the disk; the first error is reported.
+        let mut first_err = None;
         for (root, ino) in inodes {
-            crate::file_write::btrfs_writeback(self, root, ino)?;
+            if let Err(e) = crate::file_write::btrfs_writeback(self, root, ino) {
+                tracing::error!("root {root} ino {ino}: writeback failed: {e}");
+                first_err.get_or_insert(e);
+                if self.is_readonly() {
+                    break;
+                }
+            }
         }
-        self.commit()?;
-        Ok(())
+        let committed = self.commit();
+        match first_err {
+            Some(e) => Err(e),
+            None => committed.map(|_| ()),
+        }
     }
 
     /// Commit the running transaction (`btrfs_commit_transaction`); a no-op when nothing
