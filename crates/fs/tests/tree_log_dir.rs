@@ -34,6 +34,8 @@ enum Op {
     Unlink(&'static str),
     Rmdir(&'static str),
     Rename(&'static str, &'static str),
+    /// renameat2(RENAME_EXCHANGE).
+    Exchange(&'static str, &'static str),
     Link(&'static str, &'static str),
     Symlink(&'static str, &'static str),
     SetXattr(&'static str, &'static str, &'static [u8]),
@@ -153,6 +155,20 @@ fn ubtrfs_op(fs: &FsInfo, op: &Op) {
             let (db, nb) = parent(b);
             ubtrfs_fs::inode::btrfs_rename(fs, root, da, &na, db, &nb, 0).unwrap();
         }
+        Op::Exchange(a, b) => {
+            let (da, na) = parent(a);
+            let (db, nb) = parent(b);
+            ubtrfs_fs::inode::btrfs_rename(
+                fs,
+                root,
+                da,
+                &na,
+                db,
+                &nb,
+                ubtrfs_fs::inode::RENAME_EXCHANGE,
+            )
+            .unwrap();
+        }
         Op::Link(a, b) => {
             let ino = resolve(fs, root, a);
             let (db, nb) = parent(b);
@@ -189,6 +205,23 @@ fn kernel_op(mnt: &Path, op: &Op) {
         Op::Unlink(f) => std::fs::remove_file(p(f)).unwrap(),
         Op::Rmdir(d) => std::fs::remove_dir(p(d)).unwrap(),
         Op::Rename(a, b) => std::fs::rename(p(a), p(b)).unwrap(),
+        Op::Exchange(a, b) => {
+            use std::os::unix::ffi::OsStrExt;
+            let a = std::ffi::CString::new(p(a).as_os_str().as_bytes()).unwrap();
+            let b = std::ffi::CString::new(p(b).as_os_str().as_bytes()).unwrap();
+            // SAFETY: both paths are NUL-terminated strings that outlive the call; AT_FDCWD
+            // is ignored for absolute paths.
+            let r = unsafe {
+                libc::renameat2(
+                    libc::AT_FDCWD,
+                    a.as_ptr(),
+                    libc::AT_FDCWD,
+                    b.as_ptr(),
+                    libc::RENAME_EXCHANGE,
+                )
+            };
+            assert_eq!(r, 0, "renameat2: {}", std::io::Error::last_os_error());
+        }
         Op::Link(a, b) => std::fs::hard_link(p(a), p(b)).unwrap(),
         Op::Symlink(t, l) => std::os::unix::fs::symlink(t, p(l)).unwrap(),
         Op::SetXattr(f, name, value) => {
@@ -822,5 +855,70 @@ fn rename_across_dirs_fsync_new_parent() {
             Check::Nlink("B/bar", 1),
         ],
         kernel_keeps_less: true,
+    });
+}
+
+// Test scenario: a committed directory with a file; the file is unlinked and the directory
+// removed in the same transaction, then the parent fsynced: the directory is gone after
+// replay, and so is its committed file (the directory left without a name loses its entries).
+#[test]
+fn rmdir_with_removed_contents_then_fsync_parent() {
+    run(Case {
+        name: "rmdir-contents-fsync",
+        setup: vec![
+            Op::Mkdir("p"),
+            Op::Mkdir("p/d"),
+            Op::Create("p/d/f", b"f".to_vec()),
+            Op::Create("p/keep", b"k".to_vec()),
+        ],
+        ops: vec![Op::Unlink("p/d/f"), Op::Rmdir("p/d"), Op::Fsync("p")],
+        checks: vec![Check::Absent("p/d"), Check::File("p/keep", b"k".to_vec())],
+        kernel_keeps_less: false,
+    });
+}
+
+// Test scenario: a committed directory renamed within its parent, then fsynced: the new name
+// replays and the old one is gone.
+#[test]
+fn rename_dir_then_fsync_it() {
+    run(Case {
+        name: "rename-dir-fsync",
+        setup: vec![Op::Mkdir("p"), Op::Mkdir("p/d"), Op::Create("p/d/f", b"f".to_vec())],
+        ops: vec![Op::Rename("p/d", "p/e"), Op::Fsync("p/e")],
+        checks: vec![
+            Check::Absent("p/d"),
+            Check::File("p/e/f", b"f".to_vec()),
+        ],
+        kernel_keeps_less: false,
+    });
+}
+
+// Test scenario: two files fsynced (so in the log), then exchanged across directories with
+// RENAME_EXCHANGE and one of them fsynced again: both names swap after replay.
+#[test]
+fn exchange_logged_files() {
+    run(Case {
+        name: "exchange",
+        setup: vec![
+            Op::Mkdir("d1"),
+            Op::Mkdir("d2"),
+            Op::Create("d1/a", b"AAA".to_vec()),
+            Op::Create("d2/b", b"B".to_vec()),
+        ],
+        ops: vec![
+            Op::SetXattr("d1/a", "user.a", b"1"),
+            Op::SetXattr("d2/b", "user.b", b"2"),
+            Op::Fsync("d1/a"),
+            Op::Fsync("d2/b"),
+            Op::Exchange("d1/a", "d2/b"),
+            Op::Fsync("d1/a"),
+        ],
+        checks: vec![
+            Check::File("d1/a", b"B".to_vec()),
+            Check::File("d2/b", b"AAA".to_vec()),
+            Check::Nlink("d1/a", 1),
+            Check::Nlink("d2/b", 1),
+        ],
+        kernel_keeps_less: false,
     });
 }
