@@ -1498,6 +1498,13 @@ fn replay_subvol(
                 let parent = k.offset;
                 let refs = ubtrfs_format::items::InodeRef::parse_all(d)
                     .map_err(|e| FsError::corrupt(format!("log item {k}: {e}")))?;
+                // add_inode_ref: a parent that exists neither committed nor logged (a new
+                // directory that was not logged) is skipped with its names.
+                if c.lookup(root, &Key::new(parent, item::INODE_ITEM, 0))?
+                    .is_none()
+                {
+                    continue;
+                }
                 // Names the subvolume has under this parent that the log does not: gone.
                 if let Some(cur) = c.lookup(root, k)? {
                     let cur = ubtrfs_format::items::InodeRef::parse_all(&cur)
@@ -1531,6 +1538,17 @@ fn replay_subvol(
                 let ino = k.objectid;
                 let refs = ubtrfs_format::items::InodeExtref::parse_all(d)
                     .map_err(|e| FsError::corrupt(format!("log item {k}: {e}")))?;
+                let mut parents_exist = true;
+                for r in &refs {
+                    if c.lookup(root, &Key::new(r.parent, item::INODE_ITEM, 0))?
+                        .is_none()
+                    {
+                        parents_exist = false;
+                    }
+                }
+                if !parents_exist {
+                    continue; // as add_inode_ref does at the first missing parent
+                }
                 let ft = inodes
                     .get(&ino)
                     .map(|ii| crate::inode::file_type_of(ii.mode))
