@@ -43,6 +43,10 @@ enum Op {
     Fsync(&'static str),
     /// fsync where the kernel falls back to a full commit, and so must ubtrfs.
     FsyncCommits(&'static str),
+    /// fsync, whatever it does (random workloads).
+    FsyncAny(&'static str),
+    /// A transaction commit (`sync -f` on the kernel side).
+    Commit,
 }
 
 /// What one name shows after replay.
@@ -182,6 +186,13 @@ fn ubtrfs_op(fs: &FsInfo, op: &Op) {
             let ino = resolve(fs, root, p);
             ubtrfs_fs::xattr::btrfs_setxattr(fs, root, ino, name.as_bytes(), value, 0).unwrap();
         }
+        Op::FsyncAny(p) => {
+            let ino = resolve(fs, root, p);
+            ubtrfs_fs::tree_log::btrfs_sync_file(fs, root, ino).unwrap();
+        }
+        Op::Commit => {
+            fs.commit().unwrap();
+        }
         Op::Fsync(p) | Op::FsyncCommits(p) => {
             let ino = resolve(fs, root, p);
             let got = ubtrfs_fs::tree_log::btrfs_sync_file(fs, root, ino).unwrap();
@@ -233,7 +244,15 @@ fn kernel_op(mnt: &Path, op: &Op) {
                 .expect("setfattr must be installed (package attr)");
             assert!(st.success());
         }
-        Op::Fsync(f) | Op::FsyncCommits(f) => {
+        Op::Commit => {
+            assert!(Command::new("sync")
+                .arg("-f")
+                .arg(mnt)
+                .status()
+                .unwrap()
+                .success());
+        }
+        Op::Fsync(f) | Op::FsyncCommits(f) | Op::FsyncAny(f) => {
             let md = std::fs::symlink_metadata(p(f)).unwrap();
             if md.file_type().is_symlink() {
                 // fsync of a symlink itself: open it with O_PATH is not enough for fsync; the
@@ -924,10 +943,9 @@ fn exchange_logged_files() {
     });
 }
 
-/// One random namespace operation (or fsync, or commit) on ubtrfs, chosen from the current
-/// tree so that it is valid. Returns a description.
-fn random_op(fs: &FsInfo, rng: &mut common::Rng, n: u64) -> String {
-    let tree = ubtrfs_tree(fs);
+/// One random operation valid on `tree` (the current namespace): namespace changes, writes,
+/// xattrs, fsyncs of files, symlinks and directories, commits.
+fn random_op(tree: &Tree, rng: &mut common::Rng, n: u64) -> Option<Op> {
     let dirs: Vec<String> = std::iter::once(String::new())
         .chain(
             tree.iter()
@@ -950,7 +968,7 @@ fn random_op(fs: &FsInfo, rng: &mut common::Rng, n: u64) -> String {
     };
     let pick = |rng: &mut common::Rng, v: &[String]| v[rng.index(v.len())].clone();
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
-    let op = match rng.below(15) {
+    Some(match rng.below(15) {
         0 | 1 => {
             let d = pick(rng, &dirs);
             Op::Create(
@@ -967,7 +985,7 @@ fn random_op(fs: &FsInfo, rng: &mut common::Rng, n: u64) -> String {
                 .cloned()
                 .collect();
             if empty.is_empty() {
-                return "nothing".into();
+                return None;
             }
             Op::Rmdir(leak(pick(rng, &empty)))
         }
@@ -980,7 +998,7 @@ fn random_op(fs: &FsInfo, rng: &mut common::Rng, n: u64) -> String {
                 join(&pick(rng, &dirs), format!("r{n}"))
             };
             if to == f {
-                return "nothing".into();
+                return None;
             }
             Op::Rename(leak(f), leak(to))
         }
@@ -1001,32 +1019,35 @@ fn random_op(fs: &FsInfo, rng: &mut common::Rng, n: u64) -> String {
         // Not on symlinks: the VFS allows user xattrs only on files and directories.
         10 if !files.is_empty() => Op::SetXattr(leak(pick(rng, &files)), "user.r", b"v"),
         12 if dirs.len() > 1 => Op::SetXattr(leak(pick(rng, &dirs[1..])), "user.d", b"w"),
-        11 => {
-            fs.commit().unwrap();
-            return "commit".into();
-        }
+        11 => Op::Commit,
         _ if !any.is_empty() || rng.chance(1, 2) => {
-            let p = if rng.chance(1, 3) {
+            let p = if rng.chance(1, 3) || any.is_empty() {
                 pick(rng, &dirs)
-            } else if any.is_empty() {
-                String::new()
             } else {
                 pick(rng, &any)
             };
-            let root = fs.mount_root;
-            let ino = resolve(fs, root, &p);
-            let got = ubtrfs_fs::tree_log::btrfs_sync_file(fs, root, ino).unwrap();
-            return format!("fsync {p:?}: {got:?}");
+            Op::FsyncAny(leak(p))
         }
-        _ => return "nothing".into(),
-    };
-    let d = match &op {
+        _ => return None,
+    })
+}
+
+fn describe(op: &Op) -> String {
+    match op {
         Op::Create(p, data) => format!("Create({p:?}, {} bytes)", data.len()),
         op => format!("{op:?}"),
-    };
-    ubtrfs_op(fs, &op);
-    d
+    }
 }
+
+/// UBTRFS_LOG_SEEDS, default 4.
+fn seeds() -> u64 {
+    std::env::var("UBTRFS_LOG_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4)
+}
+
+const RANDOM_OPS: u64 = 40;
 
 // Test scenario: random namespace operations, writes, xattrs, fsyncs (of files, symlinks and
 // directories) and commits on ubtrfs, then a crash with the log pending: btrfs check is clean,
@@ -1034,11 +1055,7 @@ fn random_op(fs: &FsInfo, rng: &mut common::Rng, n: u64) -> String {
 // after each. UBTRFS_LOG_SEEDS sets the number of seeds (default 4).
 #[test]
 fn random_namespace_ops_replay_alike() {
-    let seeds: u64 = std::env::var("UBTRFS_LOG_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(4);
-    for seed in 0..seeds {
+    for seed in 0..seeds() {
         let td = TestDir::new(&format!("random-{seed}"));
         let img = td.join("img");
         mkfs_btrfs(&img, 512 << 20, &[]);
@@ -1046,8 +1063,12 @@ fn random_namespace_ops_replay_alike() {
         let mut history = Vec::new();
         {
             let fs = FsInfo::open(&img, rw()).unwrap();
-            for n in 0..40 {
-                history.push(random_op(&fs, &mut rng, n));
+            for n in 0..RANDOM_OPS {
+                let Some(op) = random_op(&ubtrfs_tree(&fs), &mut rng, n) else {
+                    continue;
+                };
+                history.push(describe(&op));
+                ubtrfs_op(&fs, &op);
             }
             // End with a directory fsync of the top so that a log is pending.
             let top = fs.root(fs.mount_root).unwrap().item.root_dirid;
@@ -1082,6 +1103,59 @@ fn random_namespace_ops_replay_alike() {
             kernel_tree(&m.dir)
         };
         btrfs_check(&kimg);
+        assert!(
+            ours == theirs,
+            "{ctx}\nubtrfs replay (first) vs kernel replay (second):\n{}",
+            diff(&ours, &theirs)
+        );
+    }
+}
+
+// Test scenario: the same random workloads on a kernel mount (commit=300), the image copied
+// while mounted (a pending kernel log): ubtrfs's replay of one copy shows what the kernel's
+// replay of another shows, and btrfs check is clean after ubtrfs's replay.
+#[test]
+fn random_kernel_logs_replay_alike() {
+    for seed in 0..seeds() {
+        let td = TestDir::new(&format!("krandom-{seed}"));
+        let img = td.join("img");
+        mkfs_btrfs(&img, 512 << 20, &[]);
+        let mut rng = common::Rng::new(common::case_seed(0x7e1e, seed));
+        let mut history = Vec::new();
+        let crash = td.join("crash");
+        {
+            let m = KernelMount::new(&img, &td.join("mnt"), "commit=300");
+            for n in 0..RANDOM_OPS {
+                let Some(op) = random_op(&kernel_tree(&m.dir), &mut rng, n) else {
+                    continue;
+                };
+                history.push(describe(&op));
+                kernel_op(&m.dir, &op);
+            }
+            std::fs::File::open(&m.dir).unwrap().sync_all().unwrap();
+            std::fs::copy(&img, &crash).unwrap();
+        }
+        let ctx = format!("seed {seed}: {history:#?}");
+        let oracle = td.join("oracle");
+        std::fs::copy(&crash, &oracle).unwrap();
+        let theirs = {
+            let m = KernelMount::new(&oracle, &td.join("mnt2"), "rw");
+            kernel_tree(&m.dir)
+        };
+        let ours = {
+            let fs = FsInfo::open(&crash, rw()).unwrap_or_else(|e| panic!("{ctx}\nreplay: {e}"));
+            ubtrfs_tree(&fs)
+        };
+        let out = Command::new("btrfs")
+            .args(["check", "--readonly"])
+            .arg(&crash)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{ctx}\ncheck after ubtrfs replay failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(
             ours == theirs,
             "{ctx}\nubtrfs replay (first) vs kernel replay (second):\n{}",
