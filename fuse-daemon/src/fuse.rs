@@ -1227,8 +1227,9 @@ impl Filesystem for UbtrfsFuse {
         });
         match r {
             Ok((root, i, d)) => {
-                reply.data(&d);
+                // Before the reply: a stat right after read() must see the new atime.
                 self.accessed(ino.0, root, i);
+                reply.data(&d);
             }
             Err(e) => {
                 log_error("read", &e);

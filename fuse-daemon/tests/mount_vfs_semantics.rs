@@ -1110,7 +1110,8 @@ fn probe_atime(root: &Path) -> Vec<String> {
     let t2 = times(&f);
     pause();
     fs::read(&f).unwrap();
-    o.push(format!("read after a write: {}", changed(t2, times(&f))));
+    let t3 = times(&f);
+    o.push(format!("read after a write: {}", changed(t2, t3)));
     o
 }
 

@@ -352,12 +352,16 @@ pub fn touch_atime(fs: &FsInfo, root: u64, ino: u64, p: AtimePolicy) -> Result<b
         return Ok(false);
     }
     let now = crate::disk_io::now_timespec();
-    if !atime_needs_update(p, &crate::inode::read_inode(fs, root, ino)?, &now) {
+    // relatime compares with the times the file has now: data written but not yet written
+    // back carries its mtime in the dirty buffer.
+    let mut live = crate::inode::read_inode(fs, root, ino)?;
+    crate::file_write::live_attrs(fs, root, ino, &mut live);
+    if !atime_needs_update(p, &live, &now) {
         return Ok(false);
     }
     fs.write_op(|c| {
         let mut ii = c.read_inode(root, ino)?;
-        if !atime_needs_update(p, &ii, &now) {
+        if ii.atime == now {
             return Ok(false);
         }
         ii.atime = now;
