@@ -98,6 +98,15 @@ pub struct TransactionStats {
     pub generation: u64,
     /// The mount turned read-only after a transaction abort.
     pub aborted: bool,
+    /// Commits made to unpin space before answering ENOSPC.
+    #[serde(default)]
+    pub enospc_commits: u64,
+    /// Data bytes reserved by writes and fallocate, not yet allocated (`bytes_may_use`).
+    #[serde(default)]
+    pub data_may_use: u64,
+    /// Size of the global block reserve.
+    #[serde(default)]
+    pub global_rsv: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
@@ -244,6 +253,9 @@ impl Daemon {
                 tree_blocks_written: c.commit_blocks_written.load(Relaxed),
                 generation: fs.ems.generation(),
                 aborted: fs.aborted.load(Relaxed),
+                enospc_commits: c.enospc_commits.load(Relaxed),
+                data_may_use: fs.data_may_use.load(Relaxed),
+                global_rsv: ubtrfs_fs::space_info::global_rsv_size(fs),
             },
             tree_block_cache: TreeBlockCacheStats {
                 bytes: cache.bytes,
@@ -591,6 +603,24 @@ fn table(s: &Snapshot) -> Vec<Group> {
                     t.tree_blocks_written,
                 ),
                 gauge("generation", "generation", Unit::Of(""), t.generation),
+                counter(
+                    "enospc_commits",
+                    "commits to unpin space before ENOSPC",
+                    Unit::Of("commits"),
+                    t.enospc_commits,
+                ),
+                gauge(
+                    "data_may_use",
+                    "data reserved, not yet allocated",
+                    Unit::Bytes,
+                    t.data_may_use,
+                ),
+                gauge(
+                    "global_rsv",
+                    "global block reserve",
+                    Unit::Bytes,
+                    t.global_rsv,
+                ),
             ],
         },
         Group {
