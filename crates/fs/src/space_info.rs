@@ -349,10 +349,24 @@ impl FsInfo {
                 let enough_meta =
                     |t: &Transaction| t.space.free_pinned(AllocKind::Metadata).0 >= meta_need;
                 let mut sb = self.sb_live.lock();
+                // A request that even all unallocated device space could not satisfy does not
+                // turn the whole device into empty data chunks (which metadata would then lack:
+                // ubtrfs has no cleaner to delete unused block groups).
+                let unallocated = sb
+                    .dev_item
+                    .total_bytes
+                    .saturating_sub(sb.dev_item.bytes_used);
+                let (dfree, dpinned) = t.space.free_pinned(AllocKind::Data);
+                let possible = dfree.saturating_add(dpinned).saturating_add(unallocated)
+                    >= may_use.saturating_add(bytes);
                 let before = t.change_mark();
                 let r = (|| -> Result<(bool, bool)> {
                     let m = grow(self, &mut t, &mut sb, AllocKind::Metadata, enough_meta)?;
-                    let d = grow(self, &mut t, &mut sb, AllocKind::Data, enough_data)?;
+                    let d = if possible {
+                        grow(self, &mut t, &mut sb, AllocKind::Data, enough_data)?
+                    } else {
+                        enough_data(&t)
+                    };
                     Ok((m, d))
                 })();
                 drop(sb);

@@ -481,3 +481,34 @@ fn concurrent_writers_until_full_all_accepted_data_fits() {
         );
     }
 }
+
+// Test scenario (generic/213's last step): a fallocate larger than the whole device says
+// ENOSPC at once, without allocating the device's unallocated space as data chunks (which
+// metadata would then lack), and leaves the file as it was; a fallocate that fits succeeds.
+#[test]
+fn impossible_fallocate_allocates_no_chunks() {
+    let d = TestDir::new("enospc-toobig");
+    let img = d.join("img");
+    mkfs_btrfs(&img, 256 * MIB, &[]);
+    {
+        let fs = FsInfo::open(&img, rw()).unwrap();
+        let root = fs.mount_root;
+        let top = fs.root(root).unwrap().item.root_dirid;
+        let (ino, _) = btrfs_new_inode(&fs, root, top, b"big", 0o100644, 0, 0, 0).unwrap();
+        let dev_used = fs.sb_live.lock().dev_item.bytes_used;
+        let r = ubtrfs_fs::file_write::btrfs_fallocate(&fs, root, ino, 0, 0, 1 << 30);
+        assert!(matches!(r, Err(FsError::NoSpace)), "{r:?}");
+        assert_eq!(
+            fs.sb_live.lock().dev_item.bytes_used,
+            dev_used,
+            "chunks were allocated for an impossible request"
+        );
+        assert_eq!(
+            ubtrfs_fs::inode::read_inode(&fs, root, ino).unwrap().size,
+            0
+        );
+        ubtrfs_fs::file_write::btrfs_fallocate(&fs, root, ino, 0, 0, 64 * MIB).unwrap();
+        fs.commit().unwrap();
+    }
+    btrfs_check(&img);
+}
