@@ -73,9 +73,12 @@ pub struct LogState {
     pub blocks: Vec<u64>,
     /// Log syncs done in this transaction.
     pub syncs: u64,
-    /// `root->log_transid`: the log transid new log writes belong to. A log sync commits it
-    /// and opens the next, so an fsync that logged into a smaller one is already durable.
+    /// `root->log_transid`: the log transid new log writes belong to. A log sync takes it
+    /// (and opens the next) when it starts writing.
     pub log_transid: u64,
+    /// Log transids below this one are durable (`last_log_commit` + 1): an fsync that logged
+    /// into one of them has nothing left to sync.
+    pub synced_upto: u64,
     /// Set when this transaction must not use the log (`btrfs_set_log_full_commit`: a logging
     /// error, a failed log sync): fsync falls back to a full commit, with this reason.
     pub full_commit: Option<&'static str>,
@@ -119,6 +122,17 @@ impl crate::cow::TreeAlloc for LogAlloc<'_> {
         // The block stays reserved until the transaction commits: the last synced log may
         // still point at it.
     }
+}
+
+/// A log sync whose blocks are written and whose superblock is built
+/// ([`Transaction::sync_log_prepare`]).
+#[derive(Debug)]
+pub struct PreparedLogSync {
+    raw: Vec<u8>,
+    /// Log blocks written.
+    pub blocks: usize,
+    /// The log transid this sync makes durable.
+    pub log_transid: u64,
 }
 
 /// What a commit did, for counters and logs.
@@ -533,9 +547,26 @@ impl Transaction {
         r
     }
 
-    /// `btrfs_sync_log`: record every log tree in the log root tree, write the log blocks,
-    /// flush, point the primary superblock at the log root tree (generation unchanged), flush.
+    /// `btrfs_sync_log`: [`Self::sync_log_prepare`] then [`Self::sync_log_finish`], for callers
+    /// that hold the locks throughout. Returns the number of log blocks written.
     pub fn sync_log(&mut self, reader: &BlockReader, sb: &SuperBlock) -> Result<usize> {
+        let p = self.sync_log_prepare(reader, sb)?;
+        Self::sync_log_finish(reader, &p)?;
+        self.log.synced_upto = p.log_transid + 1;
+        self.log.syncs += 1;
+        Ok(p.blocks)
+    }
+
+    /// The first half of `btrfs_sync_log`, under the tree lock: record every log tree in the
+    /// log root tree, write the dirty log blocks (not flushed yet) and build the superblock
+    /// that points at the log root tree. Takes the current log transid and opens the next:
+    /// log writes from now on belong to it, and COW the blocks just written (they are no
+    /// longer dirty), so the blocks of this sync stay as written.
+    pub fn sync_log_prepare(
+        &mut self,
+        reader: &BlockReader,
+        sb: &SuperBlock,
+    ) -> Result<PreparedLogSync> {
         use ubtrfs_format::items::RootItem;
         let nodesize = self.template.nodesize;
         let transid = self.transid;
@@ -580,7 +611,6 @@ impl Transaction {
             b.update_csum(reader.csum_type);
             reader.write_logical(b.header.bytenr, &b.data)?;
         }
-        reader.flush_devices()?;
         let lrt = self.log.root_tree.expect("set above");
         let mut raw = sb.raw.clone();
         put_u64(&mut raw, 96, lrt.bytenr);
@@ -588,16 +618,28 @@ impl Transaction {
         put_u64(&mut raw, 48, sb_offset(0));
         let csum_type: CsumType = sb.csum_type().map_err(|e| Error::format("superblock", e))?;
         SuperBlock::update_csum_in_raw(&mut raw, csum_type);
+        let log_transid = self.log.log_transid;
+        self.log.log_transid += 1;
+        Ok(PreparedLogSync {
+            raw,
+            blocks: blocks.len(),
+            log_transid,
+        })
+    }
+
+    /// The second half of `btrfs_sync_log`, which needs no tree lock (the caller keeps
+    /// transaction commits and other log syncs out): flush the log blocks, write the primary
+    /// superblock pointing at them, flush. On success the prepared log transid is durable.
+    pub fn sync_log_finish(reader: &BlockReader, p: &PreparedLogSync) -> Result<()> {
+        reader.flush_devices()?;
         // Only the primary copy, as write_all_supers(fs_info, 1) in btrfs_sync_log.
         let dev = reader
             .devices()
             .next()
             .ok_or_else(|| Error::corrupt("no device"))?;
-        dev.write_all_at(&raw, sb_offset(0))?;
+        dev.write_all_at(&p.raw, sb_offset(0))?;
         reader.flush_devices()?;
-        self.log.syncs += 1;
-        self.log.log_transid += 1;
-        Ok(blocks.len())
+        Ok(())
     }
 
     fn write_supers(&self, reader: &BlockReader, sb: &mut SuperBlock) -> Result<()> {

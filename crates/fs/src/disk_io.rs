@@ -927,40 +927,63 @@ impl FsInfo {
     /// `btrfs_sync_log` for an fsync that logged into log transid `log_transid` of transaction
     /// `transid`: write the running transaction's logs and point the primary superblock at
     /// them. Returns true when nothing was left to write for it because a log sync that ran
-    /// while it waited for the log sync mutex committed its log transid (batched). A
+    /// while it waited for the log sync mutex made its log transid durable (batched). A
     /// transaction commit meanwhile also leaves nothing to write (false).
     ///
-    /// Log syncs are serialised by `log_sync_mutex` and run under the tree lock, so no log
-    /// writer runs during one: everything logged before the sync is in it, and the next log
-    /// transid starts empty. (The kernel overlaps writers of log transid N+1 with the
-    /// write-out of N and needs the LOG1/LOG2 parity marks and two context lists for that;
-    /// here the tree lock excludes the overlap.)
+    /// Log syncs are serialised by `log_sync_mutex`, which commits take too. The log blocks
+    /// are written under the tree lock (no log writer runs meanwhile, so everything logged
+    /// before is in this sync); the flushes and the superblock write happen after the tree
+    /// lock is dropped, as the kernel syncs the log with the inode unlocked: searches and
+    /// writers of the next log transid go on, and the blocks of this sync are not changed
+    /// under it (written log blocks are COWed by the next change). The kernel needs the
+    /// LOG1/LOG2 parity marks and two context lists to keep writers of log transid N+1 out
+    /// of the write-out of N; here the tree lock does that.
     pub fn sync_log(&self, transid: u64, log_transid: u64) -> Result<bool> {
         let Some(trans) = self.trans.as_ref() else {
             return Ok(false);
         };
-        let _sync = self.log_sync_mutex.lock();
-        let _g = self.tree_lock.write();
-        let mut t = trans.lock();
-        if t.transid != transid {
-            return Ok(false); // committed meanwhile: durable, nobody's log sync did it
-        }
-        if t.log.log_transid > log_transid {
-            return Ok(true);
-        }
-        let sb = self.sb_live.lock();
-        match t.sync_log(&self.reader, &sb) {
-            Ok(_) => {
+        let sync = self.log_sync_mutex.lock();
+        let prepared = {
+            let _g = self.tree_lock.write();
+            let mut t = trans.lock();
+            if t.transid != transid {
+                return Ok(false); // committed meanwhile: durable, nobody's log sync did it
+            }
+            if t.log.synced_upto > log_transid {
+                return Ok(true);
+            }
+            if t.log.full_commit.is_some() {
+                None // an earlier log sync or logging failed: only a commit is safe
+            } else {
+                let sb = self.sb_live.lock();
+                match t.sync_log_prepare(&self.reader, &sb) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        tracing::error!("log sync failed: {e}; committing instead");
+                        t.log.full_commit = Some("log sync error");
+                        None
+                    }
+                }
+            }
+        };
+        let Some(p) = prepared else {
+            drop(sync);
+            self.commit()?;
+            return Ok(false);
+        };
+        match Transaction::sync_log_finish(&self.reader, &p) {
+            Ok(()) => {
+                let mut t = trans.lock();
+                t.log.synced_upto = p.log_transid + 1;
+                t.log.syncs += 1;
                 self.counters.log_syncs.fetch_add(1, Ordering::Relaxed);
                 Ok(false)
             }
             Err(e) => {
                 // A failed log sync: the superblock may or may not point at a partial log; a
                 // full commit (which frees the log and clears log_root) is the only safe state.
-                t.log.full_commit = Some("log sync error");
-                drop(sb);
-                drop(t);
-                drop(_g);
+                trans.lock().log.full_commit = Some("log sync error");
+                drop(sync);
                 tracing::error!("log sync failed: {e}; committing instead");
                 self.commit()?;
                 Ok(false)
@@ -1002,6 +1025,9 @@ impl FsInfo {
         if self.aborted.load(Ordering::Relaxed) {
             return Err(FsError::ReadOnly);
         }
+        // A log sync in flight writes the superblock outside the tree lock: wait for it (the
+        // kernel's commit waits for log commits), so this commit's superblock comes last.
+        let _log_sync = self.log_sync_mutex.lock();
         let _g = self.tree_lock.write();
         let mut t = trans.lock();
         if t.changes == 0 && t.refs.is_empty() {
