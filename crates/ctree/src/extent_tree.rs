@@ -68,6 +68,16 @@ impl DelayedRefs {
         self.refs.is_empty()
     }
 
+    /// Bytes of data extents losing references (an upper bound of the data space that running
+    /// the refs may free).
+    pub fn data_drops(&self) -> u64 {
+        self.refs
+            .iter()
+            .filter(|((_, k), (_, d))| matches!(k, RefKind::Data { .. }) && *d < 0)
+            .map(|(_, (n, _))| *n)
+            .sum()
+    }
+
     fn take(&mut self) -> BTreeMap<(u64, RefKind), (u64, i64)> {
         std::mem::take(&mut self.refs)
     }

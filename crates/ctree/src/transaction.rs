@@ -247,6 +247,13 @@ impl Transaction {
         Ok(r)
     }
 
+    /// Run the delayed refs queued so far, before the commit (`btrfs_run_delayed_refs` from
+    /// the transaction's throttling): the extents they free become pinned and the block
+    /// groups' `used` drops, which statfs shows (the refs these runs queue wait for the next).
+    pub fn run_delayed_refs_now(&mut self, reader: &BlockReader) -> Result<bool> {
+        self.pass_delayed_refs(reader)
+    }
+
     /// One pass of delayed refs. True if anything was applied.
     fn pass_delayed_refs(&mut self, reader: &BlockReader) -> Result<bool> {
         if self.refs.is_empty() {

@@ -1078,6 +1078,19 @@ impl FsInfo {
     /// first MiB, rounded to 64 KiB (`btrfs_calc_avail_data_space`). Read-write mounts use the
     /// running transaction's block groups.
     pub fn statfs(&self) -> StatFs {
+        // Data extents waiting for their last reference to drop (an rm of a big file) are
+        // space the kernel shows free once its delayed refs run, which it does soon after the
+        // unlink; run them now rather than report them used until the next commit.
+        if let Some(trans) = &self.trans {
+            if !self.is_readonly() && trans.lock().refs.data_drops() > 0 {
+                let r = self.write_op_rsv(crate::space_info::MetaRsv::UNLINK, |c| {
+                    Ok(c.t.run_delayed_refs_now(&c.fs.reader)?)
+                });
+                if let Err(e) = r {
+                    tracing::debug!("statfs: running delayed refs: {e}");
+                }
+            }
+        }
         let bsize = u64::from(self.sb.sectorsize);
         let mut s = self.space;
         if let Some(trans) = &self.trans {

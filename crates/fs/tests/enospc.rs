@@ -512,3 +512,43 @@ fn impossible_fallocate_allocates_no_chunks() {
     }
     btrfs_check(&img);
 }
+
+// Test scenario (generic/015 through FUSE, where sync does not reach the daemon): fill the
+// filesystem with one file, remove it, and statfs shows the space free again without a commit
+// (the delayed refs of the removal run, as the kernel runs them soon after an unlink).
+#[test]
+fn statfs_shows_removed_space_before_commit() {
+    let d = TestDir::new("enospc-statfs");
+    let img = d.join("img");
+    mkfs_btrfs(&img, 256 * MIB, &[]);
+    let fs = FsInfo::open(&img, rw()).unwrap();
+    let root = fs.mount_root;
+    let top = fs.root(root).unwrap().item.root_dirid;
+    let free0 = fs.statfs().bavail;
+    let (ino, _) = btrfs_new_inode(&fs, root, top, b"fill", 0o100644, 0, 0, 0).unwrap();
+    let (n, err) = write_until_error(&fs, root, ino, 7, 400 * MIB);
+    assert!(matches!(err, Some(FsError::NoSpace)), "{err:?} after {n}");
+    fs.sync().unwrap();
+    let free1 = fs.statfs().bavail;
+    assert!(free1 * 20 < free0, "full: {free1} of {free0} blocks free");
+    btrfs_unlink(&fs, root, top, b"fill").unwrap();
+    let commits = fs
+        .counters
+        .commits
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let free2 = fs.statfs().bavail;
+    assert_eq!(
+        fs.counters
+            .commits
+            .load(std::sync::atomic::Ordering::Relaxed),
+        commits,
+        "statfs must not commit"
+    );
+    assert!(
+        free2.abs_diff(free0) * 100 <= free0,
+        "after rm: {free2} blocks free, at start {free0}"
+    );
+    fs.commit().unwrap();
+    drop(fs);
+    btrfs_check(&img);
+}
