@@ -20,11 +20,22 @@
 //!   progress. [`FsInfo::data_may_use`] is their sum. A reservation succeeds only while
 //!   free data space (not pinned) ≥ `bytes_may_use` + the request; data chunks are allocated
 //!   at reservation time, so what a reservation promised exists in a data block group and
-//!   metadata chunks cannot take it afterwards.
+//!   metadata chunks cannot take it afterwards. The common case takes no lock: it compares
+//!   the free space published by the last write operation or commit (`publish_space`) with
+//!   `bytes_may_use` and adds itself with a compare-and-swap; whoever allocates reserved
+//!   bytes lowers the published free space before releasing the reservation, so the check
+//!   is never optimistic. A request that all unallocated device space could not satisfy
+//!   fails without allocating chunks.
+//! - *Reserved extents*: writeback allocates a run's extents, writes the data without locks
+//!   and only then adds the extent items (file_write.rs `write_run`); meanwhile the extents are
+//!   neither free nor used, and listed free by any commit's free space tree.
 //!
 //! # Invariants
 //! - Between operations, `data_may_use` ≤ free bytes of the data block groups: writeback and
-//!   fallocate never run out of data space for reserved bytes.
+//!   fallocate never run out of data space for reserved bytes (except by the few sectors
+//!   [`InodeRsv::settle`] may overcommit for sectors rewritten during their own writeback).
+//! - Unlink, rmdir and eviction (in bounded steps, each leaving an orphan item and a
+//!   consistent inode) succeed on a full filesystem.
 //! - A write operation that fails after it changed the transaction aborts it: the mount turns
 //!   read-only (`BTRFS_FS_STATE_ERROR`), nothing more is committed, the last commit is intact.
 //!
