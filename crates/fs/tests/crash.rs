@@ -26,6 +26,8 @@
 //!   size, mode, nlink, xattrs, inode number) and its ancestors' names; a directory fsync covers
 //!   the names (and which inode they lead to) of the directory's entries; a commit covers
 //!   everything. Nothing committed is lost and nothing appears from nowhere.
+//! - A read-only open of the crash state (replay in memory) shows the same namespace and writes
+//!   nothing.
 //! - Reopened read-only after the replay, ubtrfs shows the same namespace (the replay committed),
 //!   and `btrfs check` is clean on the image ubtrfs's replay produced.
 //! - A sample of states (two per workload; `UBTRFS_CRASH_KERNEL=all` for every state) is also
@@ -1091,6 +1093,20 @@ fn check_one(r: &Recorded, img: &Path, t: usize, with_kernel: bool) -> Result<()
         check_promises(&r.cps, t, &got).map_err(|e| format!("ubtrfs replay:\n{e}"))?;
         got
     };
+    // A read-only mount replays in memory: the same namespace, and nothing written.
+    {
+        let ro = Overlay::new(img);
+        let fs = FsInfo::open_backend(ro.clone(), IMAGE_SIZE, img, MountOptions::default())
+            .map_err(|e| format!("ubtrfs read-only open: {e}"))?;
+        let ro_snap = snapshot_ubtrfs(&fs).map_err(|e| format!("ubtrfs ro walk: {e}"))?;
+        if ro_snap != got {
+            return Err("ubtrfs read-only replay differs from the read-write one".into());
+        }
+        let written = ro.sectors.lock().len();
+        if written != 0 {
+            return Err(format!("ubtrfs read-only mount wrote {written} sectors"));
+        }
+    }
     // The replay committed: a read-only reopen shows the same.
     {
         let fs = FsInfo::open_backend(ov.clone(), IMAGE_SIZE, img, MountOptions::default())
