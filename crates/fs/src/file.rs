@@ -412,17 +412,58 @@ pub fn read(
     offset: u64,
     size: u32,
 ) -> Result<Vec<u8>> {
-    let Some(dirty) = crate::file_write::dirty_inode(fs, root, ino) else {
-        return read_disk(fs, root, ino, ii, emi, offset, size);
-    };
+    let mut first = true;
+    loop {
+        let (dirty, made) = match crate::file_write::dirty_inode(fs, root, ino) {
+            Some(d) => (d, None),
+            None if first => {
+                // Nothing dirty: read the trees. A writeback that starts meanwhile shows as a
+                // pinned map of an extent whose data may not be written yet; then read again
+                // under the dirty buffer, which holds that data.
+                first = false;
+                match read_disk_under(fs, root, ino, ii, emi, offset, size, None, true)? {
+                    Some(out) => return Ok(out),
+                    None => continue,
+                }
+            }
+            None => crate::file_write::dirty_inode_or_new(fs, root, ino)?,
+        };
+        let out = read_locked(fs, root, ino, ii, emi, offset, size, &dirty);
+        if let Some(size) = made {
+            crate::file_write::forget_if_clean(fs, root, ino, &dirty, size);
+        }
+        // None: the dirty state was retired under us (its writeback ended); look again.
+        if let Some(out) = out.transpose() {
+            return out;
+        }
+    }
+}
+
+/// [`read`] under the inode's dirty buffer: its sectors come from the buffer, the rest from
+/// the trees. None when the buffer was retired before it was locked.
+#[allow(clippy::too_many_arguments)]
+fn read_locked(
+    fs: &FsInfo,
+    root: u64,
+    ino: u64,
+    ii: &InodeItem,
+    emi: &BtrfsInode,
+    offset: u64,
+    size: u32,
+    dirty: &parking_lot::Mutex<crate::file_write::DirtyInode>,
+) -> Result<Option<Vec<u8>>> {
     let d = dirty.lock();
+    if d.retired {
+        return Ok(None);
+    }
     let live = InodeItem {
         size: d.size,
         ..*ii
     };
-    let mut out = read_disk(fs, root, ino, &live, emi, offset, size)?;
+    let mut out = read_disk_under(fs, root, ino, &live, emi, offset, size, Some(&d), false)?
+        .ok_or_else(|| FsError::corrupt("read under the dirty buffer asked for a retry"))?;
     crate::file_write::overlay_dirty(&d, u64::from(fs.sectorsize()), offset, &mut out);
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// Read file content from the trees only (no dirty data), up to `ii.size`.
@@ -435,8 +476,45 @@ pub fn read_disk(
     offset: u64,
     size: u32,
 ) -> Result<Vec<u8>> {
+    read_disk_under(fs, root, ino, ii, emi, offset, size, None, false)?
+        .ok_or_else(|| FsError::corrupt("read without retry asked for a retry"))
+}
+
+/// [`read_disk`], skipping (as zeros, for the caller to overlay) the sectors that are in
+/// `dirty`, the inode's dirty buffer, which the caller holds locked.
+///
+/// What keeps a read consistent with writeback, commits and space reuse (the kernel's folio
+/// and extent range locks):
+/// - The tree lock is held shared from the lookup of each extent to the verification of the
+///   data read from it: the extent map found (cached maps change only under the exclusive
+///   tree lock), its data and its checksums belong to one state of the trees. A write
+///   operation (writeback's extent reservation and ordered-extent completion, truncate, punch
+///   hole) and a commit (which frees dropped extents with their checksums and makes their
+///   space reusable) wait for that piece to be read, so an extent a read has found cannot be
+///   freed, reused or lose its checksums under it. Between pieces they may run: like a
+///   buffered read in the kernel, a read is not atomic against writes.
+/// - Sectors in the dirty buffer are never read from disk, as pages in the page cache are not:
+///   writeback inserts the pinned map of a new extent before it writes the data (the data I/O
+///   runs with no lock), and only removes the sectors from the dirty buffer (under its lock)
+///   once the extent is complete. Reading them from the new extent meanwhile would read data
+///   not yet written (a checksum failure, or stale bytes where checksums are off). Those pinned
+///   maps only ever cover sectors of the dirty buffer while it is locked; a reader that holds
+///   no dirty buffer (`dirty` is None) and meets one returns `Ok(None)` when
+///   `retry_on_pinned` is set, to read again under the buffer.
+#[allow(clippy::too_many_arguments)]
+fn read_disk_under(
+    fs: &FsInfo,
+    root: u64,
+    ino: u64,
+    ii: &InodeItem,
+    emi: &BtrfsInode,
+    offset: u64,
+    size: u32,
+    dirty: Option<&crate::file_write::DirtyInode>,
+    retry_on_pinned: bool,
+) -> Result<Option<Vec<u8>>> {
     if offset >= ii.size {
-        return Ok(Vec::new());
+        return Ok(Some(Vec::new()));
     }
     let end = ii.size.min(offset.saturating_add(u64::from(size)));
     let ss = u64::from(fs.sectorsize());
@@ -445,14 +523,36 @@ pub fn read_disk(
     let mut pos = offset;
     while pos < end {
         let a_start = pos - pos % ss;
+        // The next dirty sector at or after `pos`: a run of dirty sectors is left to the
+        // overlay, and a piece read from disk stops at the next one.
+        let mut next_dirty = u64::MAX;
+        if let Some(d) = dirty {
+            let mut idx = a_start / ss;
+            while idx.saturating_mul(ss) < end && d.sectors.contains_key(&idx) {
+                idx += 1;
+            }
+            let run_end = end.min(idx.saturating_mul(ss));
+            if run_end > pos {
+                out.resize(out.len() + (run_end - pos) as usize, 0);
+                pos = run_end;
+                continue;
+            }
+            if let Some((&n, _)) = d.sectors.range(idx + 1..).next() {
+                next_dirty = n.saturating_mul(ss);
+            }
+        }
         let req_len = end.div_ceil(ss) * ss - a_start;
+        let _g = fs.read_guard();
         let em = btrfs_get_extent(fs, root, ino, emi, a_start, req_len)?;
-        let piece_end = end.min(em.end());
+        let piece_end = end.min(em.end()).min(next_dirty);
         if piece_end <= pos {
             return Err(FsError::corrupt(format!(
                 "root {root} ino {ino}: extent map [{} {}] does not cover offset {pos}",
                 em.start, em.len
             )));
+        }
+        if retry_on_pinned && em.flags & em_flags::PINNED != 0 {
+            return Ok(None);
         }
         let n = (piece_end - pos) as usize;
         if em.disk_bytenr == EXTENT_MAP_HOLE || em.flags & em_flags::PREALLOC != 0 {
@@ -481,7 +581,7 @@ pub fn read_disk(
         pos = piece_end;
     }
     fs.note_bytes_read(out.len() as u64);
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// Append `n` bytes of `data` from `from`, zero-filled past its end.

@@ -68,6 +68,10 @@ pub struct DirtyInode {
     /// second writeback (fsync's, say) must wait for the extents in flight
     /// (`btrfs_wait_ordered_range`).
     pub wb: Arc<Mutex<()>>,
+    /// Set (under this mutex) when the state leaves the inode's slot in `FsInfo::dirty`: a
+    /// holder that found it before must look the inode's state up again (a newer one may hold
+    /// data whose writeback is in flight).
+    pub retired: bool,
 }
 
 impl DirtyInode {
@@ -81,6 +85,49 @@ pub type DirtyMap = Mutex<std::collections::HashMap<(u64, u64), Arc<Mutex<DirtyI
 /// The dirty state of an inode, if it has one.
 pub fn dirty_inode(fs: &FsInfo, root: u64, ino: u64) -> Option<Arc<Mutex<DirtyInode>>> {
     fs.dirty.lock().get(&(root, ino)).cloned()
+}
+
+/// The dirty state of an inode, made (empty, with the inode's current size) when it has none,
+/// with that size when this call made it: a reader that must not race a writeback starting
+/// under it holds this while it reads, so that new data waits for it (the role of the folio
+/// lock in the kernel's read path).
+pub fn dirty_inode_or_new(
+    fs: &FsInfo,
+    root: u64,
+    ino: u64,
+) -> Result<(Arc<Mutex<DirtyInode>>, Option<u64>)> {
+    let mut map = fs.dirty.lock();
+    if let Some(d) = map.get(&(root, ino)) {
+        return Ok((d.clone(), None));
+    }
+    // The size is read under the map lock: a writeback that updated it and then dropped its
+    // state did so before we got the lock (the tree lock, taken inside, is never held by
+    // anyone waiting for the map lock).
+    let size = crate::inode::read_inode(fs, root, ino)?.size;
+    let d = Arc::new(Mutex::new(DirtyInode {
+        size,
+        rsv: crate::space_info::InodeRsv::new(fs),
+        ..Default::default()
+    }));
+    map.insert((root, ino), d.clone());
+    Ok((d, Some(size)))
+}
+
+/// Drops the dirty state [`dirty_inode_or_new`] made, if it is still the inode's and nothing
+/// changed it since (no sector, no mtime, the size it was made with).
+pub fn forget_if_clean(fs: &FsInfo, root: u64, ino: u64, d: &Arc<Mutex<DirtyInode>>, size: u64) {
+    let mut map = fs.dirty.lock();
+    if let Some(cur) = map.get(&(root, ino)) {
+        if !Arc::ptr_eq(cur, d) {
+            return;
+        }
+        let mut g = d.lock();
+        if g.sectors.is_empty() && g.mtime.is_none() && g.size == size {
+            g.retired = true;
+            drop(g);
+            map.remove(&(root, ino));
+        }
+    }
 }
 
 /// Overlay dirty sectors on `buf`, which holds file bytes starting at `offset`.
@@ -154,22 +201,7 @@ fn buffered_write(
     if ii.mode & crate::inode::S_IFMT != crate::inode::S_IFREG {
         return Err(FsError::Invalid("write to a non-regular file".into()));
     }
-    let dirty = {
-        let mut map = fs.dirty.lock();
-        map.entry((root, ino))
-            .or_insert_with(|| {
-                Arc::new(Mutex::new(DirtyInode {
-                    size: ii.size,
-                    rsv: crate::space_info::InodeRsv::new(fs),
-                    ..Default::default()
-                }))
-            })
-            .clone()
-    };
-    let disk_ii = InodeItem {
-        size: ii.size,
-        ..ii
-    };
+    let (dirty, _) = dirty_inode_or_new(fs, root, ino)?;
     // btrfs_check_data_free_space + btrfs_delalloc_reserve_metadata: every sector that is not
     // dirty yet needs a new extent's worth of space (COW), plus possibly the inline sector 0
     // and the old EOF sector zeroed below. ENOSPC here, before the data is accepted.
@@ -181,10 +213,20 @@ fn buffered_write(
     };
     let mut rsv = fs.btrfs_reserve_data((missing + 2) * ss, meta_items)?;
     let mut d = dirty.lock();
+    if d.retired {
+        // Its writeback ended and dropped it after we found it: data put here would never be
+        // written. Start again with the inode's current state.
+        drop(d);
+        drop(rsv);
+        return buffered_write(fs, root, ino, offset, data, meta_items);
+    }
+    // Sectors that are not dirty are read up to the in-memory i_size (the on-disk size may
+    // lag behind a writeback or a truncate).
+    let disk_ii = InodeItem { size: d.size, ..ii };
     let before = d.sectors.len() as u64;
     // A file whose first extent is inline gets its first sector rewritten along with any
     // write: an inline extent cannot be partially replaced (btrfs_drop_extents).
-    if !d.sectors.contains_key(&0) && ii.size > 0 && has_inline_extent(fs, root, ino)? {
+    if !d.sectors.contains_key(&0) && d.size > 0 && has_inline_extent(fs, root, ino)? {
         let s0 = read_sector_from_disk(fs, root, ino, &disk_ii, 0)?;
         d.seq += 1;
         let seq = d.seq;
@@ -227,7 +269,7 @@ fn buffered_write(
                 *sq = seq;
             }
             None => {
-                let mut buf = if lo == 0 && hi == ss as usize || s >= d.size.max(ii.size) {
+                let mut buf = if lo == 0 && hi == ss as usize || s >= d.size {
                     vec![0u8; ss as usize]
                 } else {
                     read_sector_from_disk(fs, root, ino, &disk_ii, idx)?
@@ -536,8 +578,13 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
         })?;
         let mut map = fs.dirty.lock();
         if let Some(cur) = map.get(&(root, ino)) {
-            if Arc::ptr_eq(cur, &dirty) && dirty.lock().sectors.is_empty() {
-                map.remove(&(root, ino));
+            if Arc::ptr_eq(cur, &dirty) {
+                let mut g = dirty.lock();
+                if g.sectors.is_empty() {
+                    g.retired = true;
+                    drop(g);
+                    map.remove(&(root, ino));
+                }
             }
         }
     }
