@@ -82,7 +82,24 @@ impl KernelMount {
 
 impl Drop for KernelMount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
+        // umount fails with EBUSY while something else briefly holds the mount (a parallel
+        // test's btrfs check scanning devices, udev): retry, then detach lazily, so that no
+        // mount outlives the test.
+        let mut done = false;
+        for _ in 0..20 {
+            if Command::new("umount")
+                .arg(&self.dir)
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                done = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        if !done {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
         let _ = Command::new("losetup").args(["-d", &self.dev]).status();
     }
 }
