@@ -609,7 +609,19 @@ impl Work {
     /// names it had before (they must be gone), and its ancestors' names.
     fn fsync(&mut self, path: &str) {
         let ino = self.ino(path);
+        let full = || {
+            self.fs
+                .counters
+                .fsync_full
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let full_before = full();
         let out = ubtrfs_fs::tree_log::btrfs_sync_file(&self.fs, self.root, ino).unwrap();
+        let how = if full() > full_before {
+            ", full path"
+        } else {
+            ""
+        };
         let now = snapshot_ubtrfs(&self.fs).unwrap();
         // Directories as the last full commit left them (inode -> path).
         let committed: HashMap<u64, &str> = self
@@ -648,7 +660,7 @@ impl Work {
                 }
             }
         }
-        self.checkpoint(format!("fsync {path} ({out:?})"), p);
+        self.checkpoint(format!("fsync {path} ({out:?}{how})"), p);
     }
 
     /// fsync of a directory: the names of its entries, present and removed.
@@ -1400,6 +1412,22 @@ fn seq2() -> Vec<Workload> {
             w.fsync("A/tmp");
             w.unlink("A/tmp");
             w.fsync_dir("A");
+        }),
+        ("write-shrink-fsync", |w| {
+            // The shrinker drops the maps in between: fsync takes the full path.
+            w.write("big", 200_000, &pattern(35, 12_000));
+            w.writeback("big");
+            w.fs.ems.btrfs_free_cached_objects(u64::MAX);
+            w.fsync("big");
+        }),
+        ("write-fsync-shrink-write-fsync", |w| {
+            w.write("A/foo", 4096, &pattern(36, 8192));
+            w.fsync("A/foo");
+            w.fs.ems.btrfs_free_cached_objects(u64::MAX);
+            w.write("A/foo", 40_000, &pattern(37, 30_000));
+            w.writeback("A/foo");
+            w.fs.ems.btrfs_free_cached_objects(u64::MAX);
+            w.fsync("A/foo");
         }),
         ("link-fsync-unlink-fsync", |w| {
             w.link("big", "A/big2");
