@@ -111,10 +111,15 @@ fn rw() -> MountOptions {
     }
 }
 
-/// A kernel loop mount (read-only), unmounted and detached on drop, even on panic.
-struct KernelMount {
-    dir: PathBuf,
-    dev: String,
+/// A kernel loop mount (read-only unless told), unmounted and detached on drop, even on panic
+/// (common::oracle's guard, which retries a busy umount so that no mount outlives the test).
+struct KernelMount(common::oracle::KernelMount);
+
+impl std::ops::Deref for KernelMount {
+    type Target = common::oracle::KernelMount;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl KernelMount {
@@ -124,38 +129,7 @@ impl KernelMount {
 
     fn with_options(img: &Path, dir: &Path, opts: &str) -> Self {
         require_tool("losetup");
-        std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(img)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let st = Command::new("mount")
-            .args(["-o", opts, &dev])
-            .arg(dir)
-            .status()
-            .unwrap();
-        if !st.success() {
-            let _ = Command::new("losetup").args(["-d", &dev]).status();
-            panic!("kernel mount of {} failed", img.display());
-        }
-        KernelMount {
-            dir: dir.to_path_buf(),
-            dev,
-        }
-    }
-}
-
-impl Drop for KernelMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+        KernelMount(common::oracle::KernelMount::new(img, dir, opts))
     }
 }
 
