@@ -952,24 +952,30 @@ impl FsInfo {
             if t.log.synced_upto > log_transid {
                 return Ok(true);
             }
-            if t.log.full_commit.is_some() {
-                None // an earlier log sync or logging failed: only a commit is safe
+            if let Some(reason) = t.log.full_commit {
+                // Something after this fsync logged marked the log untrustworthy (a failed
+                // log update or log sync): only a commit is safe.
+                Err(reason)
             } else {
                 let sb = self.sb_live.lock();
                 match t.sync_log_prepare(&self.reader, &sb) {
-                    Ok(p) => Some(p),
+                    Ok(p) => Ok(p),
                     Err(e) => {
                         tracing::error!("log sync failed: {e}; committing instead");
                         t.log.full_commit = Some("log sync error");
-                        None
+                        Err("log sync error")
                     }
                 }
             }
         };
-        let Some(p) = prepared else {
-            drop(sync);
-            self.commit()?;
-            return Ok(false);
+        let p = match prepared {
+            Ok(p) => p,
+            Err(reason) => {
+                drop(sync);
+                self.note_full_commit_reason(reason);
+                self.commit()?;
+                return Ok(false);
+            }
         };
         match Transaction::sync_log_finish(&self.reader, &p) {
             Ok(()) => {
@@ -985,6 +991,7 @@ impl FsInfo {
                 trans.lock().log.full_commit = Some("log sync error");
                 drop(sync);
                 tracing::error!("log sync failed: {e}; committing instead");
+                self.note_full_commit_reason("log sync error");
                 self.commit()?;
                 Ok(false)
             }
