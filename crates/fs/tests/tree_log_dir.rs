@@ -31,6 +31,8 @@ enum Op {
     Mkdir(&'static str),
     /// Create a file with this content (no fsync).
     Create(&'static str, Vec<u8>),
+    /// Write into an existing file at an offset (no fsync).
+    Write(&'static str, u64, Vec<u8>),
     Unlink(&'static str),
     Rmdir(&'static str),
     Rename(&'static str, &'static str),
@@ -146,6 +148,10 @@ fn ubtrfs_op(fs: &FsInfo, op: &Op) {
                     .unwrap();
             ubtrfs_fs::file_write::btrfs_buffered_write(fs, root, ino, 0, data).unwrap();
         }
+        Op::Write(p, off, data) => {
+            let ino = resolve(fs, root, p);
+            ubtrfs_fs::file_write::btrfs_buffered_write(fs, root, ino, *off, data).unwrap();
+        }
         Op::Unlink(p) => {
             let (d, n) = parent(p);
             ubtrfs_fs::inode::btrfs_unlink(fs, root, d, &n).unwrap();
@@ -213,6 +219,11 @@ fn kernel_op(mnt: &Path, op: &Op) {
     match op {
         Op::Mkdir(d) => std::fs::DirBuilder::new().mode(0o755).create(p(d)).unwrap(),
         Op::Create(f, data) => std::fs::write(p(f), data).unwrap(),
+        Op::Write(f, off, data) => {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::OpenOptions::new().write(true).open(p(f)).unwrap();
+            file.write_all_at(data, *off).unwrap();
+        }
         Op::Unlink(f) => std::fs::remove_file(p(f)).unwrap(),
         Op::Rmdir(d) => std::fs::remove_dir(p(d)).unwrap(),
         Op::Rename(a, b) => std::fs::rename(p(a), p(b)).unwrap(),
@@ -968,7 +979,16 @@ fn random_op(tree: &Tree, rng: &mut common::Rng, n: u64) -> Option<Op> {
     };
     let pick = |rng: &mut common::Rng, v: &[String]| v[rng.index(v.len())].clone();
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
-    Some(match rng.below(15) {
+    Some(match rng.below(17) {
+        15 | 16 if !files.is_empty() => {
+            let f = pick(rng, &files);
+            let size = tree[&f].size;
+            Op::Write(
+                leak(f),
+                rng.below(size + 8192),
+                pattern(n + 1000, 1 + rng.below(20_000) as usize),
+            )
+        }
         0 | 1 => {
             let d = pick(rng, &dirs);
             Op::Create(
@@ -1035,6 +1055,7 @@ fn random_op(tree: &Tree, rng: &mut common::Rng, n: u64) -> Option<Op> {
 fn describe(op: &Op) -> String {
     match op {
         Op::Create(p, data) => format!("Create({p:?}, {} bytes)", data.len()),
+        Op::Write(p, off, data) => format!("Write({p:?}, at {off}, {} bytes)", data.len()),
         op => format!("{op:?}"),
     }
 }
