@@ -37,6 +37,20 @@
 //! - Where the log cannot express a change, fsync falls back to a full transaction commit and
 //!   counts the reason; every such fallback also marks the transaction (`full_commit`) so that
 //!   no later log sync makes a half-written log durable.
+//!
+//! # Full-commit reasons (each one the kernel's too, counted in `full_commit_reasons`)
+//! "directory with an entry renamed away" (full logging of a directory whose
+//! `last_unlink_trans` a rename set), "old parent directory deleted", "extended refs of a
+//! logged inode" (-EMLINK of `log_new_ancestors`), "ancestor without a name", "too many
+//! conflicting inodes" (> MAX_CONFLICT_INODES), "conflicting directory with unlinks",
+//! "conflicting name in a deleted directory", "too many modified extents" (-EFBIG),
+//! "too many inodes to log" (a bound of ours on recursive new-dentry logging), "logging
+//! error", "log update error" (a namespace hook could not update the log), "log sync error".
+//!
+//! # Log syncs
+//! `btrfs_sync_log` ([`FsInfo::sync_log`]) takes the log transid an fsync logged into; one
+//! that another fsync's sync already made durable returns at once (counted as batched).
+//! Log blocks are written under the tree lock, the flushes and the superblock after it.
 
 use crate::disk_io::FsInfo;
 use crate::error::{FsError, Result};

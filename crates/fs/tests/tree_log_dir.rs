@@ -1068,12 +1068,19 @@ fn seeds() -> u64 {
         .unwrap_or(4)
 }
 
-const RANDOM_OPS: u64 = 40;
+/// Operations per random workload: UBTRFS_LOG_OPS, default 40.
+fn random_ops() -> u64 {
+    std::env::var("UBTRFS_LOG_OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40)
+}
 
 // Test scenario: random namespace operations, writes, xattrs, fsyncs (of files, symlinks and
 // directories) and commits on ubtrfs, then a crash with the log pending: btrfs check is clean,
 // and ubtrfs's replay and the kernel's replay of the same log show the same tree, check clean
-// after each. UBTRFS_LOG_SEEDS sets the number of seeds (default 4).
+// after each. UBTRFS_LOG_SEEDS sets the number of seeds (default 4), UBTRFS_LOG_OPS the
+// operations per seed (default 40).
 #[test]
 fn random_namespace_ops_replay_alike() {
     for seed in 0..seeds() {
@@ -1084,7 +1091,7 @@ fn random_namespace_ops_replay_alike() {
         let mut history = Vec::new();
         {
             let fs = FsInfo::open(&img, rw()).unwrap();
-            for n in 0..RANDOM_OPS {
+            for n in 0..random_ops() {
                 let Some(op) = random_op(&ubtrfs_tree(&fs), &mut rng, n) else {
                     continue;
                 };
@@ -1146,7 +1153,7 @@ fn random_kernel_logs_replay_alike() {
         let crash = td.join("crash");
         {
             let m = KernelMount::new(&img, &td.join("mnt"), "commit=300");
-            for n in 0..RANDOM_OPS {
+            for n in 0..random_ops() {
                 let Some(op) = random_op(&kernel_tree(&m.dir), &mut rng, n) else {
                     continue;
                 };
