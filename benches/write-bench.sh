@@ -1,0 +1,222 @@
+#!/usr/bin/env bash
+# Write benchmark (issue 4): ubtrfs (FUSE, release build) against the kernel's btrfs on a loop
+# device, two mkfs.btrfs images of the same size, in one run on one machine:
+#   - sequential write of BENCH_SEQ_MIB (default 1 GiB) in 1 MiB writes, fsync at the end;
+#     then, after unmount, the number of EXTENT_DATA items of that file
+#     (`btrfs inspect-internal dump-tree`): small sequential writes must become large extents;
+#   - BENCH_RAND_OPS (default 65536) buffered 4 KiB random overwrites of that file, fsync at
+#     the end;
+#   - creation of BENCH_FILES (default 100000) files of 1 KiB in 100 directories, then sync -f;
+#     then unlink of all of them, then sync -f.
+# Every phase is timed by the wall clock (final fsync/sync included); the table shows seconds,
+# the rate and ubtrfs's rate / the kernel's (above 1: ubtrfs is faster). `btrfs check
+# --readonly` runs on both images at the end.
+#
+# Usage (as root): benches/write-bench.sh [WORKDIR]
+#   WORKDIR             images and mount points (default /tmp/ubtrfs-write.PID; ~5 GiB free)
+#   BENCH_IMG_GIB=N     size of each image (default 4)
+#   BENCH_SEQ_MIB=N     sequential write size (default 1024)
+#   BENCH_RAND_OPS=N    random 4 KiB overwrites (default 65536)
+#   BENCH_FILES=N       files created and unlinked (default 100000)
+#   BENCH_OUT=FILE      Markdown table (default benches/RESULTS-write.md)
+#   BENCH_KEEP=1        keep WORKDIR at the end
+# fio is installed with apt-get when missing. Not run in CI: timings depend on the machine.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+IMG_GIB=${BENCH_IMG_GIB:-4}
+SEQ_MIB=${BENCH_SEQ_MIB:-1024}
+RAND_OPS=${BENCH_RAND_OPS:-65536}
+NFILES=${BENCH_FILES:-100000}
+OUT=${BENCH_OUT:-$REPO/benches/RESULTS-write.md}
+WORK=${1:-/tmp/ubtrfs-write.$$}
+BIN="$REPO/target/release/ubtrfs"
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'write-bench: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (loop devices, kernel mounts, drop_caches)"
+if ! command -v fio >/dev/null 2>&1; then
+    log "installing fio"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q fio >&2 || die "cannot install fio"
+fi
+for c in mkfs.btrfs btrfs losetup mount umount findmnt fusermount3 cargo python3 fio; do
+    command -v "$c" >/dev/null 2>&1 || die "missing tool: $c"
+done
+[ -c /dev/fuse ] || die "/dev/fuse is missing"
+
+# --- cleanup: every mount and loop device of this script --------------------------------------
+LOOPDEV=""
+DAEMON_PID=""
+cleanup() {
+    local rc=$? fs
+    set +e
+    for fs in ubtrfs kernel; do
+        if findmnt -rn "$WORK/mnt-$fs" >/dev/null 2>&1; then
+            umount "$WORK/mnt-$fs" 2>/dev/null || fusermount3 -u "$WORK/mnt-$fs" 2>/dev/null \
+                || umount -l "$WORK/mnt-$fs"
+        fi
+    done
+    if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then
+        for _ in $(seq 100); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$DAEMON_PID" 2>/dev/null
+    fi
+    [ -n "$LOOPDEV" ] && losetup -d "$LOOPDEV" 2>/dev/null
+    if [ -z "${BENCH_KEEP:-}" ]; then
+        rm -rf --one-file-system "$WORK"
+    else
+        log "kept $WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+mkdir -p "$WORK"
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+img() { echo "$WORK/$1.img"; }
+mnt() { echo "$WORK/mnt-$1"; }
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+
+do_mount() { # fs
+    if [ "$1" = kernel ]; then
+        LOOPDEV=$(losetup --find --show "$(img kernel)")
+        mount -t btrfs "$LOOPDEV" "$(mnt kernel)"
+        return
+    fi
+    "$BIN" mount -f "$(img ubtrfs)" "$(mnt ubtrfs)" 2>>"$WORK/ubtrfs.stderr" &
+    DAEMON_PID=$!
+    for _ in $(seq 300); do
+        findmnt -rn "$(mnt ubtrfs)" >/dev/null 2>&1 && return 0
+        kill -0 "$DAEMON_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    tail -5 "$WORK/ubtrfs.stderr" >&2
+    die "ubtrfs did not mount $(img ubtrfs)"
+}
+do_umount() { # fs
+    umount "$(mnt "$1")"
+    if [ "$1" = kernel ]; then
+        losetup -d "$LOOPDEV"
+        LOOPDEV=""
+    else
+        # The daemon exits by itself once unmounted; the image is consistent only then.
+        wait "$DAEMON_PID" || die "ubtrfs exited with status $? (stderr: $(tail -3 "$WORK/ubtrfs.stderr"))"
+        DAEMON_PID=""
+    fi
+}
+
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
+
+declare -A T=() EXTENTS=() LOAD=()
+run_fs() { # fs
+    local fs=$1 m t0 ino
+    m=$(mnt "$fs")
+    mkdir -p "$m"
+    truncate -s "${IMG_GIB}G" "$(img "$fs")"
+    mkfs.btrfs -q -f "$(img "$fs")" >/dev/null
+
+    drop_caches
+    do_mount "$fs"
+    LOAD[$fs]=$(loadavg)
+    log "$fs: sequential write ${SEQ_MIB} MiB"
+    t0=$(now)
+    fio --name=seq --filename="$m/seq" --rw=write --bs=1M --size="${SEQ_MIB}M" --ioengine=psync \
+        --fallocate=none --end_fsync=1 --output="$WORK/$fs-seq.json" --output-format=json >/dev/null
+    T[$fs,seq]=$(elapsed "$t0")
+    ino=$(stat -c %i "$m/seq")
+    do_umount "$fs"
+    EXTENTS[$fs]=$(btrfs inspect-internal dump-tree -t fs "$(img "$fs")" \
+        | grep -c "key ($ino EXTENT_DATA " || true)
+
+    drop_caches
+    do_mount "$fs"
+    log "$fs: $RAND_OPS random 4 KiB overwrites"
+    t0=$(now)
+    fio --name=rand --filename="$m/seq" --rw=randwrite --bs=4k --size="${SEQ_MIB}M" \
+        --number_ios="$RAND_OPS" --ioengine=psync --end_fsync=1 --randrepeat=1 \
+        --output="$WORK/$fs-rand.json" --output-format=json >/dev/null
+    T[$fs,rand]=$(elapsed "$t0")
+
+    log "$fs: create $NFILES files"
+    t0=$(now)
+    python3 - "$m/tree" "$NFILES" <<'EOF'
+import os, sys
+top, n = sys.argv[1], int(sys.argv[2])
+data = b"x" * 1024
+os.mkdir(top)
+for d in range(100):
+    os.mkdir(f"{top}/d{d:02}")
+for i in range(n):
+    fd = os.open(f"{top}/d{i % 100:02}/f{i}", os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644)
+    os.write(fd, data)
+    os.close(fd)
+EOF
+    sync -f "$m"
+    T[$fs,create]=$(elapsed "$t0")
+
+    log "$fs: unlink $NFILES files"
+    t0=$(now)
+    python3 - "$m/tree" "$NFILES" <<'EOF'
+import os, sys
+top, n = sys.argv[1], int(sys.argv[2])
+for i in range(n):
+    os.unlink(f"{top}/d{i % 100:02}/f{i}")
+EOF
+    sync -f "$m"
+    T[$fs,unlink]=$(elapsed "$t0")
+    [ -z "$(find "$m/tree" -type f -print -quit)" ] || die "$fs: files left after unlink"
+    do_umount "$fs"
+
+    if btrfs check --readonly "$(img "$fs")" >"$WORK/$fs.check" 2>&1; then
+        T[$fs,check]=ok
+    else
+        T[$fs,check]="FAILED ($(grep -m1 -i error "$WORK/$fs.check" || tail -1 "$WORK/$fs.check"))"
+    fi
+}
+
+log "building ubtrfs (release)"
+cargo build --release -p ubtrfs >&2
+LOAD0=$(loadavg)
+run_fs kernel
+run_fs ubtrfs
+LOAD1=$(loadavg)
+
+# --- report -----------------------------------------------------------------------------------
+rate() { awk -v n="$1" -v s="$2" 'BEGIN { if (s > 0) printf "%.0f", n / s; else print "-" }'; }
+ratio() { awk -v k="$1" -v u="$2" 'BEGIN { if (u > 0) printf "%.2f", k / u; else print "-" }'; }
+row() { # label key amount unit
+    local k=${T[kernel,$2]} u=${T[ubtrfs,$2]}
+    printf '| %s | %s (%s %s) | %s (%s %s) | %s |\n' "$1" "$k" "$(rate "$3" "$k")" "$4" \
+        "$u" "$(rate "$3" "$u")" "$4" "$(ratio "$k" "$u")"
+}
+avg_extent() { awk -v m="$SEQ_MIB" -v n="$1" 'BEGIN { if (n > 0) printf "%.1f MiB", m / n; else print "-" }'; }
+{
+    echo "# Write benchmark: ubtrfs vs kernel btrfs"
+    echo
+    echo "\`benches/write-bench.sh\`, $(date -u '+%Y-%m-%d %H:%M UTC'), kernel $(uname -r)," \
+         "$(nproc) CPUs, commit $(git -C "$REPO" rev-parse --short HEAD). Two mkfs.btrfs images of" \
+         "${IMG_GIB} GiB; the kernel's on a loop device, ubtrfs's through FUSE (release build)."
+    echo "Load average (1, 5, 15 min): start $LOAD0; kernel phase ${LOAD[kernel]};" \
+         "ubtrfs phase ${LOAD[ubtrfs]}; end $LOAD1 (2 cores, shared with builds)."
+    echo
+    echo "Seconds (wall clock, final fsync or sync included) and rate; ratio = ubtrfs's rate /" \
+         "the kernel's (above 1: ubtrfs is faster)."
+    echo
+    echo "| operation | kernel s (rate) | ubtrfs s (rate) | ubtrfs / kernel |"
+    echo "|---|---:|---:|---:|"
+    row "sequential write ${SEQ_MIB} MiB, 1 MiB writes + fsync" seq "$SEQ_MIB" MiB/s
+    row "$RAND_OPS random 4 KiB buffered overwrites + fsync" rand "$RAND_OPS" IOPS
+    row "create $NFILES files of 1 KiB (100 dirs) + sync" create "$NFILES" files/s
+    row "unlink them + sync" unlink "$NFILES" files/s
+    echo
+    echo "Extents of the sequentially written file (EXTENT_DATA items after unmount):" \
+         "kernel ${EXTENTS[kernel]} (average $(avg_extent "${EXTENTS[kernel]}"))," \
+         "ubtrfs ${EXTENTS[ubtrfs]} (average $(avg_extent "${EXTENTS[ubtrfs]}"))."
+    echo
+    echo "\`btrfs check --readonly\` at the end: kernel ${T[kernel,check]}; ubtrfs ${T[ubtrfs,check]}."
+} >"$OUT"
+cat "$OUT"
