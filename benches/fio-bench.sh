@@ -14,9 +14,12 @@
 # each once idle and once busy:
 #   ubtrfs: `ubtrfs shrink MNT --loop` runs the extent-map shrinker continuously beside fio
 #           (BENCH_BUSY_OPTS adds mount options to the busy mount too, e.g. em_max=64);
-#   kernel, fuse2fs: a loop of `echo 2 > /proc/sys/vm/drop_caches` every BENCH_DROP_SECS
-#           (drop_slab: runs every shrinker, btrfs's extent-map shrinker included, and evicts
-#           unused inodes and dentries).
+#   kernel, fuse2fs: a loop of `echo 2 > /proc/sys/vm/drop_caches` (drop_slab: runs every
+#           shrinker, btrfs's extent-map shrinker included, and evicts unused inodes and
+#           dentries), back to back like `--loop` by default, or every BENCH_DROP_SECS.
+# and on ubtrfs once more under a budget: `-o em_max=BENCH_EM_MAX`, the shrinker runs inside
+# the daemon whenever an insert exceeds it (as the kernel's runs from reclaim), without the
+# CPU that the `--loop` client and its socket round trips take from fio on a small machine.
 # The ubtrfs counters (`ubtrfs stats --json`) are read before and after every ubtrfs run; the
 # report shows the shrinker's work during each run. Then the dsync workload runs once more on
 # ubtrfs per `shrinker=` policy (kernel, fixed-split, fixed-shrinker, fixed-both) with the
@@ -37,8 +40,9 @@
 #   BENCH_FILE_MIB=N   size of the fsync test file and of each preallocated file (default 128)
 #   BENCH_SEQ_MIB=N    sequential write/read size (default 1024)
 #   BENCH_FILES=N      files created (default 20000)
-#   BENCH_DROP_SECS=S  pause of the drop_caches loop (default 0.05)
+#   BENCH_DROP_SECS=S  pause of the drop_caches loop (default 0: none)
 #   BENCH_BUSY_OPTS=   extra ubtrfs mount options for the busy runs (default none)
+#   BENCH_EM_MAX=N     em_max of the ubtrfs budget runs (default 64; 0: no budget runs)
 #   BENCH_FS="ubtrfs kernel fuse2fs"  which filesystems to run
 #   BENCH_OUT=DIR      where RESULTS-fio.md and fio-latency.svg go (default benches/)
 #   BENCH_KEEP=1       keep WORKDIR at the end
@@ -53,8 +57,9 @@ IMG_GIB=${BENCH_IMG_GIB:-4}
 FILE_MIB=${BENCH_FILE_MIB:-128}
 SEQ_MIB=${BENCH_SEQ_MIB:-1024}
 NFILES=${BENCH_FILES:-20000}
-DROP_SECS=${BENCH_DROP_SECS:-0.05}
+DROP_SECS=${BENCH_DROP_SECS:-0}
 BUSY_OPTS=${BENCH_BUSY_OPTS:-}
+EM_MAX=${BENCH_EM_MAX:-64}
 FSLIST=${BENCH_FS:-ubtrfs kernel fuse2fs}
 OUT=${BENCH_OUT:-$REPO/benches}
 POLICIES="kernel fixed-split fixed-shrinker fixed-both"
@@ -178,7 +183,11 @@ start_busy() { # fs
     if [ "$1" = ubtrfs ]; then
         "$BIN" shrink "$(mnt ubtrfs)" --loop >"$WORK/shrink-loop.out" 2>&1 &
     else
-        while :; do echo 2 > /proc/sys/vm/drop_caches; sleep "$DROP_SECS"; done &
+        if [ "$DROP_SECS" = 0 ]; then
+            while :; do echo 2 > /proc/sys/vm/drop_caches; done &
+        else
+            while :; do echo 2 > /proc/sys/vm/drop_caches; sleep "$DROP_SECS"; done &
+        fi
     fi
     BUSY_PID=$!
 }
@@ -195,11 +204,19 @@ stats() { # name: ubtrfs counters into $RES/stats/NAME.json
     "$BIN" stats "$(mnt ubtrfs)" --json >"$RES/stats/$1.json"
 }
 
+# idle, busy, and for ubtrfs the em_max budget.
+states() {
+    if [ "$1" = ubtrfs ] && [ "$EM_MAX" -gt 0 ]; then echo "idle busy budget"; else echo "idle busy"; fi
+}
+
 # --- images -----------------------------------------------------------------------------------
 # Preallocated files: the idle and busy runs, and (ubtrfs) one per shrinker policy.
 prealloc_names() {
-    if [ "$1" = ubtrfs ]; then echo "pre-idle pre-busy $(for p in $POLICIES; do printf 'pre-%s ' "$p"; done)"
-    else echo "pre-idle pre-busy"; fi
+    if [ "$1" = ubtrfs ]; then
+        echo "$(for s in $(states ubtrfs); do printf 'pre-%s ' "$s"; done)$(for p in $POLICIES; do printf 'pre-%s ' "$p"; done)"
+    else
+        echo "pre-idle pre-busy"
+    fi
 }
 
 make_image() { # fs
@@ -254,9 +271,11 @@ fio_dsync() { # fs name file
 latency_runs() { # fs
     local fs=$1 state m
     m=$(mnt "$fs")
-    for state in idle busy; do
+    for state in $(states "$fs"); do
         drop_caches
-        if [ "$fs" = ubtrfs ] && [ "$state" = busy ] && [ -n "$BUSY_OPTS" ]; then
+        if [ "$state" = budget ]; then
+            do_mount ubtrfs "em_max=$EM_MAX"
+        elif [ "$fs" = ubtrfs ] && [ "$state" = busy ] && [ -n "$BUSY_OPTS" ]; then
             do_mount ubtrfs "$BUSY_OPTS"
         else
             do_mount "$fs"
@@ -354,7 +373,7 @@ meta "date $(date -u '+%Y-%m-%d %H:%M UTC')"
 meta "host $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)"
 meta "commit $(git -C "$REPO" rev-parse --short HEAD)"
 meta "fio $(fio --version), fuse2fs $(dpkg-query -W -f '${Version}' fuse2fs 2>/dev/null || echo '?')"
-meta "params ops=$OPS img_gib=$IMG_GIB file_mib=$FILE_MIB seq_mib=$SEQ_MIB files=$NFILES drop_secs=$DROP_SECS busy_opts=${BUSY_OPTS:-none}"
+meta "params ops=$OPS img_gib=$IMG_GIB file_mib=$FILE_MIB seq_mib=$SEQ_MIB files=$NFILES drop_secs=$DROP_SECS busy_opts=${BUSY_OPTS:-none} em_max=$EM_MAX"
 meta "load start $(loadavg)"
 for fs in $FSLIST; do
     log "$fs: image"
