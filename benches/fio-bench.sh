@@ -28,6 +28,11 @@
 # that file cold (fresh mount, caches dropped), creation of BENCH_FILES files of 1 KiB in 100
 # directories (+ sync -f), and a cold `find -printf` (readdir + stat of everything).
 #
+# The machine is shared (other builds come and go), so everything but the per-policy runs is
+# done in BENCH_ROUNDS rounds; within a round the states alternate (idle, busy, budget) and the
+# filesystems take turns in a rotating order, and the report shows the median of the rounds
+# (the counters are summed over them). Every run gets a fresh mount with caches dropped.
+#
 # The NODATACOW file: `chattr +C` does not reach ubtrfs through FUSE (no FS_IOC_SETFLAGS), so
 # the btrfs images are prepared by a kernel mount: a directory with +C and the preallocated
 # files in it (fallocate), then unmounted; ubtrfs and the kernel then use identical files.
@@ -37,7 +42,8 @@
 #   WORKDIR            images and mount points (default /tmp/ubtrfs-fio.PID; about 6 GiB free)
 #   BENCH_OPS=N        writes per fsync/dsync run (default 4000)
 #   BENCH_IMG_GIB=N    size of each image (default 4)
-#   BENCH_FILE_MIB=N   size of the fsync test file and of each preallocated file (default 128)
+#   BENCH_ROUNDS=N     rounds (default 3)
+#   BENCH_FILE_MIB=N   size of the fsync test file and of each preallocated file (default 64)
 #   BENCH_SEQ_MIB=N    sequential write/read size (default 1024)
 #   BENCH_FILES=N      files created (default 20000)
 #   BENCH_DROP_SECS=S  pause of the drop_caches loop (default 0: none)
@@ -54,7 +60,8 @@ cd "$(dirname "$0")/.."
 REPO=$(pwd)
 OPS=${BENCH_OPS:-4000}
 IMG_GIB=${BENCH_IMG_GIB:-4}
-FILE_MIB=${BENCH_FILE_MIB:-128}
+FILE_MIB=${BENCH_FILE_MIB:-64}
+ROUNDS=${BENCH_ROUNDS:-3}
 SEQ_MIB=${BENCH_SEQ_MIB:-1024}
 NFILES=${BENCH_FILES:-20000}
 DROP_SECS=${BENCH_DROP_SECS:-0}
@@ -210,12 +217,14 @@ states() {
 }
 
 # --- images -----------------------------------------------------------------------------------
-# Preallocated files: the idle and busy runs, and (ubtrfs) one per shrinker policy.
+# Preallocated files: one per state and round, and (ubtrfs) one per shrinker policy.
 prealloc_names() {
+    local s r
+    for (( r = 1; r <= ROUNDS; r++ )); do
+        for s in $(states "$1"); do printf 'pre-%s-r%s ' "$s" "$r"; done
+    done
     if [ "$1" = ubtrfs ]; then
-        echo "$(for s in $(states ubtrfs); do printf 'pre-%s ' "$s"; done)$(for p in $POLICIES; do printf 'pre-%s ' "$p"; done)"
-    else
-        echo "pre-idle pre-busy"
+        for s in $POLICIES; do printf 'pre-%s ' "$s"; done
     fi
 }
 
@@ -242,7 +251,7 @@ make_image() { # fs
         mkdir "$m/nocow"
         chattr +C "$m/nocow"
         for f in $(prealloc_names "$fs"); do fallocate -l "${FILE_MIB}M" "$m/nocow/$f"; done
-        lsattr "$m/nocow/pre-idle" | grep -q C || die "pre-idle is not NODATACOW"
+        lsattr "$m/nocow/pre-idle-r1" | grep -q C || die "pre-idle-r1 is not NODATACOW"
         umount "$m"
         losetup -d "$dev"
         LOOPDEV=""
@@ -268,8 +277,8 @@ fio_dsync() { # fs name file
         --direct=1 --sync=dsync --number_ios="$OPS"
 }
 
-latency_runs() { # fs
-    local fs=$1 state m
+latency_runs() { # fs round
+    local fs=$1 r=$2 state m
     m=$(mnt "$fs")
     for state in $(states "$fs"); do
         drop_caches
@@ -281,19 +290,19 @@ latency_runs() { # fs
             do_mount "$fs"
         fi
         # Lay the fsync file out before the shrinker starts (fio does it if missing).
-        fio_run "$fs-layout-$state" --name=layout --filename="$m/rand-$state" --rw=write \
+        fio_run "$fs-layout-$state-r$r" --name=layout --filename="$m/rand-$state-r$r" --rw=write \
             --bs=1M --size="${FILE_MIB}M" --end_fsync=1
         [ "$state" = busy ] && start_busy "$fs"
-        meta "load $fs $state $(loadavg)"
+        meta "load round $r $fs $state: $(loadavg)"
         for w in fsync dsync; do
-            log "$fs: $w, $state"
-            [ "$fs" = ubtrfs ] && stats "$fs-$w-$state.before"
+            log "round $r: $fs: $w, $state"
+            [ "$fs" = ubtrfs ] && stats "$fs-$w-$state-r$r.before"
             if [ $w = fsync ]; then
-                fio_fsync "$fs" "$fs-$w-$state" "$m/rand-$state"
+                fio_fsync "$fs" "$fs-$w-$state-r$r" "$m/rand-$state-r$r"
             else
-                fio_dsync "$fs" "$fs-$w-$state" "$m/nocow/pre-$state"
+                fio_dsync "$fs" "$fs-$w-$state-r$r" "$m/nocow/pre-$state-r$r"
             fi
-            [ "$fs" = ubtrfs ] && stats "$fs-$w-$state.after"
+            [ "$fs" = ubtrfs ] && stats "$fs-$w-$state-r$r.after"
         done
         stop_busy
         do_umount "$fs"
@@ -308,7 +317,7 @@ policy_runs() {
         drop_caches
         do_mount ubtrfs "shrinker=$p${BUSY_OPTS:+,$BUSY_OPTS}"
         start_busy ubtrfs
-        meta "load ubtrfs policy-$p $(loadavg)"
+        meta "load policy $p: $(loadavg)"
         stats "ubtrfs-policy-$p.before"
         fio_dsync ubtrfs "ubtrfs-policy-$p" "$m/nocow/pre-$p"
         stats "ubtrfs-policy-$p.after"
@@ -320,23 +329,23 @@ policy_runs() {
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
 
-throughput_runs() { # fs
-    local fs=$1 m t0 n
+throughput_runs() { # fs round
+    local fs=$1 r=$2 m t0 n
     m=$(mnt "$fs")
     drop_caches
     do_mount "$fs"
-    meta "load $fs seq $(loadavg)"
-    log "$fs: sequential write ${SEQ_MIB} MiB"
-    fio_run "$fs-seqwrite" --name=seqwrite --filename="$m/seq" --rw=write --bs=1M \
+    meta "load round $r $fs seq: $(loadavg)"
+    log "round $r: $fs: sequential write ${SEQ_MIB} MiB"
+    fio_run "$fs-seqwrite-r$r" --name=seqwrite --filename="$m/seq" --rw=write --bs=1M \
         --size="${SEQ_MIB}M" --end_fsync=1
     do_umount "$fs"
 
     drop_caches
     do_mount "$fs"
-    log "$fs: sequential read, cold"
-    fio_run "$fs-seqread" --name=seqread --filename="$m/seq" --rw=read --bs=1M --size="${SEQ_MIB}M"
+    log "round $r: $fs: sequential read, cold"
+    fio_run "$fs-seqread-r$r" --name=seqread --filename="$m/seq" --rw=read --bs=1M --size="${SEQ_MIB}M"
 
-    log "$fs: create $NFILES files"
+    log "round $r: $fs: create $NFILES files"
     t0=$(now)
     python3 - "$m/tree" "$NFILES" <<'EOF'
 import os, sys
@@ -351,16 +360,19 @@ for i in range(n):
     os.close(fd)
 EOF
     sync -f "$m/tree"
-    echo "$fs create $(elapsed "$t0")" >>"$TIMES"
+    echo "$fs create $(elapsed "$t0") $r" >>"$TIMES"
     do_umount "$fs"
 
     drop_caches
     do_mount "$fs"
-    log "$fs: cold metadata walk"
+    log "round $r: $fs: cold metadata walk"
     t0=$(now)
     n=$(find "$m/tree" -printf '%i %s %T@\n' | wc -l)
-    echo "$fs walk $(elapsed "$t0")" >>"$TIMES"
+    echo "$fs walk $(elapsed "$t0") $r" >>"$TIMES"
     [ "$n" -eq $(( NFILES + 101 )) ] || die "$fs: find saw $n entries, expected $(( NFILES + 101 ))"
+    # Room for the next round.
+    rm -rf "$m/tree" "$m/seq"
+    sync -f "$m"
     do_umount "$fs"
 }
 
@@ -373,14 +385,25 @@ meta "date $(date -u '+%Y-%m-%d %H:%M UTC')"
 meta "host $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)"
 meta "commit $(git -C "$REPO" rev-parse --short HEAD)"
 meta "fio $(fio --version), fuse2fs $(dpkg-query -W -f '${Version}' fuse2fs 2>/dev/null || echo '?')"
-meta "params ops=$OPS img_gib=$IMG_GIB file_mib=$FILE_MIB seq_mib=$SEQ_MIB files=$NFILES drop_secs=$DROP_SECS busy_opts=${BUSY_OPTS:-none} em_max=$EM_MAX"
+meta "params rounds=$ROUNDS ops=$OPS img_gib=$IMG_GIB file_mib=$FILE_MIB seq_mib=$SEQ_MIB files=$NFILES drop_secs=$DROP_SECS busy_opts=${BUSY_OPTS:-none} em_max=$EM_MAX"
 meta "load start $(loadavg)"
 for fs in $FSLIST; do
     log "$fs: image"
     make_image "$fs"
-    latency_runs "$fs"
-    [ "$fs" = ubtrfs ] && policy_runs
-    throughput_runs "$fs"
+done
+read -r -a FSARR <<<"$FSLIST"
+for (( r = 1; r <= ROUNDS; r++ )); do
+    # Rotate the order so that no filesystem always runs first (or last) in a round.
+    for (( i = 0; i < ${#FSARR[@]}; i++ )); do
+        fs=${FSARR[(i + r - 1) % ${#FSARR[@]}]}
+        latency_runs "$fs" "$r"
+        throughput_runs "$fs" "$r"
+    done
+done
+if [[ " $FSLIST " == *" ubtrfs "* ]]; then
+    policy_runs
+fi
+for fs in $FSLIST; do
     if [ "$fs" != fuse2fs ]; then
         log "$fs: btrfs check --readonly"
         if btrfs check --readonly "$(img "$fs")" >"$WORK/$fs.check" 2>&1; then

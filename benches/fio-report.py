@@ -6,9 +6,11 @@ Usage: fio-report.py RESULTS_DIR OUT.md OUT.svg
 Standard library only; the SVG is written by hand so that no plotting package is needed.
 """
 
+import glob
 import json
 import math
 import os
+import statistics
 import sys
 
 FS = ["ubtrfs", "kernel", "fuse2fs"]
@@ -43,15 +45,15 @@ class Results:
     def __init__(self, d):
         self.d = d
         self.meta = []
-        self.times = {}
+        self.times = {}  # (fs, what) -> [seconds per round]
         mp = os.path.join(d, "meta.txt")
         if os.path.exists(mp):
             self.meta = [line.rstrip("\n") for line in open(mp)]
         tp = os.path.join(d, "times.txt")
         if os.path.exists(tp):
             for line in open(tp):
-                fs, what, secs = line.split()
-                self.times[(fs, what)] = float(secs)
+                fs, what, secs = line.split()[:3]
+                self.times.setdefault((fs, what), []).append(float(secs))
 
     def fio(self, name):
         return load(os.path.join(self.d, "fio", name + ".json"))
@@ -59,8 +61,24 @@ class Results:
     def stats(self, name):
         return load(os.path.join(self.d, "stats", name + ".json"))
 
+    def rounds(self, name):
+        """The names of the rounds of a run (NAME-r1, NAME-r2, ...), or [NAME] if unrounded."""
+        found = sorted(
+            os.path.basename(f)[: -len(".json")]
+            for f in glob.glob(os.path.join(self.d, "fio", glob.escape(name) + "-r*.json"))
+        )
+        return found or [name]
+
     def latency(self, name, workload):
-        """(percentiles in ms {p50, p99, p99.9}, ops/s) of a fsync or dsync run, or None."""
+        """Median over the rounds of (percentiles in ms, ops/s), plus the per-round values."""
+        runs = [v for v in (self.latency1(n, workload) for n in self.rounds(name)) if v]
+        if not runs:
+            return None
+        med = {p: statistics.median(v[0][p] for v in runs) for p, _ in PCTS}
+        return med, statistics.median(v[1] for v in runs), runs
+
+    def latency1(self, name, workload):
+        """(percentiles in ms {p50, p99, p99.9}, ops/s) of one fsync or dsync run, or None."""
         j = self.fio(name)
         if not j:
             return None
@@ -76,13 +94,31 @@ class Results:
         return out, job["write"]["iops"]
 
     def bw(self, name, rw):
-        j = self.fio(name)
-        if not j:
-            return None
-        return j["jobs"][0][rw]["bw_bytes"] / 1048576
+        """Median over the rounds of the bandwidth in MiB/s."""
+        v = [j["jobs"][0][rw]["bw_bytes"] / 1048576 for j in map(self.fio, self.rounds(name)) if j]
+        return statistics.median(v) if v else None
+
+    def time(self, fs, what):
+        v = self.times.get((fs, what))
+        return statistics.median(v) if v else None
 
     def delta(self, name):
-        """after - before of the ubtrfs counters of a run, flattened, or None."""
+        """after - before of the ubtrfs counters of a run, summed over its rounds."""
+        names = self.rounds(name)
+        total = None
+        for n in names:
+            d = self.delta1(n)
+            if d is None:
+                continue
+            if total is None:
+                total = d
+            else:
+                for k, v in d.items():
+                    total[k] = v if k == "cached_after" else total.get(k, 0) + v
+        return total
+
+    def delta1(self, name):
+        """after - before of the ubtrfs counters of one run, flattened, or None."""
         a, b = self.stats(name + ".after"), self.stats(name + ".before")
         if not a or not b:
             return None
@@ -133,7 +169,9 @@ def report(r, md_path, svg_path):
         "Same-sized images "
         f"({params.get('img_gib', '?')} GiB) in one run on one machine: ubtrfs (release build) and "
         "the kernel's btrfs (loop device) on mkfs.btrfs images, fuse2fs on an ext4 image. "
-        f"{params.get('ops', '?')} writes per latency run, on a {params.get('file_mib', '?')} MiB file."
+        f"{params.get('ops', '?')} writes per latency run, on a {params.get('file_mib', '?')} MiB file. "
+        f"Median of {params.get('rounds', '1')} rounds (states alternating within a round, the "
+        "filesystems taking turns), except the per-policy runs (one each)."
     )
     L.append("")
     L.append("Load average (1, 5, 15 min) at each phase (the machine has 2 cores, shared with builds):")
@@ -157,8 +195,11 @@ def report(r, md_path, svg_path):
     for w in WORKLOADS:
         L.append(f"## {WORKLOADS[w]}")
         L.append("")
-        L.append("| filesystem | state | p50 | p99 | p99.9 | ops/s | busy/idle p50 | p99 | p99.9 | ops/s |")
-        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        L.append(
+            "| filesystem | state | p50 | p99 | p99.9 | ops/s | vs idle: p50 | p99 | p99.9 | ops/s "
+            "| p99 of each round |"
+        )
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for fs in FS:
             for s in STATES:
                 v = r.latency(f"{fs}-{w}-{s}", w)
@@ -171,6 +212,7 @@ def report(r, md_path, svg_path):
                     row += [r2(ratio(v[0][p], i[0][p])) for p, _ in PCTS] + [r2(ratio(v[1], i[1]))]
                 else:
                     row += [""] * 4
+                row.append(" / ".join(f2(x[0]["p99"]) for x in v[2]))
                 L.append("| " + " | ".join(row) + " |")
         L.append("")
 
@@ -186,7 +228,7 @@ def report(r, md_path, svg_path):
         if d:
             rows.append((f"dsync, busy, shrinker={p}", d))
     if rows:
-        L.append("## ubtrfs counters during each run (`ubtrfs stats --json`, after - before)")
+        L.append("## ubtrfs counters during the runs (`ubtrfs stats --json`, after - before, summed over the rounds)")
         L.append("")
         L.append(
             "| run | shrinker runs | scanned | dropped | skipped pinned | skipped logging | "
@@ -241,9 +283,9 @@ def report(r, md_path, svg_path):
     for fs in FS:
         thr[(fs, "seqwrite")] = r.bw(f"{fs}-seqwrite", "write")
         thr[(fs, "seqread")] = r.bw(f"{fs}-seqread", "read")
-        c = r.times.get((fs, "create"))
+        c = r.time(fs, "create")
         thr[(fs, "create")] = None if c is None else nfiles(params) / c
-        thr[(fs, "walk")] = r.times.get((fs, "walk"))
+        thr[(fs, "walk")] = r.time(fs, "walk")
     L.append("## Throughput and metadata")
     L.append("")
     L.append(

@@ -10,7 +10,9 @@
 #     then unlink of all of them, then sync -f.
 # Every phase is timed by the wall clock (final fsync/sync included); the table shows seconds,
 # the rate and ubtrfs's rate / the kernel's (above 1: ubtrfs is faster). `btrfs check
-# --readonly` runs on both images at the end.
+# --readonly` runs on both images at the end of every round.
+# The machine is shared, so this runs in BENCH_ROUNDS rounds (fresh images each, the kernel and
+# ubtrfs taking turns to go first) and the table shows the median with every round's seconds.
 #
 # Usage (as root): benches/write-bench.sh [WORKDIR]
 #   WORKDIR             images and mount points (default /tmp/ubtrfs-write.PID; ~5 GiB free)
@@ -18,6 +20,7 @@
 #   BENCH_SEQ_MIB=N     sequential write size (default 1024)
 #   BENCH_RAND_OPS=N    random 4 KiB overwrites (default 65536)
 #   BENCH_FILES=N       files created and unlinked (default 100000)
+#   BENCH_ROUNDS=N      rounds (default 3)
 #   BENCH_OUT=FILE      Markdown table (default benches/RESULTS-write.md)
 #   BENCH_KEEP=1        keep WORKDIR at the end
 # fio is installed with apt-get when missing. Not run in CI: timings depend on the machine.
@@ -29,6 +32,7 @@ IMG_GIB=${BENCH_IMG_GIB:-4}
 SEQ_MIB=${BENCH_SEQ_MIB:-1024}
 RAND_OPS=${BENCH_RAND_OPS:-65536}
 NFILES=${BENCH_FILES:-100000}
+ROUNDS=${BENCH_ROUNDS:-3}
 OUT=${BENCH_OUT:-$REPO/benches/RESULTS-write.md}
 WORK=${1:-/tmp/ubtrfs-write.$$}
 BIN="$REPO/target/release/ubtrfs"
@@ -112,36 +116,37 @@ now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
 
 declare -A T=() EXTENTS=() LOAD=()
-run_fs() { # fs
-    local fs=$1 m t0 ino
+run_fs() { # fs round
+    local fs=$1 r=$2 m t0 ino
     m=$(mnt "$fs")
     mkdir -p "$m"
+    rm -f "$(img "$fs")"
     truncate -s "${IMG_GIB}G" "$(img "$fs")"
     mkfs.btrfs -q -f "$(img "$fs")" >/dev/null
 
     drop_caches
     do_mount "$fs"
-    LOAD[$fs]=$(loadavg)
-    log "$fs: sequential write ${SEQ_MIB} MiB"
+    LOAD[$fs]+="${LOAD[$fs]:+ / }$(loadavg)"
+    log "round $r: $fs: sequential write ${SEQ_MIB} MiB"
     t0=$(now)
     fio --name=seq --filename="$m/seq" --rw=write --bs=1M --size="${SEQ_MIB}M" --ioengine=psync \
         --fallocate=none --end_fsync=1 --output="$WORK/$fs-seq.json" --output-format=json >/dev/null
-    T[$fs,seq]=$(elapsed "$t0")
+    T[$fs,seq]+="$(elapsed "$t0") "
     ino=$(stat -c %i "$m/seq")
     do_umount "$fs"
-    EXTENTS[$fs]=$(btrfs inspect-internal dump-tree -t fs "$(img "$fs")" \
-        | grep -c "key ($ino EXTENT_DATA " || true)
+    EXTENTS[$fs]+="$(btrfs inspect-internal dump-tree -t fs "$(img "$fs")" \
+        | grep -c "key ($ino EXTENT_DATA " || true) "
 
     drop_caches
     do_mount "$fs"
-    log "$fs: $RAND_OPS random 4 KiB overwrites"
+    log "round $r: $fs: $RAND_OPS random 4 KiB overwrites"
     t0=$(now)
     fio --name=rand --filename="$m/seq" --rw=randwrite --bs=4k --size="${SEQ_MIB}M" \
         --number_ios="$RAND_OPS" --ioengine=psync --end_fsync=1 --randrepeat=1 \
         --output="$WORK/$fs-rand.json" --output-format=json >/dev/null
-    T[$fs,rand]=$(elapsed "$t0")
+    T[$fs,rand]+="$(elapsed "$t0") "
 
-    log "$fs: create $NFILES files"
+    log "round $r: $fs: create $NFILES files"
     t0=$(now)
     python3 - "$m/tree" "$NFILES" <<'EOF'
 import os, sys
@@ -156,9 +161,9 @@ for i in range(n):
     os.close(fd)
 EOF
     sync -f "$m"
-    T[$fs,create]=$(elapsed "$t0")
+    T[$fs,create]+="$(elapsed "$t0") "
 
-    log "$fs: unlink $NFILES files"
+    log "round $r: $fs: unlink $NFILES files"
     t0=$(now)
     python3 - "$m/tree" "$NFILES" <<'EOF'
 import os, sys
@@ -167,56 +172,60 @@ for i in range(n):
     os.unlink(f"{top}/d{i % 100:02}/f{i}")
 EOF
     sync -f "$m"
-    T[$fs,unlink]=$(elapsed "$t0")
+    T[$fs,unlink]+="$(elapsed "$t0") "
     [ -z "$(find "$m/tree" -type f -print -quit)" ] || die "$fs: files left after unlink"
     do_umount "$fs"
 
     if btrfs check --readonly "$(img "$fs")" >"$WORK/$fs.check" 2>&1; then
-        T[$fs,check]=ok
+        T[$fs,check]+="${T[$fs,check]:+, }ok"
     else
-        T[$fs,check]="FAILED ($(grep -m1 -i error "$WORK/$fs.check" || tail -1 "$WORK/$fs.check"))"
+        T[$fs,check]+="${T[$fs,check]:+, }FAILED ($(grep -m1 -i error "$WORK/$fs.check" || tail -1 "$WORK/$fs.check"))"
     fi
 }
 
 log "building ubtrfs (release)"
 cargo build --release -p ubtrfs >&2
 LOAD0=$(loadavg)
-run_fs kernel
-run_fs ubtrfs
+for (( r = 1; r <= ROUNDS; r++ )); do
+    if (( r % 2 )); then run_fs kernel "$r"; run_fs ubtrfs "$r"; else run_fs ubtrfs "$r"; run_fs kernel "$r"; fi
+done
 LOAD1=$(loadavg)
 
 # --- report -----------------------------------------------------------------------------------
 rate() { awk -v n="$1" -v s="$2" 'BEGIN { if (s > 0) printf "%.0f", n / s; else print "-" }'; }
 ratio() { awk -v k="$1" -v u="$2" 'BEGIN { if (u > 0) printf "%.2f", k / u; else print "-" }'; }
+median() { tr ' ' '\n' | grep . | sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 row() { # label key amount unit
-    local k=${T[kernel,$2]} u=${T[ubtrfs,$2]}
-    printf '| %s | %s (%s %s) | %s (%s %s) | %s |\n' "$1" "$k" "$(rate "$3" "$k")" "$4" \
-        "$u" "$(rate "$3" "$u")" "$4" "$(ratio "$k" "$u")"
+    local k u
+    k=$(median <<<"${T[kernel,$2]}")
+    u=$(median <<<"${T[ubtrfs,$2]}")
+    printf '| %s | %s (%s %s) | %s (%s %s) | %s | %s | %s |\n' "$1" "$k" "$(rate "$3" "$k")" "$4" \
+        "$u" "$(rate "$3" "$u")" "$4" "$(ratio "$k" "$u")" "${T[kernel,$2]% }" "${T[ubtrfs,$2]% }"
 }
-avg_extent() { awk -v m="$SEQ_MIB" -v n="$1" 'BEGIN { if (n > 0) printf "%.1f MiB", m / n; else print "-" }'; }
+avg_extent() { awk -v m="$SEQ_MIB" -v n="${1%% *}" 'BEGIN { if (n > 0) printf "%.1f MiB", m / n; else print "-" }'; }
 {
     echo "# Write benchmark: ubtrfs vs kernel btrfs"
     echo
     echo "\`benches/write-bench.sh\`, $(date -u '+%Y-%m-%d %H:%M UTC'), kernel $(uname -r)," \
          "$(nproc) CPUs, commit $(git -C "$REPO" rev-parse --short HEAD). Two mkfs.btrfs images of" \
          "${IMG_GIB} GiB; the kernel's on a loop device, ubtrfs's through FUSE (release build)."
-    echo "Load average (1, 5, 15 min): start $LOAD0; kernel phase ${LOAD[kernel]};" \
-         "ubtrfs phase ${LOAD[ubtrfs]}; end $LOAD1 (2 cores, shared with builds)."
+    echo "Load average (1, 5, 15 min): start $LOAD0; kernel rounds ${LOAD[kernel]};" \
+         "ubtrfs rounds ${LOAD[ubtrfs]}; end $LOAD1 (2 cores, shared with builds)."
     echo
-    echo "Seconds (wall clock, final fsync or sync included) and rate; ratio = ubtrfs's rate /" \
-         "the kernel's (above 1: ubtrfs is faster)."
+    echo "Median of $ROUNDS rounds: seconds (wall clock, final fsync or sync included) and rate;" \
+         "ratio = ubtrfs's rate / the kernel's (above 1: ubtrfs is faster)."
     echo
-    echo "| operation | kernel s (rate) | ubtrfs s (rate) | ubtrfs / kernel |"
-    echo "|---|---:|---:|---:|"
+    echo "| operation | kernel s (rate) | ubtrfs s (rate) | ubtrfs / kernel | kernel s, each round | ubtrfs s, each round |"
+    echo "|---|---:|---:|---:|---:|---:|"
     row "sequential write ${SEQ_MIB} MiB, 1 MiB writes + fsync" seq "$SEQ_MIB" MiB/s
     row "$RAND_OPS random 4 KiB buffered overwrites + fsync" rand "$RAND_OPS" IOPS
     row "create $NFILES files of 1 KiB (100 dirs) + sync" create "$NFILES" files/s
     row "unlink them + sync" unlink "$NFILES" files/s
     echo
-    echo "Extents of the sequentially written file (EXTENT_DATA items after unmount):" \
-         "kernel ${EXTENTS[kernel]} (average $(avg_extent "${EXTENTS[kernel]}"))," \
-         "ubtrfs ${EXTENTS[ubtrfs]} (average $(avg_extent "${EXTENTS[ubtrfs]}"))."
+    echo "Extents of the sequentially written file (EXTENT_DATA items after unmount, each round):" \
+         "kernel ${EXTENTS[kernel]% } (average $(avg_extent "${EXTENTS[kernel]}"))," \
+         "ubtrfs ${EXTENTS[ubtrfs]% } (average $(avg_extent "${EXTENTS[ubtrfs]}"))."
     echo
-    echo "\`btrfs check --readonly\` at the end: kernel ${T[kernel,check]}; ubtrfs ${T[ubtrfs,check]}."
+    echo "\`btrfs check --readonly\` after each round: kernel ${T[kernel,check]}; ubtrfs ${T[ubtrfs,check]}."
 } >"$OUT"
 cat "$OUT"
