@@ -39,9 +39,9 @@
 # fuse2fs gets the same files preallocated with fallocate (ext4 has no COW to turn off).
 #
 # Usage (as root): benches/fio-bench.sh [WORKDIR]
-#   WORKDIR            images and mount points (default /tmp/ubtrfs-fio.PID; about 6 GiB free)
+#   WORKDIR            images and mount points (default /tmp/ubtrfs-fio.PID; about 8 GiB free)
 #   BENCH_OPS=N        writes per fsync/dsync run (default 4000)
-#   BENCH_IMG_GIB=N    size of each image (default 4)
+#   BENCH_IMG_GIB=N    size of each image (default 8; sparse)
 #   BENCH_ROUNDS=N     rounds (default 3)
 #   BENCH_FILE_MIB=N   size of the fsync test file and of each preallocated file (default 64)
 #   BENCH_SEQ_MIB=N    sequential write/read size (default 1024)
@@ -59,7 +59,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 OPS=${BENCH_OPS:-4000}
-IMG_GIB=${BENCH_IMG_GIB:-4}
+IMG_GIB=${BENCH_IMG_GIB:-8}
 FILE_MIB=${BENCH_FILE_MIB:-64}
 ROUNDS=${BENCH_ROUNDS:-3}
 SEQ_MIB=${BENCH_SEQ_MIB:-1024}
