@@ -112,6 +112,10 @@ cleanup() {
         fi
     done
     [ -n "$LOOPDEV" ] && losetup -d "$LOOPDEV" 2>/dev/null
+    if [ "$rc" -ne 0 ] && [ -d "$RES" ]; then
+        # Keep what was measured: `fio-report.py DIR OUT.md OUT.svg` reports on it.
+        rm -rf "$WORK.results" && mv "$RES" "$WORK.results" && log "results so far kept in $WORK.results"
+    fi
     if [ -z "${BENCH_KEEP:-}" ]; then
         rm -rf --one-file-system "$WORK"
     else
@@ -168,16 +172,27 @@ do_mount() { # fs [extra ubtrfs options]
     esac
 }
 
+# umount, retried: a process of someone else's that walks /tmp can hold the mount point for a
+# moment ("target is busy").
+umount_retry() {
+    local i
+    for i in $(seq 20); do
+        umount "$1" 2>/dev/null && return 0
+        sleep 0.5
+    done
+    umount "$1"
+}
+
 do_umount() { # fs
     local fs=$1
     case $fs in
     kernel)
-        umount "$(mnt kernel)"
+        umount_retry "$(mnt kernel)"
         losetup -d "$LOOPDEV"
         LOOPDEV=""
         ;;
     *)
-        umount "$(mnt "$fs")"
+        umount_retry "$(mnt "$fs")"
         # The daemon exits by itself once unmounted; the image is consistent only then.
         wait "${DAEMON[$fs]}" || die "$fs exited with status $? (stderr: $(tail -3 "$WORK/$fs.stderr"))"
         DAEMON[$fs]=""
@@ -252,7 +267,7 @@ make_image() { # fs
         chattr +C "$m/nocow"
         for f in $(prealloc_names "$fs"); do fallocate -l "${FILE_MIB}M" "$m/nocow/$f"; done
         lsattr "$m/nocow/pre-idle-r1" | grep -q C || die "pre-idle-r1 is not NODATACOW"
-        umount "$m"
+        umount_retry "$m"
         losetup -d "$dev"
         LOOPDEV=""
     fi

@@ -100,8 +100,18 @@ do_mount() { # fs
     tail -5 "$WORK/ubtrfs.stderr" >&2
     die "ubtrfs did not mount $(img ubtrfs)"
 }
+# umount, retried: a process of someone else's that walks /tmp can hold the mount point for a
+# moment ("target is busy").
+umount_retry() {
+    local i
+    for i in $(seq 20); do
+        umount "$1" 2>/dev/null && return 0
+        sleep 0.5
+    done
+    umount "$1"
+}
 do_umount() { # fs
-    umount "$(mnt "$1")"
+    umount_retry "$(mnt "$1")"
     if [ "$1" = kernel ]; then
         losetup -d "$LOOPDEV"
         LOOPDEV=""
