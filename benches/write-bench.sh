@@ -103,8 +103,7 @@ do_mount() { # fs
 # umount, retried: a process of someone else's that walks /tmp can hold the mount point for a
 # moment ("target is busy").
 umount_retry() {
-    local i
-    for i in $(seq 20); do
+    for _ in $(seq 20); do
         umount "$1" 2>/dev/null && return 0
         sleep 0.5
     done
@@ -212,7 +211,8 @@ row() { # label key amount unit
     printf '| %s | %s (%s %s) | %s (%s %s) | %s | %s | %s |\n' "$1" "$k" "$(rate "$3" "$k")" "$4" \
         "$u" "$(rate "$3" "$u")" "$4" "$(ratio "$k" "$u")" "${T[kernel,$2]% }" "${T[ubtrfs,$2]% }"
 }
-avg_extent() { awk -v m="$SEQ_MIB" -v n="${1%% *}" 'BEGIN { if (n > 0) printf "%.1f MiB", m / n; else print "-" }'; }
+# Average extent size at the median extent count of the rounds.
+avg_extent() { awk -v m="$SEQ_MIB" -v n="$(median <<<"$1")" 'BEGIN { if (n > 0) printf "%.1f MiB", m / n; else print "-" }'; }
 {
     echo "# Write benchmark: ubtrfs vs kernel btrfs"
     echo
@@ -233,8 +233,8 @@ avg_extent() { awk -v m="$SEQ_MIB" -v n="${1%% *}" 'BEGIN { if (n > 0) printf "%
     row "unlink them + sync" unlink "$NFILES" files/s
     echo
     echo "Extents of the sequentially written file (EXTENT_DATA items after unmount, each round):" \
-         "kernel ${EXTENTS[kernel]% } (average $(avg_extent "${EXTENTS[kernel]}"))," \
-         "ubtrfs ${EXTENTS[ubtrfs]% } (average $(avg_extent "${EXTENTS[ubtrfs]}"))."
+         "kernel ${EXTENTS[kernel]% } (median's average size $(avg_extent "${EXTENTS[kernel]}"))," \
+         "ubtrfs ${EXTENTS[ubtrfs]% } (median's average size $(avg_extent "${EXTENTS[ubtrfs]}"))."
     echo
     echo "\`btrfs check --readonly\` after each round: kernel ${T[kernel,check]}; ubtrfs ${T[ubtrfs,check]}."
 } >"$OUT"
