@@ -175,8 +175,7 @@ do_mount() { # fs [extra ubtrfs options]
 # umount, retried: a process of someone else's that walks /tmp can hold the mount point for a
 # moment ("target is busy").
 umount_retry() {
-    local i
-    for i in $(seq 20); do
+    for _ in $(seq 20); do
         umount "$1" 2>/dev/null && return 0
         sleep 0.5
     done
