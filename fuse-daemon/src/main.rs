@@ -384,6 +384,37 @@ fn mount_again(
             std::io::Error::last_os_error()
         ));
     }
+    // A bind of a shared mount joins its peer group; a second mount of a device is a mount
+    // of its own: take it out of the group, and give it a new one where a fresh mount
+    // would be shared (its parent mount is shared).
+    let parent_shared = mount_is_shared(mountpoint.parent().unwrap_or(Path::new("/")));
+    for flags in [
+        Some(libc::MS_PRIVATE),
+        parent_shared.then_some(libc::MS_SHARED),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        // SAFETY: valid path; a propagation change takes no source, type or data.
+        let r = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                d.as_ptr(),
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: valid path; undo the bind mount made above.
+            unsafe { libc::umount2(d.as_ptr(), libc::MNT_DETACH) };
+            return Err(format!(
+                "mount propagation of {}: {e}",
+                mountpoint.display()
+            ));
+        }
+    }
     if readonly {
         // SAFETY: as above; a bind remount changes only this mount's flags.
         let r = unsafe {
@@ -410,6 +441,36 @@ fn mount_again(
         mountpoint.display()
     );
     Ok(())
+}
+
+/// Whether the mount that holds `p` is shared (a `shared:N` tag in /proc/self/mountinfo).
+fn mount_is_shared(p: &Path) -> bool {
+    let Ok(canon) = std::fs::canonicalize(p) else {
+        return false;
+    };
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    // The longest mount point that is a prefix of `canon` (the last one listed wins ties).
+    let mut best: Option<(usize, bool)> = None;
+    for line in text.lines() {
+        let Some((pre, _)) = line.split_once(" - ") else {
+            continue;
+        };
+        let f: Vec<&str> = pre.split(' ').collect();
+        if f.len() < 6 {
+            continue;
+        }
+        let target = PathBuf::from(f[4].replace("\\040", " "));
+        if canon.starts_with(&target) {
+            let len = target.as_os_str().len();
+            let shared = f[6..].iter().any(|t| t.starts_with("shared:"));
+            if best.is_none_or(|(l, _)| len >= l) {
+                best = Some((len, shared));
+            }
+        }
+    }
+    best.is_some_and(|(_, s)| s)
 }
 
 /// Whether the mount at `p` is read-only (statvfs ST_RDONLY).
