@@ -170,13 +170,18 @@ fn timespec_of(t: SystemTime) -> ubtrfs_format::items::Timespec {
             nsec: d.subsec_nanos(),
         },
         Err(e) => {
+            // Before 1970. fuser 0.18 builds the SystemTime of a kernel time (sec < 0, nsec)
+            // as the epoch minus (-sec s + nsec ns) (system_time_from_time), not plus nsec:
+            // reading the distance back as (-seconds, nanoseconds) recovers the kernel's
+            // timespec exactly. -2^63 s, the earliest time btrfs and the VFS hold, has a
+            // magnitude no i64 holds, but its wrapping negation is exact.
             let d = e.duration();
-            let mut sec = -(d.as_secs() as i64);
-            let mut nsec = d.subsec_nanos();
-            if nsec > 0 {
-                sec -= 1;
-                nsec = 1_000_000_000 - nsec;
-            }
+            let sec = if d.as_secs() > 1 << 63 {
+                i64::MIN
+            } else {
+                (d.as_secs() as i64).wrapping_neg()
+            };
+            let nsec = d.subsec_nanos();
             ubtrfs_format::items::Timespec {
                 sec: sec as u64,
                 nsec,

@@ -1193,3 +1193,55 @@ fn reread_label(root: &Path) -> Vec<String> {
 fn fs_label_matches_kernel() {
     against_kernel("label", probe_label, reread_label);
 }
+
+/// Times at the edges btrfs holds, set with utimensat and read back with stat.
+fn probe_times(root: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let f = root.join("t");
+    fs::write(&f, b"").unwrap();
+    let c = cpath(&f);
+    let mut o = Vec::new();
+    for (sec, nsec) in [
+        (i64::MIN, 0),
+        (i64::MAX, 0),
+        (-1, 999_999_999),
+        (-315_619_200, 500_000_000),
+        (1 << 40, 1),
+    ] {
+        let ts = [
+            libc::timespec {
+                tv_sec: sec,
+                tv_nsec: nsec,
+            },
+            libc::timespec {
+                tv_sec: sec,
+                tv_nsec: nsec,
+            },
+        ];
+        // SAFETY: valid path and two timespecs.
+        let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), 0) };
+        let got = fs::metadata(&f).map(|m| (m.atime(), m.atime_nsec(), m.mtime(), m.mtime_nsec()));
+        o.push(format!(
+            "set {sec}.{nsec:09}: {} -> {}",
+            if r == 0 { "ok".into() } else { last_errno() },
+            res(got)
+        ));
+    }
+    o
+}
+
+fn reread_times(root: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    vec![res(
+        fs::metadata(root.join("t")).map(|m| (m.atime(), m.atime_nsec(), m.mtime()))
+    )]
+}
+
+// Test scenario: utimensat with the earliest and latest times btrfs holds (-2^63 and 2^63-1
+// seconds) and with times before 1970 that carry nanoseconds read back as on the kernel's
+// btrfs (fuser's conversion of such times is compensated, and the daemon does not panic), and
+// the kernel reads them from ubtrfs's image.
+#[test]
+fn extreme_times_match_kernel() {
+    against_kernel("times", probe_times, reread_times);
+}
