@@ -26,8 +26,8 @@ fn scripts_parse() {
 }
 
 // Test scenario: the patch to xfstests touches only common/rc, adds both hooks, the
-// subtype for tests that mount with -t $FSTYP, and btrfs's byte-string names and label
-// length for ubtrfs.
+// subtype for tests that mount with -t $FSTYP, and btrfs's timestamp range, byte-string
+// names and label length for ubtrfs.
 #[test]
 fn patch_shape() {
     let patch = std::fs::read_to_string(glue_dir().join("fuse-mkfs-fsck.patch")).unwrap();
@@ -39,7 +39,7 @@ fn patch_shape() {
     assert!(patch.contains("$FSCK_FUSE_PROG $device"));
     assert!(patch.contains("arg=fuse$FUSE_SUBTYP"));
     // btrfs's facts that xfstests keys on FSTYP=btrfs, for FUSE_SUBTYP=.ubtrfs only.
-    assert_eq!(patch.matches("[ \"$FUSE_SUBTYP\" = .ubtrfs ]").count(), 2);
+    assert_eq!(patch.matches("[ \"$FUSE_SUBTYP\" = .ubtrfs ]").count(), 3);
 }
 
 struct Fake {
