@@ -33,9 +33,9 @@
 # filesystems take turns in a rotating order, and the report shows the median of the rounds
 # (the counters are summed over them). Every run gets a fresh mount with caches dropped.
 #
-# The NODATACOW file: `chattr +C` does not reach ubtrfs through FUSE (no FS_IOC_SETFLAGS), so
-# the btrfs images are prepared by a kernel mount: a directory with +C and the preallocated
-# files in it (fallocate), then unmounted; ubtrfs and the kernel then use identical files.
+# The NODATACOW files: the btrfs images are prepared by a kernel mount (a directory with +C and
+# the preallocated files in it, fallocate), then unmounted, so that ubtrfs and the kernel start
+# from identical extents.
 # fuse2fs gets the same files preallocated with fallocate (ext4 has no COW to turn off).
 #
 # Usage (as root): benches/fio-bench.sh [WORKDIR]
