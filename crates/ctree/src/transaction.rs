@@ -1017,6 +1017,10 @@ impl Transaction {
         }
         tracing::info!("allocated {kind:?} chunk at logical {logical}, {stripe} bytes x{num_stripes} at physical {phys}");
         self.changes += 1;
+        // btrfs_make_block_group: a log written in this transaction could point into the new
+        // block group, whose chunk and block group items only the commit makes durable; log
+        // replay would then find extents in no block group. fsync must commit instead.
+        self.log.full_commit.get_or_insert("new block group");
         Ok(logical)
     }
 }

@@ -45,7 +45,8 @@
 //! conflicting inodes" (> MAX_CONFLICT_INODES), "conflicting directory with unlinks",
 //! "conflicting name in a deleted directory", "too many modified extents" (-EFBIG),
 //! "too many inodes to log" (a bound of ours on recursive new-dentry logging), "logging
-//! error", "log update error" (a namespace hook could not update the log), "log sync error".
+//! error", "log update error" (a namespace hook could not update the log), "log sync error",
+//! "new block group" (a chunk allocated in the transaction: `btrfs_make_block_group`).
 //!
 //! # Log syncs
 //! `btrfs_sync_log` ([`FsInfo::sync_log`]) takes the log transid an fsync logged into; one
