@@ -1970,7 +1970,7 @@ fn kernel_removes_everything(img: &Path, d: &TestDir) {
     );
 }
 
-// Test scenario: a few hundred seeded random namespace, data and attribute operations
+// Test scenario: a thousand seeded random namespace, data and attribute operations per run
 // (create, mkdir, write, truncate, unlink, rmdir, link, symlink, rename with flags, xattrs,
 // fallocate modes, chmod, copy_file_range, open handles across unlink, sync, crash-remount
 // with orphan cleanup) applied to ubtrfs and to a host directory; every result (errno
@@ -1982,7 +1982,7 @@ fn random_ops_match_host_model() {
     let steps = std::env::var("UBTRFS_RANDOM_STEPS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
+        .unwrap_or(1000);
     let seeds: Vec<u64> = match std::env::var("UBTRFS_RANDOM_SEED") {
         Ok(s) => vec![s.parse().unwrap()],
         Err(_) => vec![1, 2],
