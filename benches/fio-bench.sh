@@ -361,18 +361,7 @@ throughput_runs() { # fs round
 
     log "round $r: $fs: create $NFILES files"
     t0=$(now)
-    python3 - "$m/tree" "$NFILES" <<'EOF'
-import os, sys
-top, n = sys.argv[1], int(sys.argv[2])
-data = b"x" * 1024
-os.mkdir(top)
-for d in range(100):
-    os.mkdir(f"{top}/d{d:02}")
-for i in range(n):
-    fd = os.open(f"{top}/d{i % 100:02}/f{i}", os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644)
-    os.write(fd, data)
-    os.close(fd)
-EOF
+    python3 "$REPO/benches/create_files.py" "$m/tree" "$NFILES"
     sync -f "$m/tree"
     echo "$fs create $(elapsed "$t0") $r" >>"$TIMES"
     do_umount "$fs"
