@@ -1188,22 +1188,28 @@ impl Filesystem for UbtrfsFuse {
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: fuser::WriteFlags,
-        _flags: OpenFlags,
+        write_flags: fuser::WriteFlags,
+        flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         reply: fuser::ReplyWrite,
     ) {
+        // FUSE_WRITE carries the file's open flags plus O_DSYNC/O_SYNC for a dsync write
+        // (fuse_write_flags): O_DIRECT takes btrfs_direct_write, whose O_DSYNC sync runs
+        // under its inode lock; the client sends the closing generic_write_sync as FUSE_FSYNC.
+        let wf = ubtrfs_fs::direct_io::WriteFlags::from_open_flags(flags.0);
+        tracing::debug!(target: "fuse_write", ino = ino.0, offset, len = data.len(),
+            open_flags = format_args!("{:#x}", flags.0), write_flags = format_args!("{:#x}", write_flags.bits()), direct = wf.direct, dsync = wf.dsync);
         let r = self.resolve(ino.0).and_then(|(root, i)| {
-            let em = self.extent_maps(ino.0, root, i);
-            // i_rwsem: writers of one inode are serialised, as in the kernel.
-            let _l = em.inode_lock().write();
-            let (_, _, ii) = self.inode_of(ino.0)?;
-            fileattr::may_write(&ii, offset, ii.size)?;
-            self.file_remove_privs(req, root, i, &ii)?;
-            ubtrfs_fs::file_write::btrfs_buffered_write(&self.fs, root, i, offset, data)
+            // The inode lock (i_rwsem) is taken inside: writers of one inode are serialised,
+            // as in the kernel; the checks run under it.
+            ubtrfs_fs::direct_io::btrfs_file_write(&self.fs, root, i, offset, data, wf, || {
+                let (_, _, ii) = self.inode_of(ino.0)?;
+                fileattr::may_write(&ii, offset, ii.size)?;
+                self.file_remove_privs(req, root, i, &ii)
+            })
         });
         match r {
-            Ok(n) => reply.written(n as u32),
+            Ok(o) => reply.written(o.written as u32),
             Err(e) => {
                 log_error("write", &e);
                 reply.error(errno_of(&e))

@@ -114,6 +114,16 @@ pub struct FsCounters {
     pub fsync_full: AtomicU64,
     /// fsync calls with nothing to log.
     pub fsync_skipped: AtomicU64,
+    /// Of `fsync_skipped`, those that found the inode already in the log of the running
+    /// transaction with nothing changed since (`btrfs_inode_in_log`).
+    pub fsync_skipped_in_log: AtomicU64,
+    /// fsync calls made by O_DSYNC/O_SYNC direct writes, which hold the inode lock (the
+    /// `skip_ilock` variant: only the mmap lock taken); also counted by outcome above.
+    pub fsync_dio: AtomicU64,
+    /// Direct writes (`btrfs_direct_write`) that went direct, and those that fell back to a
+    /// buffered write plus writeback (checksummed inode, unaligned range).
+    pub direct_writes: AtomicU64,
+    pub direct_write_fallbacks: AtomicU64,
     /// Log syncs (superblock writes pointing at the log).
     pub log_syncs: AtomicU64,
     /// Logged fsyncs that found their log transid already synced by another fsync's log sync

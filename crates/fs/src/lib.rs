@@ -20,6 +20,7 @@
 pub mod acl;
 pub mod compression;
 pub mod dir_item;
+pub mod direct_io;
 pub mod disk_io;
 pub mod error;
 pub mod file;

@@ -117,15 +117,50 @@ fn corrupt(root: u64, k: &Key, e: impl std::fmt::Display) -> FsError {
 
 /// `btrfs_sync_file` for an inode of subvolume `root`: a regular file, a symlink or a
 /// directory (fsyncdir comes here too, as in the kernel where both are `btrfs_sync_file`).
+/// Takes the inode lock and the mmap lock exclusively (`btrfs_inode_lock(BTRFS_ILOCK_MMAP)`)
+/// while it logs, and syncs the log (or commits) after dropping them.
 pub fn btrfs_sync_file(fs: &FsInfo, root: u64, ino: u64) -> Result<SyncOutcome> {
+    sync_file(fs, root, ino, false)
+}
+
+/// `btrfs_sync_file` called from an O_DSYNC/O_SYNC direct write (`iomap_dio_complete` →
+/// `generic_write_sync` with `current->journal_info == BTRFS_TRANS_DIO_WRITE_STUB`): the
+/// write holds the inode lock (`ilock` is its guard), so only the mmap lock is taken
+/// (`skip_ilock`). Everything else is the ordinary fsync. Counted in `fsync_dio` too.
+pub(crate) fn btrfs_sync_file_dio(
+    fs: &FsInfo,
+    root: u64,
+    ino: u64,
+    ilock: &InodeLockGuard<'_>,
+) -> Result<SyncOutcome> {
+    // btrfs_assert_inode_locked: the guard must be this inode's.
+    let emi = fs.ems.inode(root, ino);
+    if !std::ptr::eq(
+        parking_lot::RwLockWriteGuard::rwlock(ilock),
+        emi.inode_lock(),
+    ) {
+        return Err(FsError::Invalid(format!(
+            "root {root} ino {ino}: direct-write fsync without the inode's lock"
+        )));
+    }
+    fs.counters
+        .fsync_dio
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    sync_file(fs, root, ino, true)
+}
+
+/// The exclusive inode lock of a write (`inode_lock`), as a direct write holds it.
+pub type InodeLockGuard<'a> = parking_lot::RwLockWriteGuard<'a, ()>;
+
+fn sync_file(fs: &FsInfo, root: u64, ino: u64, skip_ilock: bool) -> Result<SyncOutcome> {
     if fs.is_readonly() {
         return Ok(SyncOutcome::Skipped);
     }
     let emi = fs.ems.inode(root, ino);
     // start_ordered_ops before locking, then again for what was dirtied meanwhile.
     btrfs_writeback(fs, root, ino)?;
-    let _inode_lock = emi.inode_lock().write();
-    let _mmap_lock = emi.mmap_lock().write();
+    let inode_lock = (!skip_ilock).then(|| emi.inode_lock().write());
+    let mmap_lock = emi.mmap_lock().write();
     btrfs_writeback(fs, root, ino)?;
     let full_sync = emi.needs_full_sync();
     let mut ticket = (0, 0);
@@ -169,6 +204,10 @@ pub fn btrfs_sync_file(fs: &FsInfo, root: u64, ino: u64) -> Result<SyncOutcome> 
             }
         }
     });
+    // The log is consistent on disk once synced; the log sync and any commit run with the
+    // inode unlocked (btrfs_inode_unlock before btrfs_sync_log).
+    drop(mmap_lock);
+    drop(inode_lock);
     // No metadata space to log into (the reservation refused before anything changed): the
     // commit, which may use the global reserve, makes the data durable instead.
     let outcome = match outcome {
@@ -205,7 +244,7 @@ pub fn btrfs_sync_file(fs: &FsInfo, root: u64, ino: u64) -> Result<SyncOutcome> 
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         }
     };
-    tracing::debug!(target: "btrfs_sync_file", root, ino, ?outcome, full_sync);
+    tracing::debug!(target: "btrfs_sync_file", root, ino, ?outcome, full_sync, skip_ilock);
     Ok(outcome)
 }
 
