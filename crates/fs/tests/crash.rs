@@ -41,9 +41,10 @@
 //! `$TMPDIR/ubtrfs-crash-failed/`.
 //!
 //! The checks do not depend on whether an fsync used the log or fell back to a full commit.
-//! Direct I/O and O_DSYNC: the library has no separate direct-I/O write path (FUSE direct opens
-//! go through the same `btrfs_buffered_write`); "direct" is modelled as write + writeback +
-//! fsync, O_DSYNC as write + fsync, which is what they reach at this level.
+//! Direct I/O and O_DSYNC go through `direct_io::btrfs_do_write_iter` as the FUSE daemon's
+//! writes do: a direct write to a checksummed file falls back to buffered + writeback; one to
+//! a NOCOW file stays direct and, with O_DSYNC, fsyncs under its inode lock (a checkpoint is
+//! taken right after that inner fsync, before the ordinary one of `generic_write_sync`).
 
 mod common;
 
@@ -609,6 +610,47 @@ impl Work {
     /// names it had before (they must be gone), and its ancestors' names.
     fn fsync(&mut self, path: &str) {
         let ino = self.ino(path);
+        self.synced(path, "fsync", |fs, root| {
+            ubtrfs_fs::tree_log::btrfs_sync_file(fs, root, ino).unwrap()
+        });
+    }
+
+    /// A write through `btrfs_do_write_iter` with O_DIRECT and/or O_DSYNC. An O_DSYNC write
+    /// promises the file as an fsync does, once after the direct write's own fsync (run under
+    /// its inode lock) and again after the ordinary one of `generic_write_sync`.
+    fn write_flags(&mut self, path: &str, off: u64, data: &[u8], direct: bool, dsync: bool) {
+        let ino = self.ino(path);
+        let flags = ubtrfs_fs::direct_io::WriteFlags { direct, dsync };
+        let o = ubtrfs_fs::direct_io::btrfs_file_write(
+            &self.fs,
+            self.root,
+            ino,
+            off,
+            data,
+            flags,
+            || Ok(()),
+        )
+        .unwrap();
+        assert_eq!(o.written, data.len());
+        if let Some(out) = o.dio_sync {
+            self.synced(path, &format!("{:?} write's fsync", o.path), |_, _| out);
+        }
+        if dsync {
+            self.synced(path, "generic_write_sync", |fs, root| {
+                ubtrfs_fs::tree_log::btrfs_sync_file(fs, root, ino).unwrap()
+            });
+        }
+    }
+
+    /// Run `sync`, which makes the file at `path` durable as fsync does, and take the
+    /// checkpoint of that promise.
+    fn synced(
+        &mut self,
+        path: &str,
+        what: &str,
+        sync: impl FnOnce(&FsInfo, u64) -> ubtrfs_fs::tree_log::SyncOutcome,
+    ) {
+        let ino = self.ino(path);
         let full = || {
             self.fs
                 .counters
@@ -616,7 +658,7 @@ impl Work {
                 .load(std::sync::atomic::Ordering::Relaxed)
         };
         let full_before = full();
-        let out = ubtrfs_fs::tree_log::btrfs_sync_file(&self.fs, self.root, ino).unwrap();
+        let out = sync(&self.fs, self.root);
         let how = if full() > full_before {
             ", full path"
         } else {
@@ -660,7 +702,7 @@ impl Work {
                 }
             }
         }
-        self.checkpoint(format!("fsync {path} ({out:?}{how})"), p);
+        self.checkpoint(format!("{what} {path} ({out:?}{how})"), p);
     }
 
     /// fsync of a directory: the names of its entries, present and removed.
@@ -766,6 +808,16 @@ fn setup(w: &Work) {
     w.create("A/bar", &pattern(2, 3000));
     w.create("big", &pattern(3, 300_000));
     w.setxattr("big", "user.k", b"v1");
+    // chattr +C on the empty file: NODATACOW and NODATASUM, so direct writes stay direct.
+    let nocow = w.create("A/nocow", b"");
+    ubtrfs_fs::fileattr::btrfs_fileattr_set(
+        &w.fs,
+        w.root,
+        nocow,
+        ubtrfs_fs::fileattr::FileAttrSet::Flags(0x0080_0000),
+    )
+    .unwrap();
+    w.write("A/nocow", 0, &pattern(4, 64 << 10));
 }
 
 fn cp_sparse(from: &Path, to: &Path) {
@@ -1205,15 +1257,28 @@ fn seq1() -> Vec<Workload> {
             w.fsync("big");
         }),
         ("write-direct", |w| {
-            // No separate direct-I/O path in the library: written back before the fsync.
-            w.write("A/foo", 128 << 10, &pattern(12, 16384));
-            w.writeback("A/foo");
+            // A checksummed file: btrfs_direct_write falls back to buffered + writeback.
+            w.write_flags("A/foo", 128 << 10, &pattern(12, 16384), true, false);
             w.fsync("A/foo");
         }),
+        ("write-direct-nocow", |w| {
+            // Stays direct (NODATASUM, aligned); fsync afterwards.
+            w.write_flags("A/nocow", 32 << 10, &pattern(18, 16384), true, false);
+            w.fsync("A/nocow");
+        }),
+        ("write-direct-dsync", |w| {
+            // O_DIRECT|O_DSYNC on a NOCOW file: the fsync under the write's inode lock, then
+            // generic_write_sync's (which finds the inode in the log), with an extension.
+            w.write_flags("A/nocow", 48 << 10, &pattern(19, 32768), true, true);
+        }),
+        ("write-direct-dsync-fallback", |w| {
+            // O_DIRECT|O_DSYNC on a checksummed file: buffered, then generic_write_sync.
+            w.write_flags("big", 8192, &pattern(38, 8192), true, true);
+        }),
         ("write-dsync", |w| {
-            // O_DSYNC = write + fsync of the whole file, as btrfs_sync_file ignores datasync.
-            w.write("A/bar", 3000, &pattern(13, 1000));
-            w.fsync("A/bar");
+            // O_DSYNC buffered: the write, then generic_write_sync's fsync of the whole file
+            // (btrfs_sync_file ignores datasync).
+            w.write_flags("A/bar", 3000, &pattern(13, 1000), false, true);
         }),
         ("overwrite", |w| {
             w.write("big", 16384, &pattern(14, 4096));
