@@ -73,6 +73,14 @@ pub struct FsyncStats {
     pub full: u64,
     /// Nothing to log (`skip_inode_logging`).
     pub skipped: u64,
+    /// Of `skipped`: the inode was already in the log of the running transaction with nothing
+    /// changed since (`btrfs_inode_in_log`). 0 in snapshots from daemons that did not count it.
+    #[serde(default)]
+    pub skipped_in_log: u64,
+    /// fsyncs run by O_DSYNC/O_SYNC direct writes under their inode lock (only the mmap lock
+    /// taken: `skip_ilock`); also counted by outcome.
+    #[serde(default)]
+    pub dio: u64,
     /// Fell back to a full transaction commit, in all and by reason.
     pub full_commit: u64,
     pub full_commit_reasons: BTreeMap<String, u64>,
@@ -134,6 +142,12 @@ pub struct IoStats {
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub decompressed_extents: u64,
+    /// O_DIRECT writes that stayed direct, and those that fell back to buffered + writeback
+    /// (checksummed inode, unaligned range), as `btrfs_direct_write` decides.
+    #[serde(default)]
+    pub direct_writes: u64,
+    #[serde(default)]
+    pub direct_write_fallbacks: u64,
 }
 
 /// Everything `ubtrfs stats` shows, as the daemon measured it at one moment.
@@ -233,6 +247,8 @@ impl Daemon {
                 fast: c.fsync_fast.load(Relaxed),
                 full: c.fsync_full.load(Relaxed),
                 skipped: c.fsync_skipped.load(Relaxed),
+                skipped_in_log: c.fsync_skipped_in_log.load(Relaxed),
+                dio: c.fsync_dio.load(Relaxed),
                 full_commit: c.fsync_full_commit.load(Relaxed),
                 full_commit_reasons: c
                     .full_commit_reasons
@@ -273,6 +289,8 @@ impl Daemon {
                 bytes_read: c.bytes_read.load(Relaxed),
                 bytes_written: c.bytes_written.load(Relaxed),
                 decompressed_extents: c.decompressed_extents.load(Relaxed),
+                direct_writes: c.direct_writes.load(Relaxed),
+                direct_write_fallbacks: c.direct_write_fallbacks.load(Relaxed),
             },
             memory_pressure: self.pressure.snapshot(),
         }
@@ -526,6 +544,18 @@ fn table(s: &Snapshot) -> Vec<Group> {
                     Unit::Of("fsyncs"),
                     f.skipped,
                 ),
+                counter(
+                    "skipped_in_log",
+                    "  of which already in the log",
+                    Unit::Of("fsyncs"),
+                    f.skipped_in_log,
+                ),
+                counter(
+                    "dio",
+                    "under a direct write's inode lock",
+                    Unit::Of("fsyncs"),
+                    f.dio,
+                ),
                 Row {
                     text: if f.full_commit_reasons.is_empty() {
                         String::new()
@@ -669,6 +699,18 @@ fn table(s: &Snapshot) -> Vec<Group> {
                     "extents decompressed",
                     Unit::Of("extents"),
                     s.io.decompressed_extents,
+                ),
+                counter(
+                    "direct_writes",
+                    "direct writes",
+                    Unit::Of("writes"),
+                    s.io.direct_writes,
+                ),
+                counter(
+                    "direct_write_fallbacks",
+                    "direct writes done buffered",
+                    Unit::Of("writes"),
+                    s.io.direct_write_fallbacks,
                 ),
             ],
         },

@@ -90,6 +90,10 @@ pub struct LogState {
     /// this transaction, or, for a directory, an entry was renamed away from it), by
     /// (subvolume, inode).
     pub last_unlink: BTreeSet<(u64, u64)>,
+    /// The kernel's `last_sub_trans` of the inodes changed in this transaction, by (subvolume,
+    /// inode): the log transid that was open when the inode item last changed or data was last
+    /// written (`btrfs_set_inode_last_trans`, `btrfs_set_inode_last_sub_trans`).
+    pub last_sub_trans: BTreeMap<(u64, u64), u64>,
 }
 
 /// What the log of the running transaction holds of one inode.
@@ -97,6 +101,42 @@ pub struct LogState {
 pub struct LoggedInode {
     /// Logged with LOG_INODE_ALL at least once (else only LOG_INODE_EXISTS).
     pub all: bool,
+    /// The kernel's `last_log_commit` of the inode: its `last_sub_trans` when it was last
+    /// logged in full (LOG_INODE_ALL, not for a new name); None when a change since
+    /// (`btrfs_set_inode_last_trans` sets it to `last_sub_trans - 1`) or never.
+    pub last_log_commit: Option<u64>,
+}
+
+impl LogState {
+    /// `btrfs_set_inode_last_trans`: the inode item changed; until it is logged in full
+    /// again, the inode is not in the log.
+    pub fn set_inode_last_trans(&mut self, root: u64, ino: u64) {
+        self.last_sub_trans.insert((root, ino), self.log_transid);
+        if let Some(l) = self.inodes.get_mut(&(root, ino)) {
+            l.last_log_commit = None;
+        }
+    }
+
+    /// `btrfs_set_inode_last_sub_trans`: data was written (`btrfs_do_write_iter`).
+    pub fn set_inode_last_sub_trans(&mut self, root: u64, ino: u64) {
+        self.last_sub_trans.insert((root, ino), self.log_transid);
+    }
+
+    /// `btrfs_inode_in_log` for the running transaction: the inode was logged in it
+    /// (`logged_trans == generation`), in full since its last change (`last_sub_trans <=
+    /// last_log_commit`), and the log transid of that change is synced (`last_sub_trans <=
+    /// root->last_log_commit`).
+    pub fn inode_in_log(&self, root: u64, ino: u64) -> bool {
+        let Some(llc) = self
+            .inodes
+            .get(&(root, ino))
+            .and_then(|l| l.last_log_commit)
+        else {
+            return false;
+        };
+        let sub = self.last_sub_trans.get(&(root, ino)).copied().unwrap_or(0);
+        sub <= llc && sub < self.synced_upto
+    }
 }
 
 /// Tree allocator of log trees: reserved metadata space, no refs (`btrfs_alloc_tree_block` for

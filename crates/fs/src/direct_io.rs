@@ -20,9 +20,10 @@
 //!   `current->journal_info = BTRFS_TRANS_DIO_WRITE_STUB`, so `btrfs_sync_file` takes only
 //!   the mmap lock (`skip_ilock`). On a device with FUA, an O_DSYNC (not O_SYNC) write goes
 //!   out FUA and iomap skips that sync; ubtrfs's devices are a volatile cache without FUA
-//!   (they only flush), so here it always runs. `btrfs_do_write_iter`'s own
-//!   `generic_write_sync` follows with an ordinary fsync, which finds the inode already in
-//!   the log (`btrfs_inode_in_log`) and skips logging.
+//!   (they only flush), so here it always runs. `btrfs_do_write_iter` then sets the inode's
+//!   `last_sub_trans` to the root's log transid, which that sync's log sync has just moved
+//!   on, and its own `generic_write_sync` runs a second, ordinary fsync: the inode is not
+//!   `btrfs_inode_in_log` any more, so it is logged again and the next log transid synced.
 //!
 //! # Here
 //! - The data of a direct write goes through the inode's dirty buffer and is written back at
@@ -105,6 +106,7 @@ pub fn btrfs_do_write_iter(
     checks: impl FnOnce() -> Result<()>,
 ) -> Result<WriteOutcome> {
     let mut out = btrfs_file_write(fs, root, ino, offset, data, flags, checks)?;
+    // generic_write_sync, with the inode unlocked.
     if flags.dsync && out.written > 0 {
         out.write_sync = Some(btrfs_sync_file(fs, root, ino)?);
     }
@@ -123,19 +125,30 @@ pub fn btrfs_file_write(
     flags: WriteFlags,
     checks: impl FnOnce() -> Result<()>,
 ) -> Result<WriteOutcome> {
-    if flags.direct {
-        return btrfs_direct_write(fs, root, ino, offset, data, flags.dsync, checks);
+    let out = if flags.direct {
+        btrfs_direct_write(fs, root, ino, offset, data, flags.dsync, checks)?
+    } else {
+        let emi = fs.ems.inode(root, ino);
+        let _ilock = emi.inode_lock().write();
+        checks()?;
+        let written = btrfs_buffered_write(fs, root, ino, offset, data)?;
+        WriteOutcome {
+            written,
+            path: WritePath::Buffered,
+            dio_sync: None,
+            write_sync: None,
+        }
+    };
+    btrfs_set_inode_last_sub_trans(fs, root, ino);
+    Ok(out)
+}
+
+/// `btrfs_set_inode_last_sub_trans`, after every write: the inode's data changed in the
+/// root's current log transid, so an fsync must log it again (`btrfs_inode_in_log`).
+fn btrfs_set_inode_last_sub_trans(fs: &FsInfo, root: u64, ino: u64) {
+    if let Some(t) = &fs.trans {
+        t.lock().log.set_inode_last_sub_trans(root, ino);
     }
-    let emi = fs.ems.inode(root, ino);
-    let _ilock = emi.inode_lock().write();
-    checks()?;
-    let written = btrfs_buffered_write(fs, root, ino, offset, data)?;
-    Ok(WriteOutcome {
-        written,
-        path: WritePath::Buffered,
-        dio_sync: None,
-        write_sync: None,
-    })
 }
 
 /// `btrfs_direct_write`: the inode lock exclusive; a checksummed inode or an unaligned range

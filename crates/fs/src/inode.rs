@@ -210,6 +210,7 @@ pub(crate) fn new_inode_in(
         otime: now,
     };
     c.insert(root, Key::new(ino, item::INODE_ITEM, 0), &ii.to_bytes())?;
+    c.t.log.set_inode_last_trans(root, ino);
     let iref = InodeRef {
         index,
         name: name.to_vec(),

@@ -191,7 +191,10 @@ impl WriteCtx<'_> {
         InodeItem::parse(&d).map_err(|e| FsError::corrupt(format!("root {root} ino {ino}: {e}")))
     }
 
+    /// `btrfs_update_inode`, which also does `btrfs_set_inode_last_trans`.
     pub fn write_inode(&mut self, root: u64, ino: u64, ii: &InodeItem) -> Result<()> {
-        self.update(root, &Key::new(ino, item::INODE_ITEM, 0), &ii.to_bytes())
+        self.update(root, &Key::new(ino, item::INODE_ITEM, 0), &ii.to_bytes())?;
+        self.t.log.set_inode_last_trans(root, ino);
+        Ok(())
     }
 }

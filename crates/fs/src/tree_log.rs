@@ -164,8 +164,15 @@ fn sync_file(fs: &FsInfo, root: u64, ino: u64, skip_ilock: bool) -> Result<SyncO
     btrfs_writeback(fs, root, ino)?;
     let full_sync = emi.needs_full_sync();
     let mut ticket = (0, 0);
+    let mut in_log = false;
     let outcome = fs.write_op(|c| {
         let transid = c.transid();
+        // skip_inode_logging, first rule: already in the log with nothing changed since
+        // (no ordered extents can be pending here: writeback above completed them).
+        if c.t.log.inode_in_log(root, ino) {
+            in_log = true;
+            return Ok(SyncOutcome::Skipped);
+        }
         let ii = c.read_inode(root, ino)?;
         if let Some(reason) = c.t.log.full_commit {
             if ii.transid < transid {
@@ -215,10 +222,16 @@ fn sync_file(fs: &FsInfo, root: u64, ino: u64, skip_ilock: bool) -> Result<SyncO
         other => other?,
     };
     match outcome {
-        SyncOutcome::Skipped => fs
-            .counters
-            .fsync_skipped
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        SyncOutcome::Skipped => {
+            if in_log {
+                fs.counters
+                    .fsync_skipped_in_log
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            fs.counters
+                .fsync_skipped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        }
         SyncOutcome::Logged => {
             if fs.sync_log(ticket.0, ticket.1)? {
                 fs.counters
@@ -819,8 +832,19 @@ fn btrfs_log_inode(
     if reason.is_some() {
         return Ok(reason);
     }
+    // logged_trans = transid; last_log_commit = last_sub_trans, except for LOG_INODE_EXISTS
+    // and new-name logging (the kernel's three reasons in btrfs_log_inode).
+    let sub =
+        c.t.log
+            .last_sub_trans
+            .get(&(root, ino))
+            .copied()
+            .unwrap_or(0);
     let e = c.t.log.inodes.entry((root, ino)).or_default();
     e.all |= mode == LogMode::All;
+    if mode == LogMode::All && !ctx.logging_new_name {
+        e.last_log_commit = Some(sub);
+    }
     if !ctx.conflicts.is_empty() && !ctx.logging_new_name {
         return log_conflicting_inodes(c, root, ctx);
     }

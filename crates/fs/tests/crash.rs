@@ -1267,8 +1267,8 @@ fn seq1() -> Vec<Workload> {
             w.fsync("A/nocow");
         }),
         ("write-direct-dsync", |w| {
-            // O_DIRECT|O_DSYNC on a NOCOW file: the fsync under the write's inode lock, then
-            // generic_write_sync's (which finds the inode in the log), with an extension.
+            // O_DIRECT|O_DSYNC on a NOCOW file, extending it: the fsync under the write's
+            // inode lock, then generic_write_sync's.
             w.write_flags("A/nocow", 48 << 10, &pattern(19, 32768), true, true);
         }),
         ("write-direct-dsync-fallback", |w| {

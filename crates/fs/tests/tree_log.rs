@@ -420,3 +420,92 @@ fn fsync_after_a_new_data_chunk_commits() {
     drop(fs);
     let _ = std::fs::remove_dir_all(&d);
 }
+
+// Test scenario: btrfs_inode_in_log, the first rule of skip_inode_logging. In one transaction:
+// a file is written and fsynced (logged, log synced); an fsync with nothing changed since
+// skips (counted as skipped and as already in the log, no log sync); a data write, then an
+// inode-only change (chmod) each make the next fsync log again; an fsync of its directory
+// logs the file LOG_INODE_EXISTS only (its new dentry), which leaves last_log_commit alone,
+// so the file's own fsync after a change still logs. After a commit nothing is in the log.
+// The crash at the end replays, in the kernel, the state of the last logged fsync.
+#[test]
+fn fsync_skips_an_inode_already_in_the_log() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let d = tmpdir("in-log");
+    let img = d.join("img");
+    mkfs_btrfs(&img, 1 << 30, &[]);
+    let fs = FsInfo::open(&img, rw()).unwrap();
+    let root = fs.mount_root;
+    let top = fs.root(root).unwrap().item.root_dirid;
+    let (dir, _) =
+        ubtrfs_fs::inode::btrfs_new_inode(&fs, root, top, b"d", 0o40755, 0, 0, 0).unwrap();
+    fs.sync().unwrap();
+    let sync = |ino| ubtrfs_fs::tree_log::btrfs_sync_file(&fs, root, ino).unwrap();
+    let counts = || {
+        (
+            fs.counters.fsync_skipped_in_log.load(Relaxed),
+            fs.counters.log_syncs.load(Relaxed),
+        )
+    };
+    let (f, _) =
+        ubtrfs_fs::inode::btrfs_new_inode(&fs, root, dir, b"f", 0o100644, 0, 0, 0).unwrap();
+    let mut content = pattern(1, 20_000);
+    ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, f, 0, &content).unwrap();
+    assert_eq!(sync(f), SyncOutcome::Logged);
+    let (skips, syncs) = counts();
+    // Nothing changed: in the log.
+    assert_eq!(sync(f), SyncOutcome::Skipped);
+    assert_eq!(counts(), (skips + 1, syncs), "skipped without a log sync");
+    // A data write.
+    let more = pattern(2, 5000);
+    ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, f, 20_000, &more).unwrap();
+    content.extend_from_slice(&more);
+    assert_eq!(sync(f), SyncOutcome::Logged);
+    assert_eq!(sync(f), SyncOutcome::Skipped);
+    // An inode item change only.
+    let chmod = ubtrfs_fs::inode::SetAttr {
+        mode: Some(0o600),
+        ..Default::default()
+    };
+    ubtrfs_fs::inode::btrfs_setattr(&fs, root, f, &chmod).unwrap();
+    assert_eq!(sync(f), SyncOutcome::Logged);
+    assert_eq!(counts().0, skips + 2);
+    // A new file logged as a new dentry of its directory (LOG_INODE_EXISTS): not in the log.
+    let (g, _) =
+        ubtrfs_fs::inode::btrfs_new_inode(&fs, root, dir, b"g", 0o100644, 0, 0, 0).unwrap();
+    let gc = pattern(3, 9000);
+    ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, g, 0, &gc).unwrap();
+    ubtrfs_fs::file_write::btrfs_writeback(&fs, root, g).unwrap();
+    assert_eq!(sync(dir), SyncOutcome::Logged);
+    assert_eq!(
+        sync(g),
+        SyncOutcome::Logged,
+        "logged as existing is not in the log"
+    );
+    assert_eq!(sync(g), SyncOutcome::Skipped);
+    assert_eq!(counts().0, skips + 3);
+    assert_eq!(fs.counters.fsync_skipped.load(Relaxed), counts().0);
+    // Crash: the kernel replays the last logged state of both files.
+    drop(fs);
+    btrfs_check(&img);
+    {
+        let m = KernelMount::new(&img, &d.join("mnt"), "rw");
+        assert!(std::fs::read(m.dir.join("d/f")).unwrap() == content);
+        assert!(std::fs::read(m.dir.join("d/g")).unwrap() == gc);
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::metadata(m.dir.join("d/f")).unwrap().mode() & 0o7777,
+            0o600
+        );
+    }
+    // A new transaction: nothing is in its log.
+    let fs = FsInfo::open(&img, rw()).unwrap();
+    let f = ino_of(&fs, root, ino_of(&fs, root, top, "d"), "f");
+    ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, f, 0, b"x").unwrap();
+    assert_eq!(
+        ubtrfs_fs::tree_log::btrfs_sync_file(&fs, root, f).unwrap(),
+        SyncOutcome::Logged
+    );
+    drop(fs);
+    let _ = std::fs::remove_dir_all(&d);
+}
