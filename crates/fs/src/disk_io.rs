@@ -187,6 +187,19 @@ pub struct FsInfo {
     pub sb_live: Mutex<SuperBlock>,
     /// When the filesystem was opened: the times of the kernel's fake (placeholder) inodes.
     pub mount_time: ubtrfs_format::items::Timespec,
+    /// Unit tests: run once by the next log sync, after its log blocks are written and the
+    /// tree lock dropped ([`SyncLogPoint::BlocksWritten`]), then after its superblock write
+    /// ([`SyncLogPoint::SuperWritten`]), both with `log_sync_mutex` held.
+    #[cfg(test)]
+    pub(crate) sync_log_hook: Mutex<Option<Box<dyn FnMut(SyncLogPoint) + Send>>>,
+}
+
+/// Where a log sync runs [`FsInfo::sync_log_hook`].
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SyncLogPoint {
+    BlocksWritten,
+    SuperWritten,
 }
 
 thread_local! {
@@ -441,6 +454,8 @@ impl FsInfo {
             options,
             ems,
             counters: FsCounters::default(),
+            #[cfg(test)]
+            sync_log_hook: Mutex::new(None),
             path: path.to_path_buf(),
             roots: RwLock::new(HashMap::new()),
             _lock_file: dev,
@@ -940,14 +955,37 @@ impl FsInfo {
     /// while it waited for the log sync mutex made its log transid durable (batched). A
     /// transaction commit meanwhile also leaves nothing to write (false).
     ///
-    /// Log syncs are serialised by `log_sync_mutex`, which commits take too. The log blocks
-    /// are written under the tree lock (no log writer runs meanwhile, so everything logged
-    /// before is in this sync); the flushes and the superblock write happen after the tree
-    /// lock is dropped, as the kernel syncs the log with the inode unlocked: searches and
-    /// writers of the next log transid go on, and the blocks of this sync are not changed
-    /// under it (written log blocks are COWed by the next change). The kernel needs the
-    /// LOG1/LOG2 parity marks and two context lists to keep writers of log transid N+1 out
-    /// of the write-out of N; here the tree lock does that.
+    /// # Why one log transid in write-out and one open suffice without the kernel's parity
+    /// The kernel's `btrfs_sync_log` for log transid N writes N's dirty log blocks (marked
+    /// LOG1 or LOG2 by N's parity), then bumps `root->log_transid` and drops
+    /// `root->log_mutex` before it waits for that writeback, flushes and writes the
+    /// superblock. Writers of N+1 then change the log tree while N's blocks are in flight:
+    /// the parity marks keep N's wait to N's blocks, and `log_ctxs[N % 2]` keeps N's waiters
+    /// apart from N+1's. Here the same overlap exists, with no interleaving to sort out:
+    /// - Every change of a log tree (logging in `btrfs_sync_file`, the namespace hooks
+    ///   `btrfs_log_new_name`, `btrfs_del_dir_entries_in_log`, ..., and freeing the log at
+    ///   commit) runs in a write operation, holding `tree_lock` exclusively.
+    /// - `sync_log_prepare` runs under `log_sync_mutex` and `tree_lock` (exclusive): it
+    ///   updates the log root tree, takes every dirty TREE_LOG block out of the dirty set and
+    ///   writes it to the device, builds the superblock bytes pointing at the log root tree
+    ///   and bumps the log transid. So N's write-out is exactly what was logged before it,
+    ///   complete, and issued before any writer of N+1 runs; an fsync that logs after it
+    ///   reads the bumped log transid and waits for a later sync.
+    /// - After `tree_lock` is dropped, writers of N+1 change only blocks that are dirty again:
+    ///   a TREE_LOG block that is no longer dirty is COWed (`TreeWriter::cow`, the kernel's
+    ///   WRITTEN test in `should_cow_block`), and a freed log block stays reserved until the
+    ///   commit (`LogAlloc::free_tree_block`), so nothing N wrote is overwritten or reused in
+    ///   this transaction. N's flush and superblock write (`sync_log_finish`) use only the
+    ///   prepared bytes and the device, no tree.
+    /// - N+1's blocks are written only by N+1's own `sync_log_prepare`, which needs
+    ///   `log_sync_mutex`, held by N until its superblock is written: on disk the order is
+    ///   always N's blocks, flush, N's superblock, flush, then N+1's. A commit takes
+    ///   `log_sync_mutex` too, so it neither frees the log under a sync nor lets a sync's
+    ///   superblock land after its own.
+    ///
+    /// `tree_log::tests::next_log_transid_logs_during_a_sync_write_out` checks this: a writer
+    /// of N+1 logs between N's block write and N's superblock, issues no device write, and a
+    /// copy of the image taken right after N's superblock replays N without N+1.
     pub fn sync_log(&self, transid: u64, log_transid: u64) -> Result<bool> {
         let Some(trans) = self.trans.as_ref() else {
             return Ok(false);
@@ -987,7 +1025,18 @@ impl FsInfo {
                 return Ok(false);
             }
         };
-        match Transaction::sync_log_finish(&self.reader, &p) {
+        #[cfg(test)]
+        let mut hook = self.sync_log_hook.lock().take();
+        #[cfg(test)]
+        if let Some(h) = hook.as_mut() {
+            h(SyncLogPoint::BlocksWritten);
+        }
+        let finished = Transaction::sync_log_finish(&self.reader, &p);
+        #[cfg(test)]
+        if let (Some(h), Ok(())) = (hook.as_mut(), &finished) {
+            h(SyncLogPoint::SuperWritten);
+        }
+        match finished {
             Ok(()) => {
                 let mut t = trans.lock();
                 t.log.synced_upto = p.log_transid + 1;

@@ -2146,4 +2146,163 @@ mod tests {
         drop(fs);
         let _ = std::fs::remove_file(&img);
     }
+
+    /// An image file as a device that counts the log tree blocks written to it.
+    #[derive(Debug)]
+    struct Counting {
+        file: std::fs::File,
+        log_blocks: std::sync::atomic::AtomicU64,
+    }
+
+    impl ubtrfs_ctree::BlockDevice for Counting {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            // The header's owner (offset 88): TREE_LOG for blocks of log trees.
+            let owner = buf
+                .get(88..96)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+            if owner == Some(objectid::TREE_LOG) {
+                self.log_blocks.fetch_add(1, Relaxed);
+            }
+            std::os::unix::fs::FileExt::write_all_at(&self.file, buf, offset)
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            self.file.sync_data()
+        }
+    }
+
+    fn read_named(fs: &FsInfo, name: &[u8]) -> Vec<u8> {
+        let root = fs.mount_root;
+        let dir = fs.root(root).unwrap().item.root_dirid;
+        let crate::dir_item::Target::Inode { ino, .. } =
+            crate::dir_item::lookup(fs, root, dir, name).unwrap()
+        else {
+            panic!("not an inode")
+        };
+        let ii = crate::inode::read_inode(fs, root, ino).unwrap();
+        let emi = fs.ems.inode(root, ino);
+        crate::file::read(fs, root, ino, &ii, &emi, 0, u32::MAX).unwrap()
+    }
+
+    // Test scenario: why log syncs need no LOG1/LOG2 parity here (FsInfo::sync_log's docs).
+    // Log sync N of file x is stopped after its blocks are written, before its flush and
+    // superblock; a writer of the next log transid logs file y meanwhile:
+    //
+    //   thread X                                   thread Y
+    //   fsync x: log x (log transid N)
+    //   sync N: blocks written, tree lock dropped
+    //   [hook]                                     write y, fsync y: logs y (log transid
+    //                                              N+1) without writing a log block; its
+    //                                              sync waits for log_sync_mutex
+    //   flush, superblock N, flush
+    //   [hook: copy the image]
+    //   fsync x returns                            sync N+1: blocks, flush, superblock
+    //
+    // The copy (a crash right after N's superblock) replays x's new data and y's old data; the
+    // final image replays both. If writers of N+1 could change what N wrote, or N+1's blocks
+    // could reach the disk before N's superblock, the copy would not replay cleanly or would
+    // show y's new data.
+    #[test]
+    fn next_log_transid_logs_during_a_sync_write_out() {
+        type Handle = std::thread::JoinHandle<SyncOutcome>;
+        let img = image("parity");
+        let snap = img.with_extension("after-n");
+        let opts = MountOptions {
+            readonly: false,
+            commit_interval: 3600,
+            ..MountOptions::default()
+        };
+        let old_y = vec![7u8; 6000];
+        let new_x = vec![1u8; 9000];
+        let new_y = vec![2u8; 12_000];
+        {
+            let dev = Arc::new(Counting {
+                file: std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&img)
+                    .unwrap(),
+                log_blocks: Default::default(),
+            });
+            let size = std::fs::metadata(&img).unwrap().len();
+            let fs = FsInfo::open_backend(dev.clone(), size, &img, opts.clone()).unwrap();
+            let root = fs.mount_root;
+            let dir = fs.root(root).unwrap().item.root_dirid;
+            let (x, _) =
+                crate::inode::btrfs_new_inode(&fs, root, dir, b"x", 0o100644, 0, 0, 0).unwrap();
+            let (y, _) =
+                crate::inode::btrfs_new_inode(&fs, root, dir, b"y", 0o100644, 0, 0, 0).unwrap();
+            crate::file_write::btrfs_buffered_write(&fs, root, y, 0, &old_y).unwrap();
+            fs.sync().unwrap();
+            crate::file_write::btrfs_buffered_write(&fs, root, x, 0, &new_x).unwrap();
+            // What the hook saw: (N, log blocks written while y logged), y's fsync thread.
+            let seen: Arc<std::sync::Mutex<Option<(u64, u64, Handle)>>> = Default::default();
+            let hook = {
+                let (fs, dev, seen, snap, img) = (
+                    Arc::downgrade(&fs),
+                    dev.clone(),
+                    seen.clone(),
+                    snap.clone(),
+                    img.clone(),
+                );
+                let new_y = new_y.clone();
+                move |point: crate::disk_io::SyncLogPoint| {
+                    if point == crate::disk_io::SyncLogPoint::SuperWritten {
+                        std::fs::copy(&img, &snap).unwrap();
+                        return;
+                    }
+                    let fs = fs.upgrade().expect("mounted");
+                    let n = fs.trans.as_ref().unwrap().lock().log.log_transid - 1;
+                    let before = dev.log_blocks.load(Relaxed);
+                    let fy = fs.clone();
+                    let data = new_y.clone();
+                    let h = std::thread::spawn(move || {
+                        crate::file_write::btrfs_buffered_write(&fy, root, y, 0, &data).unwrap();
+                        btrfs_sync_file(&fy, root, y).unwrap()
+                    });
+                    let start = std::time::Instant::now();
+                    let logged = || {
+                        let t = fs.trans.as_ref().unwrap().lock();
+                        t.log.inodes.get(&(root, y)).and_then(|l| l.last_log_commit)
+                    };
+                    while logged().is_none() {
+                        assert!(
+                            start.elapsed().as_secs() < 60,
+                            "y was not logged while sync N wrote out"
+                        );
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    assert_eq!(logged(), Some(n + 1), "y logged into log transid N+1");
+                    let written = dev.log_blocks.load(Relaxed) - before;
+                    *seen.lock().unwrap() = Some((n, written, h));
+                }
+            };
+            *fs.sync_log_hook.lock() = Some(Box::new(hook));
+            assert_eq!(btrfs_sync_file(&fs, root, x).unwrap(), SyncOutcome::Logged);
+            let (n, written, h) = seen.lock().unwrap().take().expect("the hook ran");
+            assert_eq!(written, 0, "a writer of log transid N+1 wrote log blocks");
+            assert_eq!(h.join().unwrap(), SyncOutcome::Logged);
+            assert_eq!(fs.counters.log_syncs.load(Relaxed), 2);
+            assert_eq!(fs.counters.fsync_batched.load(Relaxed), 0);
+            let t = fs.trans.as_ref().unwrap().lock();
+            assert_eq!(t.log.synced_upto, n + 2);
+            drop(t);
+            // Crash: no commit.
+        }
+        // A crash right after N's superblock: x's new data, y as committed.
+        let fs = FsInfo::open(&snap, MountOptions::default()).unwrap();
+        assert!(fs.sb.log_root != 0);
+        assert_eq!(read_named(&fs, b"x"), new_x);
+        assert_eq!(read_named(&fs, b"y"), old_y);
+        drop(fs);
+        // The end: both.
+        let fs = FsInfo::open(&img, MountOptions::default()).unwrap();
+        assert_eq!(read_named(&fs, b"x"), new_x);
+        assert_eq!(read_named(&fs, b"y"), new_y);
+        drop(fs);
+        let _ = std::fs::remove_file(&img);
+        let _ = std::fs::remove_file(&snap);
+    }
 }
