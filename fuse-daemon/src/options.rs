@@ -188,6 +188,8 @@ pub fn parse(opts: &[String]) -> Result<ParsedOptions, String> {
                     }
                 }
                 ("nologreplay", None) => p.fs.nologreplay = true,
+                ("log_rename_unlink", None) => p.fs.log_rename_unlink = true,
+                ("nolog_rename_unlink", None) => p.fs.log_rename_unlink = false,
                 ("shrinker", Some(v)) => {
                     p.fs.policy = v.parse::<Policy>().map_err(|_| {
                         format!(
@@ -253,6 +255,20 @@ mod tests {
         assert!(parse(&["shrinker=fixed-both".into()]).is_ok());
         assert!(parse(&["shrinker=nope".into()]).is_err());
         assert_eq!(parse_size("64M"), Some(64 << 20));
+        // The kernel's tree-log behaviour by default; ubtrfs's rename logging on request.
+        assert!(!parse(&[]).unwrap().fs.log_rename_unlink);
+        assert!(
+            parse(&["log_rename_unlink".into()])
+                .unwrap()
+                .fs
+                .log_rename_unlink
+        );
+        assert!(
+            !parse(&["log_rename_unlink,nolog_rename_unlink".into()])
+                .unwrap()
+                .fs
+                .log_rename_unlink
+        );
     }
 
     // Test scenario: the observability options parse into ParsedOptions and bad values are

@@ -70,6 +70,11 @@ pub struct MountOptions {
     /// Extent-map policy (`shrinker=`).
     pub policy: Policy,
     pub block_cache_bytes: u64,
+    /// `log_rename_unlink` (ubtrfs only): when a directory fsync logs a file renamed into it
+    /// from another directory (a new dentry with `last_unlink_trans` set), also log the
+    /// removal of its old names, so that replay shows the rename done. Off by default: the
+    /// kernel logs the new name only, and its replay keeps both names (link count 2).
+    pub log_rename_unlink: bool,
 }
 
 impl Default for MountOptions {
@@ -82,6 +87,7 @@ impl Default for MountOptions {
             commit_interval: 30,
             policy: Policy::FixedSplit,
             block_cache_bytes: DEFAULT_BLOCK_CACHE_BYTES,
+            log_rename_unlink: false,
         }
     }
 }

@@ -353,10 +353,12 @@ fn need_log_inode(c: &WriteCtx<'_>, root: u64, ino: u64, ii: &InodeItem) -> bool
 /// transaction): each old directory gets a one-index DIR_LOG_INDEX range, with its inode item
 /// (LOG_INODE_EXISTS) if the log has none, so replay removes the old entry.
 ///
-/// The kernel does not do this for a renamed inode logged as a new dentry of another
-/// directory: its replay then shows the inode under both names (link count 2), a state that
-/// never existed. The log stays in the kernel's format; the kernel's replay of it removes the
-/// old name too.
+/// Only with the `log_rename_unlink` option, for a renamed inode logged as a new dentry of
+/// another directory. The kernel does not do this (`log_new_dir_dentries` logs such an inode
+/// LOG_INODE_EXISTS and never its old parents): its replay shows the inode under both names
+/// with a link count of 2, a state that never existed, and that is the default here too. The
+/// log stays in the kernel's format with the option; the kernel's replay of it removes the old
+/// name too.
 fn log_removed_names(
     c: &mut WriteCtx<'_>,
     root: u64,
@@ -571,7 +573,8 @@ fn log_new_dir_dentries(
             if is_dir && ctx.log_new_dentries {
                 work.push(x);
             }
-            if !is_dir && c.t.log.last_unlink.contains(&(root, x)) {
+            if !is_dir && c.fs.options.log_rename_unlink && c.t.log.last_unlink.contains(&(root, x))
+            {
                 if let Some(r) = log_removed_names(c, root, x, ctx)? {
                     return Ok(Some(r));
                 }
