@@ -173,7 +173,7 @@ pub fn btrfs_direct_write(
     let ilock = emi.inode_lock().write();
     checks()?;
     let ii = crate::inode::read_inode(fs, root, ino)?;
-    let aligned = offset % ss == 0 && (data.len() as u64) % ss == 0;
+    let aligned = offset.is_multiple_of(ss) && (data.len() as u64).is_multiple_of(ss);
     if !aligned || ii.flags & inode_flags::NODATASUM == 0 {
         // check_direct_IO / data checksums: buffered, then written back and waited for.
         drop(ilock);

@@ -197,8 +197,12 @@ pub struct FsInfo {
     /// tree lock dropped ([`SyncLogPoint::BlocksWritten`]), then after its superblock write
     /// ([`SyncLogPoint::SuperWritten`]), both with `log_sync_mutex` held.
     #[cfg(test)]
-    pub(crate) sync_log_hook: Mutex<Option<Box<dyn FnMut(SyncLogPoint) + Send>>>,
+    pub(crate) sync_log_hook: Mutex<Option<SyncLogHook>>,
 }
+
+/// See [`FsInfo::sync_log_hook`].
+#[cfg(test)]
+pub(crate) type SyncLogHook = Box<dyn FnMut(SyncLogPoint) + Send>;
 
 /// Where a log sync runs [`FsInfo::sync_log_hook`].
 #[cfg(test)]

@@ -48,10 +48,26 @@
 //! error", "log update error" (a namespace hook could not update the log), "log sync error",
 //! "new block group" (a chunk allocated in the transaction: `btrfs_make_block_group`).
 //!
+//! # Locks and skips of `btrfs_sync_file`
+//! The inode lock and the mmap lock are taken exclusively while the inode is logged and
+//! dropped before the log sync (or the full commit). An O_DSYNC/O_SYNC direct write
+//! (direct_io.rs) holds the inode lock and fsyncs through `btrfs_sync_file_dio`, which takes
+//! only the mmap lock (`skip_ilock`). The skips, in the kernel's order: an inode already in the
+//! log (`btrfs_inode_in_log`: logged in full in this transaction since its last change, and
+//! that change's log transid synced; the `last_sub_trans` / `last_log_commit` per inode live
+//! in `LogState`), then an inode unchanged since the last commit, then an unlinked one.
+//!
 //! # Log syncs
 //! `btrfs_sync_log` ([`FsInfo::sync_log`]) takes the log transid an fsync logged into; one
 //! that another fsync's sync already made durable returns at once (counted as batched).
-//! Log blocks are written under the tree lock, the flushes and the superblock after it.
+//! Log blocks are written under the tree lock, the flushes and the superblock after it; why
+//! that replaces the kernel's LOG1/LOG2 parity is in [`FsInfo::sync_log`]'s docs.
+//!
+//! # Renamed entries of a logged directory
+//! As in the kernel, a file renamed into a directory from another one and logged as that
+//! directory's new dentry is logged LOG_INODE_EXISTS under its new name only: replay shows it
+//! under both names, link count 2. The `log_rename_unlink` mount option also logs the removal
+//! of the old name (`log_removed_names`).
 
 use crate::disk_io::FsInfo;
 use crate::error::{FsError, Result};
