@@ -97,71 +97,67 @@ fn dsync_direct_write_syncs_under_its_inode_lock() {
     let (root, nocow, csum) = setup(&fs);
     let data1 = pattern(1, 64 << 10);
     let data2 = pattern(2, 16 << 10);
-    std::thread::scope(|sc| {
-        // (a)
-        ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, csum, 0, &pattern(3, 10_000))
-            .unwrap();
-        let emi = fs.ems.inode(root, csum);
-        let held = emi.inode_lock().read();
-        let (tx, rx) = mpsc::channel();
-        let fsr = &fs;
-        sc.spawn(move || tx.send(btrfs_sync_file(fsr, root, csum).unwrap()).unwrap());
-        std::thread::sleep(BLOCKED_FOR);
-        assert!(
-            rx.try_recv().is_err(),
-            "an ordinary fsync finished while another holder had the inode lock"
-        );
-        drop(held);
-        assert_eq!(rx.recv_timeout(MUST_FINISH).unwrap(), SyncOutcome::Logged);
+    // Threads are not scoped: a deadlocked one must not keep a failing test from ending.
+    // (a)
+    ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, csum, 0, &pattern(3, 10_000)).unwrap();
+    let emi = fs.ems.inode(root, csum);
+    let held = emi.inode_lock().read();
+    let (tx, rx) = mpsc::channel();
+    let f = fs.clone();
+    std::thread::spawn(move || tx.send(btrfs_sync_file(&f, root, csum).unwrap()));
+    std::thread::sleep(BLOCKED_FOR);
+    assert!(
+        rx.try_recv().is_err(),
+        "an ordinary fsync finished while another holder had the inode lock"
+    );
+    drop(held);
+    assert_eq!(rx.recv_timeout(MUST_FINISH).unwrap(), SyncOutcome::Logged);
 
-        // (b)
-        let dio_before = fs.counters.fsync_dio.load(Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel();
-        let d1 = &data1;
-        sc.spawn(move || {
-            tx.send(btrfs_direct_write(fsr, root, nocow, 0, d1, true, || Ok(())).unwrap())
-                .unwrap()
-        });
-        let o = rx
-            .recv_timeout(MUST_FINISH)
-            .expect("the O_DSYNC direct write deadlocked: its fsync took the inode lock");
-        assert_eq!(o.path, WritePath::Direct);
-        assert_eq!(o.dio_sync, Some(SyncOutcome::Logged));
-        assert_eq!(
-            fs.counters.fsync_dio.load(Ordering::Relaxed),
-            dio_before + 1
-        );
-
-        // (c)
-        let emi = fs.ems.inode(root, nocow);
-        let mmap = emi.mmap_lock().read();
-        let (tx, rx) = mpsc::channel();
-        let d2 = &data2;
-        sc.spawn(move || {
-            tx.send(btrfs_direct_write(fsr, root, nocow, 64 << 10, d2, true, || Ok(())).unwrap())
-                .unwrap()
-        });
-        // The write reached its fsync (counted on entry), which now waits for the mmap lock.
-        wait_for("the direct write's fsync", || {
-            fs.counters.fsync_dio.load(Ordering::Relaxed) == dio_before + 2
-        });
-        std::thread::sleep(BLOCKED_FOR);
-        assert!(
-            rx.try_recv().is_err(),
-            "the direct write's fsync finished while the mmap lock was held shared"
-        );
-        assert!(
-            emi.inode_lock().is_locked_exclusive(),
-            "the direct write holds the inode lock exclusively during its fsync"
-        );
-        drop(mmap);
-        let o = rx.recv_timeout(MUST_FINISH).unwrap();
-        assert_eq!(
-            (o.path, o.dio_sync),
-            (WritePath::Direct, Some(SyncOutcome::Logged))
-        );
-        assert!(!emi.inode_lock().is_locked());
+    // (b)
+    let dio_before = fs.counters.fsync_dio.load(Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel();
+    let (f, buf) = (fs.clone(), data1.clone());
+    std::thread::spawn(move || {
+        tx.send(btrfs_direct_write(&f, root, nocow, 0, &buf, true, || Ok(())).unwrap())
     });
+    let o = rx
+        .recv_timeout(MUST_FINISH)
+        .expect("the O_DSYNC direct write deadlocked: its fsync took the inode lock");
+    assert_eq!(o.path, WritePath::Direct);
+    assert_eq!(o.dio_sync, Some(SyncOutcome::Logged));
+    assert_eq!(
+        fs.counters.fsync_dio.load(Ordering::Relaxed),
+        dio_before + 1
+    );
+
+    // (c)
+    let emi = fs.ems.inode(root, nocow);
+    let mmap = emi.mmap_lock().read();
+    let (tx, rx) = mpsc::channel();
+    let (f, buf) = (fs.clone(), data2.clone());
+    std::thread::spawn(move || {
+        tx.send(btrfs_direct_write(&f, root, nocow, 64 << 10, &buf, true, || Ok(())).unwrap())
+    });
+    // The write reached its fsync (counted on entry), which now waits for the mmap lock.
+    wait_for("the direct write's fsync", || {
+        fs.counters.fsync_dio.load(Ordering::Relaxed) == dio_before + 2
+    });
+    std::thread::sleep(BLOCKED_FOR);
+    assert!(
+        rx.try_recv().is_err(),
+        "the direct write's fsync finished while the mmap lock was held shared"
+    );
+    assert!(
+        emi.inode_lock().is_locked_exclusive(),
+        "the direct write holds the inode lock exclusively during its fsync"
+    );
+    drop(mmap);
+    let o = rx.recv_timeout(MUST_FINISH).unwrap();
+    assert_eq!(
+        (o.path, o.dio_sync),
+        (WritePath::Direct, Some(SyncOutcome::Logged))
+    );
+    assert!(!emi.inode_lock().is_locked());
     let mut expect = data1.clone();
     expect.extend_from_slice(&data2);
     assert!(read_all(&fs, root, nocow) == expect);
