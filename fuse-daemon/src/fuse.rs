@@ -408,10 +408,18 @@ impl UbtrfsFuse {
         } else {
             node
         };
+        // btrfs_getattr: the allocated bytes plus the new delalloc bytes (data written over
+        // holes and not yet written back), each rounded up to a sector.
+        let new_delalloc = match self.resolve(node) {
+            Ok((root, ino)) if self.rw && ii.mode & S_IFMT == ubtrfs_fs::inode::S_IFREG => {
+                ubtrfs_fs::file_write::new_delalloc_bytes(&self.fs, root, ino)
+            }
+            _ => 0,
+        };
         FileAttr {
             ino: INodeNo(st_ino),
             size: ii.size,
-            blocks: ii.nbytes.div_ceil(ss) * ss / 512,
+            blocks: (ii.nbytes.div_ceil(ss) + new_delalloc.div_ceil(ss)) * ss / 512,
             atime: time(&ii.atime),
             mtime: time(&ii.mtime),
             ctime: time(&ii.ctime),

@@ -1245,3 +1245,135 @@ fn reread_times(root: &Path) -> Vec<String> {
 fn extreme_times_match_kernel() {
     against_kernel("times", probe_times, reread_times);
 }
+
+fn blocks(p: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    res(fs::metadata(p).map(|m| m.blocks()))
+}
+
+/// Write `len` bytes of `byte` at `off` through a shared mapping of `p` (which must be at
+/// least `off + len` long), then unmap it.
+fn mmap_write(p: &Path, off: usize, len: usize, byte: u8) -> String {
+    let f = match fs::OpenOptions::new().read(true).write(true).open(p) {
+        Ok(f) => f,
+        Err(e) => return res::<()>(Err(e)),
+    };
+    // SAFETY: a fresh shared mapping of `off + len` bytes of a file that long; nothing else
+    // maps it in this process.
+    let a = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            off + len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    if a == libc::MAP_FAILED {
+        return last_errno();
+    }
+    // SAFETY: `a` maps `off + len` writable bytes; the range written is inside it, and the
+    // mapping is unmapped once, right after.
+    unsafe {
+        std::ptr::write_bytes(a.cast::<u8>().add(off), byte, len);
+        libc::munmap(a, off + len);
+    }
+    "ok".into()
+}
+
+/// st_blocks of files with data not yet written back (the kernel counts the new delalloc
+/// bytes, `btrfs_getattr`), and of the same files after a sync: appends, sparse writes, a
+/// small (inline) file, an mmap write into a truncated file (generic/614), overwrites of
+/// written and preallocated data, and a truncate of unwritten data.
+fn probe_blocks(root: &Path) -> Vec<String> {
+    let mut o = Vec::new();
+    let names = ["a", "sparse", "small", "mm", "over", "pre", "trunc"];
+    let p = |n: &str| root.join(n);
+    fs::write(p("a"), vec![0xa1; 65536]).unwrap();
+    o.push(format!("64 KiB written: {}", blocks(&p("a"))));
+    let f = fs::File::create(p("sparse")).unwrap();
+    f.set_len(1 << 20).unwrap();
+    drop(f);
+    o.push(format!("1 MiB truncated: {}", blocks(&p("sparse"))));
+    o.push(format!("4 KiB at 512 KiB: {}", {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(p("sparse"))
+            .unwrap();
+        f.write_all_at(&[0x5a; 4096], 512 << 10).unwrap();
+        f.write_all_at(&[0x5b; 100], (768 << 10) + 10).unwrap();
+        blocks(&p("sparse"))
+    }));
+    fs::write(p("small"), vec![0x33; 1000]).unwrap();
+    o.push(format!("1000 bytes: {}", blocks(&p("small"))));
+    let f = fs::File::create(p("mm")).unwrap();
+    f.set_len(65536).unwrap();
+    drop(f);
+    o.push(format!(
+        "mmap write: {} {}",
+        mmap_write(&p("mm"), 0, 65536, 0xab),
+        blocks(&p("mm"))
+    ));
+    fs::write(p("over"), vec![1; 65536]).unwrap();
+    fs::write(p("trunc"), vec![2; 65536]).unwrap();
+    o.push(format!(
+        "truncated to 8 KiB before writeback: {} {}",
+        {
+            let f = fs::OpenOptions::new().write(true).open(p("trunc")).unwrap();
+            res(f.set_len(8192))
+        },
+        blocks(&p("trunc"))
+    ));
+    fs::write(p("pre"), b"").unwrap();
+    o.push(format!(
+        "fallocate 64 KiB: {} {}",
+        fallocate(&p("pre"), 0, 0, 65536),
+        blocks(&p("pre"))
+    ));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(p("pre")).unwrap();
+        f.write_all_at(&[7; 8192], 4096).unwrap();
+    }
+    o.push(format!(
+        "8 KiB into the preallocated range: {}",
+        blocks(&p("pre"))
+    ));
+    // SAFETY: sync takes no arguments.
+    unsafe { libc::sync() };
+    for n in names {
+        o.push(format!("{n} after sync: {}", blocks(&p(n))));
+    }
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(p("over")).unwrap();
+        f.write_all_at(&[9; 8192], 16384).unwrap();
+        f.write_all_at(&[9; 4096], 65536).unwrap();
+    }
+    o.push(format!(
+        "8 KiB overwritten, 4 KiB appended: {}",
+        blocks(&p("over"))
+    ));
+    // SAFETY: as above.
+    unsafe { libc::sync() };
+    o.push(format!("over after sync: {}", blocks(&p("over"))));
+    o
+}
+
+fn reread_blocks(root: &Path) -> Vec<String> {
+    ["a", "sparse", "small", "mm", "over", "pre", "trunc"]
+        .iter()
+        .map(|n| format!("{n}: {}", blocks(&root.join(n))))
+        .collect()
+}
+
+// Test scenario: st_blocks counts data written but not yet written back over holes, as the
+// kernel's btrfs does (new delalloc bytes): right after writes, mmap writes, sparse writes and
+// a truncate the counts match the kernel's, and overwrites of written or preallocated data
+// add nothing; after a sync they match again, and the kernel reads the same counts back.
+#[test]
+fn st_blocks_of_unwritten_data_match_kernel() {
+    against_kernel("st_blocks", probe_blocks, reread_blocks);
+}

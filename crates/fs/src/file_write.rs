@@ -36,7 +36,8 @@ use crate::disk_io::FsInfo;
 use crate::error::{FsError, Result};
 use crate::transaction::{TreeSel, WriteCtx};
 use parking_lot::Mutex;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use ubtrfs_ctree::extent_tree::RefKind;
 use ubtrfs_extent_map::{ExtentMap, EXTENT_MAP_INLINE};
@@ -72,11 +73,49 @@ pub struct DirtyInode {
     /// holder that found it before must look the inode's state up again (a newer one may hold
     /// data whose writeback is in flight).
     pub retired: bool,
+    /// Dirty sectors that were holes when they were dirtied (`EXTENT_DELALLOC_NEW`): sectors
+    /// past i_size of an inode without the PREALLOC flag, or over a hole map.
+    pub new_sectors: BTreeSet<u64>,
+    /// `new_delalloc_bytes`: the bytes of `new_sectors` plus those of sectors taken from it by a
+    /// writeback whose file extent items are not in yet. It grows and shrinks with
+    /// `new_sectors` under this mutex; the writeback's last write operation subtracts its
+    /// sectors while it adds their bytes to the inode's `nbytes`, under the exclusive tree lock,
+    /// so a reader holding the tree lock never counts them twice or not at all. What stat adds
+    /// to `nbytes` (`btrfs_getattr`): [`new_delalloc_bytes`].
+    pub new_delalloc: Arc<AtomicU64>,
 }
 
 impl DirtyInode {
     pub fn dirty_bytes(&self, ss: u64) -> u64 {
         self.sectors.len() as u64 * ss
+    }
+
+    /// Forget the new-delalloc accounting of the dirty sectors `keep` rejects (they left the
+    /// buffer without a writeback: truncated, or beyond EOF).
+    fn drop_new_sectors(&mut self, ss: u64, keep: impl Fn(u64) -> bool) {
+        let gone: Vec<u64> = self
+            .new_sectors
+            .iter()
+            .copied()
+            .filter(|&i| !keep(i))
+            .collect();
+        for i in &gone {
+            self.new_sectors.remove(i);
+        }
+        self.new_delalloc
+            .fetch_sub(gone.len() as u64 * ss, Ordering::SeqCst);
+    }
+}
+
+/// The bytes of an inode's data written but not yet written back over holes (the kernel's
+/// `new_delalloc_bytes`), which `stat` counts in `st_blocks` on top of `nbytes` as
+/// `btrfs_getattr` does: without them a file just written reports no blocks until writeback.
+/// Read apart from `nbytes` (the kernel reads both under the inode's spinlock), a writeback
+/// finishing in between can make the sum short or over by that writeback's new bytes.
+pub fn new_delalloc_bytes(fs: &FsInfo, root: u64, ino: u64) -> u64 {
+    match dirty_inode(fs, root, ino) {
+        Some(d) => d.lock().new_delalloc.load(Ordering::SeqCst),
+        None => 0,
     }
 }
 
@@ -250,10 +289,21 @@ fn buffered_write(
             None => {
                 let mut buf = read_sector_from_disk(fs, root, ino, &disk_ii, idx)?;
                 buf[z..].fill(0);
+                if sector_is_hole(fs, root, ino, idx, ss, &mut None)? {
+                    d.new_sectors.insert(idx);
+                    d.new_delalloc.fetch_add(ss, Ordering::SeqCst);
+                }
                 d.sectors.insert(idx, (seq, buf.into_boxed_slice()));
             }
         }
     }
+    // btrfs_set_extent_delalloc: which of the sectors dirtied now are new (EXTENT_DELALLOC_NEW).
+    let all_new_from = if ii.flags & inode_flags::PREALLOC == 0 {
+        d.size.div_ceil(ss)
+    } else {
+        u64::MAX
+    };
+    let mut em_cache: Option<ExtentMap> = None;
     let mut pos = offset;
     while pos < end {
         let idx = pos / ss;
@@ -283,6 +333,10 @@ fn buffered_write(
                     }
                 }
                 buf[lo..hi].copy_from_slice(src);
+                if idx >= all_new_from || sector_is_hole(fs, root, ino, idx, ss, &mut em_cache)? {
+                    d.new_sectors.insert(idx);
+                    d.new_delalloc.fetch_add(ss, Ordering::SeqCst);
+                }
                 d.sectors.insert(idx, (seq, buf.into_boxed_slice()));
             }
         }
@@ -303,6 +357,29 @@ fn buffered_write(
         btrfs_writeback(fs, root, ino)?;
     }
     Ok(data.len())
+}
+
+/// `btrfs_find_new_delalloc_bytes` for one sector: whether the extent map at it is a hole.
+/// `cache` keeps the last map, which usually covers the next sectors too.
+fn sector_is_hole(
+    fs: &FsInfo,
+    root: u64,
+    ino: u64,
+    idx: u64,
+    ss: u64,
+    cache: &mut Option<ExtentMap>,
+) -> Result<bool> {
+    let pos = idx * ss;
+    let em = match cache {
+        Some(em) if em.start <= pos && pos < em.end() => *em,
+        _ => {
+            let emi = fs.ems.inode(root, ino);
+            let em = crate::file::btrfs_get_extent(fs, root, ino, &emi, pos, ss)?;
+            *cache = Some(em);
+            em
+        }
+    };
+    Ok(em.disk_bytenr == ubtrfs_extent_map::EXTENT_MAP_HOLE)
 }
 
 fn has_inline_extent(fs: &FsInfo, root: u64, ino: u64) -> Result<bool> {
@@ -329,6 +406,7 @@ pub fn truncate_dirty(fs: &FsInfo, root: u64, ino: u64, new_size: u64) {
     let ss = u64::from(fs.sectorsize());
     let mut d = dirty.lock();
     d.sectors.retain(|&idx, _| idx * ss < new_size);
+    d.drop_new_sectors(ss, |idx| idx * ss < new_size);
     d.rsv.settle(d.sectors.len() as u64 * ss);
     if !new_size.is_multiple_of(ss) {
         if let Some((_, buf)) = d.sectors.get_mut(&(new_size / ss)) {
@@ -507,7 +585,7 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
     let _wb = wb.lock();
     let ss = u64::from(fs.sectorsize());
     // Snapshot the runs to write.
-    let (runs, size, mtime, rsv) = {
+    let (runs, size, mtime, rsv, new_delalloc) = {
         let d = dirty.lock();
         let mut runs: Vec<Run> = Vec::new();
         for (&idx, (seq, data)) in &d.sectors {
@@ -524,7 +602,7 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
             r.1.push((idx, *seq));
             r.2.extend_from_slice(data);
         }
-        (runs, d.size, d.mtime, d.rsv.clone())
+        (runs, d.size, d.mtime, d.rsv.clone(), d.new_delalloc.clone())
     };
     let emi = fs.ems.inode(root, ino);
     for (first, seqs, data) in &runs {
@@ -535,7 +613,22 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
             continue;
         }
         len = len.min(size.div_ceil(ss) * ss - start);
-        write_run(
+        // The run's new sectors stay in `new_delalloc` until its file extent items are in
+        // (btrfs_finish_one_ordered clears EXTENT_DELALLOC_NEW as it adds the inode bytes).
+        let taken: Vec<u64> = {
+            let mut d = dirty.lock();
+            let t: Vec<u64> = d
+                .new_sectors
+                .range(*first..(start + len).div_ceil(ss))
+                .copied()
+                .collect();
+            for i in &t {
+                d.new_sectors.remove(i);
+            }
+            t
+        };
+        let new_done = (taken.len() as u64 * ss, &*new_delalloc);
+        if let Err(e) = write_run(
             fs,
             root,
             ino,
@@ -545,7 +638,12 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
             size,
             mtime,
             &rsv,
-        )?;
+            new_done,
+        ) {
+            // The sectors stay dirty, and new.
+            dirty.lock().new_sectors.extend(taken);
+            return Err(e);
+        }
         // The data is in the transaction: drop the dirty copies that were not rewritten.
         let mut d = dirty.lock();
         for &(idx, seq) in seqs {
@@ -559,6 +657,7 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
     let mut d = dirty.lock();
     let eof = d.size.div_ceil(ss);
     d.sectors.retain(|&idx, _| idx < eof);
+    d.drop_new_sectors(ss, |idx| idx < eof);
     d.rsv.settle(d.sectors.len() as u64 * ss);
     if d.sectors.is_empty() {
         let (size, mtime) = (d.size, d.mtime);
@@ -616,6 +715,7 @@ fn write_run(
     size: u64,
     mtime: Option<ubtrfs_format::items::Timespec>,
     rsv: &crate::space_info::InodeRsv,
+    (new_bytes, new_delalloc): (u64, &AtomicU64),
 ) -> Result<()> {
     use crate::space_info::MetaRsv;
     use ubtrfs_ctree::block_group::AllocKind;
@@ -658,6 +758,7 @@ fn write_run(
                 flags: 0,
             };
             let _ = emi.btrfs_add_extent_mapping(em, 0, ss);
+            new_delalloc.fetch_sub(new_bytes, Ordering::SeqCst);
             Ok(())
         });
     }
@@ -789,7 +890,9 @@ fn write_run(
             emi.btrfs_unpin_extent_cache(fstart, got, transid)
                 .map_err(|e| FsError::corrupt(format!("root {root} ino {ino}: unpin: {e:?}")))?;
         }
-        finish_inode(c, root, ino, &mut ii, size, mtime)
+        finish_inode(c, root, ino, &mut ii, size, mtime)?;
+        new_delalloc.fetch_sub(new_bytes, Ordering::SeqCst);
+        Ok(())
     });
     // Failed before changing anything (the inode was evicted meanwhile): nothing refers to
     // the extents. After a change, the transaction was aborted instead.
