@@ -25,21 +25,34 @@ fn scripts_parse() {
     }
 }
 
-// Test scenario: the patch to xfstests touches only common/rc, adds both hooks, the
-// subtype for tests that mount with -t $FSTYP, and btrfs's timestamp range, byte-string
-// names and label length for ubtrfs.
+// Test scenario: the patch to xfstests touches common/rc and two tests only, adds both hooks,
+// the subtype for tests that mount with -t $FSTYP, btrfs's timestamp range, byte-string names,
+// label length and delayed allocation for ubtrfs, btrfs's xattr value limit in generic/020 and
+// btrfs's FITRIM rules in generic/260.
 #[test]
 fn patch_shape() {
     let patch = std::fs::read_to_string(glue_dir().join("fuse-mkfs-fsck.patch")).unwrap();
     let files: Vec<_> = patch.lines().filter(|l| l.starts_with("+++ ")).collect();
-    assert_eq!(files.len(), 1, "{files:?}");
-    assert!(files[0].starts_with("+++ b/common/rc"));
+    assert_eq!(
+        files,
+        [
+            "+++ b/common/rc",
+            "+++ b/tests/generic/020",
+            "+++ b/tests/generic/260"
+        ]
+    );
     assert!(patch.contains("+\t[ -n \"$MKFS_FUSE_PROG\" ]"));
     assert!(patch.contains("+_check_fuse_filesystem()"));
     assert!(patch.contains("$FSCK_FUSE_PROG $device"));
     assert!(patch.contains("arg=fuse$FUSE_SUBTYP"));
     // btrfs's facts that xfstests keys on FSTYP=btrfs, for FUSE_SUBTYP=.ubtrfs only.
-    assert_eq!(patch.matches("[ \"$FUSE_SUBTYP\" = .ubtrfs ]").count(), 3);
+    assert_eq!(patch.matches("[ \"$FUSE_SUBTYP\" = .ubtrfs ]").count(), 4);
+    assert_eq!(
+        patch
+            .matches("[ \"$FSTYP$FUSE_SUBTYP\" = fuse.ubtrfs ]")
+            .count(),
+        3
+    );
 }
 
 struct Fake {
