@@ -640,8 +640,15 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
             &rsv,
             new_done,
         ) {
-            // The sectors stay dirty, and new.
-            dirty.lock().new_sectors.extend(taken);
+            // The sectors still dirty stay new; a truncate may have dropped some meanwhile.
+            let mut d = dirty.lock();
+            for i in taken {
+                if d.sectors.contains_key(&i) {
+                    d.new_sectors.insert(i);
+                } else {
+                    d.new_delalloc.fetch_sub(ss, Ordering::SeqCst);
+                }
+            }
             return Err(e);
         }
         // The data is in the transaction: drop the dirty copies that were not rewritten.

@@ -369,3 +369,48 @@ fn root_item_bytes_used_follows_the_tree() {
     check("after shrinking");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+// Test scenario: the new delalloc bytes stat adds to nbytes (btrfs_getattr) follow the dirty
+// sectors that were holes: appends, a write past EOF and one into a hole inside i_size count,
+// rewriting a dirty sector or overwriting written data does not, a truncate of dirty data
+// takes its sectors out, and a writeback moves the bytes into nbytes exactly.
+#[test]
+fn new_delalloc_bytes_follow_dirty_holes() {
+    let d = tmpdir("delalloc");
+    let img = d.join("img");
+    mkfs_btrfs(&img, 512 << 20, &[]);
+    {
+        let fs = FsInfo::open(&img, rw()).unwrap();
+        let root = fs.mount_root;
+        let dir = fs.root(root).unwrap().item.root_dirid;
+        let (ino, _) =
+            ubtrfs_fs::inode::btrfs_new_inode(&fs, root, dir, b"f", 0o100644, 0, 0, 0).unwrap();
+        let write = |off: u64, len: usize| {
+            ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, ino, off, &pattern(off, len))
+                .unwrap();
+        };
+        let new = || ubtrfs_fs::file_write::new_delalloc_bytes(&fs, root, ino);
+        let nbytes = || ubtrfs_fs::inode::read_inode(&fs, root, ino).unwrap().nbytes;
+        write(0, 65536);
+        assert_eq!((new(), nbytes()), (65536, 0));
+        write(1 << 20, 4096);
+        assert_eq!(new(), 65536 + 4096);
+        write(100, 5000);
+        assert_eq!(new(), 65536 + 4096, "rewriting dirty sectors adds nothing");
+        ubtrfs_fs::file_write::truncate_dirty(&fs, root, ino, 65536);
+        assert_eq!(new(), 65536, "the truncated sector is gone");
+        ubtrfs_fs::file_write::btrfs_writeback(&fs, root, ino).unwrap();
+        assert_eq!((new(), nbytes()), (0, 65536));
+        write(16384, 8192);
+        assert_eq!(new(), 0, "an overwrite of written data is not new");
+        write(300 << 10, 4096);
+        assert_eq!(new(), 4096, "past EOF");
+        write(128 << 10, 4096);
+        assert_eq!(new(), 8192, "a hole inside i_size");
+        ubtrfs_fs::file_write::btrfs_writeback(&fs, root, ino).unwrap();
+        assert_eq!((new(), nbytes()), (0, 65536 + 8192));
+        fs.sync().unwrap();
+    }
+    btrfs_check(&img);
+    let _ = std::fs::remove_dir_all(&d);
+}
