@@ -313,6 +313,13 @@ impl Base {
             self.evictable_add(d);
         }
         let start = Instant::now();
+        self.log_pass(t);
+        start.elapsed()
+    }
+
+    /// The timed logging pass (a function of its own so that a profiler can single it out).
+    #[inline(never)]
+    fn log_pass(&self, t: &BInode) {
         // Collect (take a reference, mark LOGGING), sort.
         let mut tr = t.tree.write();
         let list = std::mem::take(&mut tr.modified);
@@ -349,7 +356,6 @@ impl Base {
             }
         }
         drop(tr);
-        start.elapsed()
     }
 
     fn shrinker_loop(&self, stop: &AtomicBool) {
@@ -482,11 +488,18 @@ fn quantiles(name: &str, rounds: usize, mut f: impl FnMut(u64) -> Duration) {
     );
 }
 
-/// Where a logging pass's time goes (`UBTRFS_BENCH_PHASES=1`): collection (`begin`), the loop
-/// without `log_one_extent`, and `log_one_extent` itself (the two timer reads per map inflate
-/// the last two a little).
-fn phases() {
-    let ours = Ours::new();
+/// Where a logging pass's time goes (`UBTRFS_BENCH_PHASES=1`, or `=busy` with the shrinker
+/// thread running): collection (`begin`), the loop without `log_one_extent`, and
+/// `log_one_extent` itself (the two timer reads per map inflate the last two a little).
+/// Prints the median and p90 of each phase, and, for the slowest tenth of the rounds, how
+/// often the shrinker met the target inode during the round.
+fn phases(busy: bool) {
+    let ours = Arc::new(Ours::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let h = busy.then(|| {
+        let (o, s) = (ours.clone(), stop.clone());
+        std::thread::spawn(move || o.shrinker_loop(&s))
+    });
     let mut v = Vec::new();
     for round in 0..3000u64 {
         let t = &ours.target;
@@ -497,6 +510,7 @@ fn phases() {
             t.btrfs_replace_extent_map_range(batch_map(i, round), true)
                 .expect("write");
         }
+        let skipped = ours.fs.stats().shrinker_skipped_inode_busy;
         let t0 = Instant::now();
         let mut pass = t.btrfs_log_changed_extents_begin(TRANSID, u64::MAX);
         let t1 = Instant::now();
@@ -506,21 +520,52 @@ fn phases() {
             log_one_extent(&em);
             log += a.elapsed();
         }
-        let t2 = Instant::now();
         assert!(pass.finish().is_ok());
-        v.push((t1 - t0, t2 - t1 - log, log));
+        let t2 = Instant::now();
+        let met = ours.fs.stats().shrinker_skipped_inode_busy - skipped;
+        v.push((t1 - t0, t2 - t1 - log, log, met));
     }
-    v.sort_by_key(|x| x.0 + x.1);
-    let m = v[v.len() / 2];
+    stop.store(true, Ordering::Relaxed);
+    if let Some(h) = h {
+        h.join().expect("shrinker");
+    }
+    let q = |f: &dyn Fn(&(Duration, Duration, Duration, u64)) -> Duration| {
+        let mut x: Vec<Duration> = v.iter().map(f).collect();
+        x.sort();
+        (x[x.len() / 2], x[x.len() * 9 / 10])
+    };
+    let b = q(&|x| x.0);
+    let l = q(&|x| x.1);
+    let g = q(&|x| x.2);
+    let t = q(&|x| x.0 + x.1 + x.2);
     println!(
-        "phases (median round): begin {:?}, loop without log_one_extent {:?}, log_one_extent {:?}",
-        m.0, m.1, m.2
+        "phases{} (median / p90): begin {:?} / {:?}, loop without log_one_extent {:?} / {:?}, \
+         log_one_extent {:?} / {:?}, total {:?} / {:?}",
+        if busy { " busy" } else { "" },
+        b.0,
+        b.1,
+        l.0,
+        l.1,
+        g.0,
+        g.1,
+        t.0,
+        t.1
+    );
+    let slow: Vec<_> = v.iter().filter(|x| x.0 + x.1 + x.2 >= t.1).collect();
+    let fast: Vec<_> = v.iter().filter(|x| x.0 + x.1 + x.2 < t.1).collect();
+    let met = |w: &[&(Duration, Duration, Duration, u64)]| {
+        w.iter().filter(|x| x.3 > 0).count() as f64 / w.len().max(1) as f64
+    };
+    println!(
+        "rounds where the shrinker met the target inode: slowest tenth {:.0} %, others {:.0} %",
+        met(&slow) * 100.0,
+        met(&fast) * 100.0
     );
 }
 
 fn quick() {
-    if std::env::var_os("UBTRFS_BENCH_PHASES").is_some() {
-        phases();
+    if let Some(p) = std::env::var_os("UBTRFS_BENCH_PHASES") {
+        phases(p == "busy");
         return;
     }
     quantiles("log_one_extent only", 2000, |r| {
@@ -535,6 +580,13 @@ fn quick() {
         // Long idle run for a profiler.
         let n: usize = n.parse().unwrap_or(100_000);
         quantiles("idle (profile)", n, |r| ours.fsync_round(r));
+        return;
+    }
+    if let Ok(n) = std::env::var("UBTRFS_BENCH_PROFILE_IDLE_RWLOCK") {
+        // Long idle run of the baseline for a profiler (its pass is `Base::log_pass`).
+        let n: usize = n.parse().unwrap_or(100_000);
+        let base = Base::new();
+        quantiles("idle_rwlock (profile)", n, |r| base.fsync_round(r));
         return;
     }
     quantiles("idle", 2000, |r| ours.fsync_round(r));

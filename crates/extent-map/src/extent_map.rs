@@ -1131,6 +1131,16 @@ impl BtrfsInode {
     /// (`rwlock_needbreak`).
     pub(crate) fn lock_tree(&self) -> Locked<'_> {
         self.tree.reclaim();
+        self.lock_tree_no_reclaim()
+    }
+
+    /// [`BtrfsInode::lock_tree`] without freeing the tree's reclaimable versions first: for
+    /// fsync's logging pass, so that an fsync never pays for the garbage of the writes before
+    /// it (the versions those writes retired become reclaimable at a time set by the epoch
+    /// collector, which in a busy process runs on other threads, i.e. in the middle of the
+    /// pass). The queue stays bounded: a pass retires at most one version, and the writes that
+    /// gave it maps to log, the inode's next writer and the shrinker's visits all reclaim.
+    pub(crate) fn lock_tree_no_reclaim(&self) -> Locked<'_> {
         let w = match self.tree.writer.try_lock() {
             Some(w) => w,
             None => {

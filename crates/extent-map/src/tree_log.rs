@@ -66,7 +66,7 @@ impl BtrfsInode {
     /// `i_size`: collects, marks LOGGING and sorts (steps 1 and 2).
     pub fn btrfs_log_changed_extents_begin(&self, transid: u64, i_size: u64) -> LoggingPass<'_> {
         self.sched(SchedPoint::LogCollect);
-        let mut l = self.lock_tree();
+        let mut l = self.lock_tree_no_reclaim();
         // Setting LOGGING changes no mapping: publish at the end of the pass.
         l.defer_publish = true;
         let pass = l.next_pass_id();
@@ -159,7 +159,7 @@ impl LoggingPass<'_> {
         if self.current.is_some() {
             self.inode.sched(SchedPoint::LogRelock);
         }
-        let mut l = self.inode.lock_tree();
+        let mut l = self.inode.lock_tree_no_reclaim();
         // Clearing LOGGING and the merges it allows change no mapping; the version is
         // published when the private list is exhausted (below) or by any other writer.
         l.defer_publish = true;
