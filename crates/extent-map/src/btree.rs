@@ -383,7 +383,12 @@ pub(crate) fn remove(t: &mut Link, key: u64) -> Option<Slot> {
     get(t, key)?;
     let root = cow(t.as_mut()?);
     let r = remove_in(root, key);
-    // Collapse a one-child inner root; an empty root becomes the empty tree.
+    collapse_root(t);
+    r
+}
+
+/// Collapses a one-child inner root; an empty root becomes the empty tree.
+fn collapse_root(t: &mut Link) {
     loop {
         let next = match t.as_deref() {
             Some(Node::Inner { children, .. }) if children.len() == 1 => children[0].clone(),
@@ -395,7 +400,31 @@ pub(crate) fn remove(t: &mut Link, key: u64) -> Option<Slot> {
         };
         *t = Some(next);
     }
-    r
+}
+
+/// A leaf of `len` slots left by [`LeafMut::remove`] should go through [`rebalance`].
+pub(crate) fn leaf_is_small(len: usize) -> bool {
+    len < MIN
+}
+
+/// After [`LeafMut::remove`] made the leaf holding `key` small: gives every node on its path
+/// the treatment a removal through [`remove`] gives it (`fix_child`: merge with a neighbour
+/// when both fit in one node). Without it, a run of in-leaf merges into a map (fsync's merges
+/// into the map before the logged one) leaves that map alone in its leaf, and the merge of
+/// every following map crosses a leaf boundary.
+pub(crate) fn rebalance(t: &mut Link, key: u64) {
+    fn rec(n: &mut Node, key: u64) {
+        if let Node::Inner { keys, children } = n {
+            let i = child_idx(keys, key);
+            rec(cow(&mut children[i]), key);
+            fix_child(keys, children, i);
+        }
+    }
+    let Some(root) = t.as_mut() else {
+        return;
+    };
+    rec(cow(root), key);
+    collapse_root(t);
 }
 
 /// An inner node on an iterator's path: separators, children, index of the visited child.
@@ -627,6 +656,49 @@ mod tests {
         }
         assert!(t.is_none());
         assert!(check(&old));
+    }
+
+    #[test]
+    fn in_leaf_removals_with_rebalance() {
+        // Test scenario: fsync's merges: the map at key 0 absorbs its successors one by one
+        // through in-leaf removals (never the leaf's first slot); `rebalance` keeps its leaf
+        // from running empty of successors, so every successor but the tree's last ones is
+        // found in the same leaf as key 0, and the tree stays valid with the same keys as a
+        // model.
+        let mut t: Link = None;
+        let n = 300u64;
+        for k in 0..n {
+            insert(&mut t, slot(k));
+        }
+        let mut want: Vec<u64> = (0..n).collect();
+        let mut rebalanced = 0;
+        while want.len() > 1 {
+            let (mut leaf, i) = leaf_mut(&mut t, 0).unwrap();
+            assert_eq!(i, 0);
+            let len = leaf.slots().len();
+            if want.len() > MAX {
+                assert!(
+                    len > 1,
+                    "key 0 alone in its leaf with {} keys left",
+                    want.len()
+                );
+            }
+            if len == 1 {
+                // The last successors are in the next leaf: a plain removal.
+                assert!(remove(&mut t, want[1]).is_some());
+            } else {
+                assert_eq!(leaf.remove(1).map(|s| s.em.start), Some(want[1]));
+                if leaf_is_small(leaf.slots().len()) {
+                    rebalance(&mut t, 0);
+                    rebalanced += 1;
+                }
+            }
+            want.remove(1);
+            assert!(check(&t));
+            assert_eq!(keys(&t), want);
+        }
+        assert!(rebalanced > 0);
+        assert_eq!(depth(&t), 1);
     }
 
     #[test]

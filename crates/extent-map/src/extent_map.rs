@@ -856,6 +856,9 @@ impl<'a> Locked<'a> {
         }
         let (mut leaf, i) = btree::leaf_mut(&mut self.w.root, key)?;
         let gone = apply_merge_in_leaf(&mut leaf, i, &plan);
+        if btree::leaf_is_small(leaf.slots().len()) {
+            btree::rebalance(&mut self.w.root, plan.em.start);
+        }
         self.merged_away(gone);
         Some(plan.em.start)
     }
@@ -977,6 +980,9 @@ impl<'a> Locked<'a> {
         let gone = apply_merge_in_leaf(&mut leaf, i, &plan);
         let at = if plan.prev { i - 1 } else { i };
         let next_value = peek(&leaf, at);
+        if btree::leaf_is_small(leaf.slots().len()) {
+            btree::rebalance(&mut w.root, plan.em.start);
+        }
         self.merged_away(gone);
         (Some(plan.em), next_value)
     }
