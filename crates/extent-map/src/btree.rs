@@ -183,6 +183,51 @@ pub(crate) fn get_mut(t: &mut Link, key: u64) -> Option<&mut Slot> {
     }
 }
 
+/// Calls `f(item, slot)` for every item, with the slot whose key is `key(item)` (`None` if
+/// there is none); `items` must be sorted by `key`. Paths are copied if shared, as by
+/// [`get_mut`], but one descent serves all the items whose keys fall in one leaf. `f` must not
+/// change `slot.em.start`.
+pub(crate) fn for_each_mut_sorted<T>(
+    t: &mut Link,
+    items: &mut [T],
+    key: impl Fn(&T) -> u64,
+    mut f: impl FnMut(&mut T, Option<&mut Slot>),
+) {
+    let mut i = 0;
+    while i < items.len() {
+        let Some(root) = t.as_mut() else {
+            items[i..].iter_mut().for_each(|x| f(x, None));
+            return;
+        };
+        let first = key(&items[i]);
+        let mut node = cow(root);
+        let slots = loop {
+            match node {
+                Node::Inner { keys, children } => {
+                    let c = child_idx(keys, first);
+                    node = cow(&mut children[c]);
+                }
+                Node::Leaf(s) => break s,
+            }
+        };
+        // Leaves partition the keys in order: every key from `first` up to this leaf's last
+        // key belongs to this leaf.
+        let last = slots.last().map(|x| x.em.start);
+        loop {
+            let k = key(&items[i]);
+            let slot = match slots.binary_search_by_key(&k, |x| x.em.start) {
+                Ok(j) => Some(&mut slots[j]),
+                Err(_) => None,
+            };
+            f(&mut items[i], slot);
+            i += 1;
+            if i == items.len() || last.is_none_or(|l| key(&items[i]) > l) {
+                break;
+            }
+        }
+    }
+}
+
 /// The leaf holding the slot with exactly this key, and the slot's index in it.
 pub(crate) fn leaf(t: &Link, key: u64) -> Option<(&[Slot], usize)> {
     let mut n = t.as_deref()?;

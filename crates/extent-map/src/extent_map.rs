@@ -1021,6 +1021,46 @@ impl<'a> Locked<'a> {
         Some(fallback.with_flags(flags::LOGGING))
     }
 
+    /// [`Locked::set_logging_if`] for many maps at once, `entries` sorted by start, with one
+    /// descent per B+tree leaf instead of one per map: each map `take` accepts gets LOGGING, a
+    /// reference, and its entry the new value; the entry of each other map is dropped (set to
+    /// `None`).
+    pub(crate) fn set_logging_sorted(
+        &mut self,
+        entries: &mut [Option<ListEntry>],
+        take: impl Fn(&ExtentMap) -> bool,
+    ) {
+        let w = &mut *self.w;
+        let mut dirty = false;
+        let start = |e: &Option<ListEntry>| e.as_ref().map_or(0, |e| e.em.start);
+        btree::for_each_mut_sorted(&mut w.root, entries, start, |entry, slot| {
+            let Some(e) = entry else {
+                return;
+            };
+            let v = match slot {
+                Some(s) if e.node.st() & IN_TREE != 0 && Arc::ptr_eq(&s.node, &e.node) => {
+                    take(&s.em).then(|| {
+                        s.em.flags |= flags::LOGGING;
+                        dirty = true;
+                        s.em
+                    })
+                }
+                // Not in the tree (or another map sits at its start): its own value.
+                _ => take(&e.em).then(|| e.em.with_flags(flags::LOGGING)),
+            };
+            match v {
+                Some(v) => {
+                    e.em = v;
+                    e.node
+                        .refs
+                        .store(e.node.refs().wrapping_add(1), Ordering::Relaxed);
+                }
+                None => *entry = None,
+            }
+        });
+        w.dirty |= dirty;
+    }
+
     /// Current value of a map: the tree's slot if it is in the tree, else `fallback`.
     pub(crate) fn current_value(&self, node: &Arc<EmNode>, fallback: ExtentMap) -> ExtentMap {
         if node.st() & IN_TREE != 0 {

@@ -71,6 +71,37 @@ impl BtrfsInode {
         l.defer_publish = true;
         let pass = l.next_pass_id();
         let mut collected = Vec::with_capacity(l.modified_len().min(MAX_LOGGED_UNITS));
+        let take = |v: &ExtentMap| {
+            v.generation >= transid && !(v.has(flags::PREALLOC) && v.start >= i_size)
+        };
+        if l.modified_len().saturating_mul(2) <= MAX_LOGGED_UNITS {
+            // Each map counts at most two units, so -EFBIG cannot happen, and in which order
+            // the maps are examined changes nothing (all under this lock): examine them in
+            // start order, one descent per B+tree leaf. The stable sort of the list in walk
+            // order gives the private list the order the general path gives it below.
+            for e in l.take_modified() {
+                if Locked::node_is_freed(&e.node) {
+                    l.violation(Invariant::UseAfterFree, &e.em);
+                    continue;
+                }
+                collected.push(Some(ListEntry { pass, ..e }));
+            }
+            collected.sort_by_key(|e| e.as_ref().map(|e| e.em.start));
+            l.set_logging_sorted(&mut collected, take);
+            collected.retain(Option::is_some);
+            let order = l.list_add_logging(collected, pass);
+            drop(l);
+            return LoggingPass {
+                inode: self,
+                pass,
+                order,
+                current: None,
+                err: false,
+                efbig: false,
+                logged: 0,
+                evictable_delta: 0,
+            };
+        }
         let mut rest = l.take_modified();
         let mut num = 0usize;
         let mut efbig = false;
@@ -85,9 +116,6 @@ impl BtrfsInode {
                 efbig = true;
                 break;
             }
-            let take = |v: &ExtentMap| {
-                v.generation >= transid && !(v.has(flags::PREALLOC) && v.start >= i_size)
-            };
             let Some(v) = l.set_logging_if(&e.node, e.em, take) else {
                 continue;
             };
