@@ -272,6 +272,20 @@ impl ExtentMapTree {
         }
     }
 
+    /// Versions waiting in the reclaim queue (tests).
+    #[cfg(test)]
+    pub(crate) fn reclaimable(&self) -> usize {
+        self.reclaim.queue.lock().len()
+    }
+
+    /// Queues an empty version as if its grace period had ended (tests).
+    #[cfg(test)]
+    pub(crate) fn queue_reclaimable(&self) {
+        let mut q = self.reclaim.queue.lock();
+        q.push(Version { root: None });
+        self.reclaim.len.store(q.len() as u32, Ordering::Relaxed);
+    }
+
     /// Runs `f` on the current version under an epoch guard (the read side: no lock).
     fn read<R>(&self, f: impl FnOnce(&Link) -> R) -> R {
         let guard = epoch::pin();

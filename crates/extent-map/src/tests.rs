@@ -887,6 +887,37 @@ fn logging_error_path() {
 }
 
 #[test]
+fn logging_pass_leaves_reclaim_to_writers() {
+    // Test scenario: versions retired by earlier writes are waiting to be freed when an fsync
+    // starts: its logging pass (collection, every relock, the end) frees none of them; the
+    // inode's next writer frees them all. (The epoch collector may queue a few more versions of
+    // this inode's earlier writes at any pin, hence the inequalities.)
+    let (_fs, inode) = fs(Policy::FixedSplit);
+    for i in 0..8 {
+        inode
+            .btrfs_replace_extent_map_range(reg(i * K, K, (1 << 20) + i * K), true)
+            .unwrap();
+    }
+    for _ in 0..100 {
+        inode.tree.queue_reclaimable();
+    }
+    let mut n = 0;
+    inode
+        .btrfs_log_changed_extents::<()>(1, u64::MAX, |_| {
+            n += 1;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(n, 8);
+    assert_eq!(ranges(&inode), vec![(0, 8 * K)]);
+    assert!(inode.tree.reclaimable() >= 100);
+    inode
+        .btrfs_replace_extent_map_range(reg(16 * K, K, 1 << 30), true)
+        .unwrap();
+    assert!(inode.tree.reclaimable() < 50);
+}
+
+#[test]
 fn logging_efbig() {
     // Test scenario: more than 32768 units on the modified list: -EFBIG (full commit); the
     // collected maps are cleared and released, the rest stays detached (listed, unmergeable).
