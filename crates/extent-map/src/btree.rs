@@ -704,6 +704,58 @@ mod tests {
     }
 
     #[test]
+    fn for_each_mut_sorted_finds_every_key() {
+        // Test scenario: a sorted list of present keys, absent keys (between leaves, below and
+        // above every key) and duplicates: each gets the slot with its key or `None`, changes
+        // land in the working version only, and the tree stays valid.
+        let mut t: Link = None;
+        for k in 0..500u64 {
+            insert(&mut t, slot(k * 4));
+        }
+        let old = t.clone();
+        let mut items: Vec<(u64, Option<u64>)> = (0..2100u64)
+            .filter(|k| k % 3 != 0)
+            .map(|k| (k, None))
+            .collect();
+        items.push((7 * 4, None));
+        items.sort_by_key(|x| x.0);
+        for_each_mut_sorted(
+            &mut t,
+            &mut items,
+            |x| x.0,
+            |x, s| {
+                x.1 = s.map(|s| {
+                    s.em.generation += 1;
+                    s.em.start
+                });
+            },
+        );
+        for (k, found) in &items {
+            let want = (k % 4 == 0 && *k < 2000).then_some(*k);
+            assert_eq!(*found, want, "key {k}");
+        }
+        assert!(check(&t));
+        // Key 28 was listed twice: updated twice.
+        assert_eq!(get(&t, 28).unwrap().em.generation, 3);
+        assert_eq!(get(&t, 8).unwrap().em.generation, 2);
+        assert_eq!(
+            get(&t, 12).unwrap().em.generation,
+            1,
+            "12 is a multiple of 3"
+        );
+        assert!(Iter::new(&old, 0).all(|s| s.em.generation == 1));
+        let mut none: Link = None;
+        let mut one = [(5u64, Some(5u64))];
+        for_each_mut_sorted(
+            &mut none,
+            &mut one,
+            |x| x.0,
+            |x, s| x.1 = s.map(|s| s.em.start),
+        );
+        assert_eq!(one[0].1, None);
+    }
+
+    #[test]
     fn in_leaf_removals_with_rebalance() {
         // Test scenario: fsync's merges: the map at key 0 absorbs its successors one by one
         // through in-leaf removals (never the leaf's first slot); `rebalance` keeps its leaf
