@@ -29,9 +29,14 @@
 //! queue, and the tree's next writer (or the shrinker's next visit) frees it outside the tree
 //! lock, so the cost of freeing stays with the threads that change that tree instead of landing
 //! on whichever thread happens to run the collector (measured: an fsync paying for the
-//! shrinker's garbage). Maps (`EmNode`) are owned through `Arc` by the versions and list entries
-//! that contain them, so a map that leaves its tree or a list is freed only once no version a
-//! reader may hold and no list contains it: no code, safe or unsafe, can reach a freed map.
+//! shrinker's garbage). fsync's logging pass is the one writer that frees nothing: in a busy
+//! process the collector runs on other threads and queues the versions the writes before the
+//! fsync retired while the pass runs, so every relock of the pass would pay for them (measured:
+//! the whole tail of `fsync_vs_shrinker/busy`); the queue stays bounded because the pass retires
+//! at most one version and every other writer and the shrinker still free it. Maps (`EmNode`)
+//! are owned through `Arc` by the versions and list entries that contain them, so a map that
+//! leaves its tree or a list is freed only once no version a reader may hold and no list
+//! contains it: no code, safe or unsafe, can reach a freed map.
 //!
 //! One deliberate refinement: a fast fsync's logging pass (setting and clearing LOGGING and the
 //! merges that follow) never changes what any file byte maps to (merged maps are adjacent and
@@ -44,8 +49,12 @@
 //! Costs that shaped the write side (fsync_vs_shrinker, benches/RESULTS-extent-map.md): map
 //! bookkeeping that only changes under the tree lock uses plain loads and stores, not atomic
 //! read-modify-writes; `try_merge_map` and `btrfs_clear_em_logging` decide and merge inside one
-//! B+tree leaf when the neighbours are there (one descent instead of six); the modified list
-//! and fsync's private lists are vectors in link order rather than ordered maps.
+//! B+tree leaf when the neighbours are there (one descent instead of six), and a leaf such an
+//! in-leaf merge leaves small is merged with a neighbour as a B+tree removal would (else the
+//! map absorbing its successors ends alone in its leaf and every later merge crosses a leaf
+//! boundary); fsync's collection marks its maps in start order, one descent per leaf, whenever
+//! the list is too short for -EFBIG (then the order of the walk changes nothing); the modified
+//! list and fsync's private lists are vectors in link order rather than ordered maps.
 //!
 //! Alternatives considered: an epoch-protected concurrent skip list (readers could observe the
 //! intermediate states of compound operations such as a merge or a split, which the kernel's
