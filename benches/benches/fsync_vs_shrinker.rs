@@ -488,6 +488,10 @@ fn quantiles(name: &str, rounds: usize, mut f: impl FnMut(u64) -> Duration) {
     );
 }
 
+/// One round of [`phases`]: collection, loop without `log_one_extent`, `log_one_extent`, and how
+/// many times the shrinker met the target inode meanwhile.
+type PhaseRound = (Duration, Duration, Duration, u64);
+
 /// Where a logging pass's time goes (`UBTRFS_BENCH_PHASES=1`, or `=busy` with the shrinker
 /// thread running): collection (`begin`), the loop without `log_one_extent`, and
 /// `log_one_extent` itself (the two timer reads per map inflate the last two a little).
@@ -500,7 +504,7 @@ fn phases(busy: bool) {
         let (o, s) = (ours.clone(), stop.clone());
         std::thread::spawn(move || o.shrinker_loop(&s))
     });
-    let mut v = Vec::new();
+    let mut v: Vec<PhaseRound> = Vec::new();
     for round in 0..3000u64 {
         let t = &ours.target;
         let _il = t.inode_lock().write();
@@ -529,7 +533,7 @@ fn phases(busy: bool) {
     if let Some(h) = h {
         h.join().expect("shrinker");
     }
-    let q = |f: &dyn Fn(&(Duration, Duration, Duration, u64)) -> Duration| {
+    let q = |f: &dyn Fn(&PhaseRound) -> Duration| {
         let mut x: Vec<Duration> = v.iter().map(f).collect();
         x.sort();
         (x[x.len() / 2], x[x.len() * 9 / 10])
@@ -553,9 +557,8 @@ fn phases(busy: bool) {
     );
     let slow: Vec<_> = v.iter().filter(|x| x.0 + x.1 + x.2 >= t.1).collect();
     let fast: Vec<_> = v.iter().filter(|x| x.0 + x.1 + x.2 < t.1).collect();
-    let met = |w: &[&(Duration, Duration, Duration, u64)]| {
-        w.iter().filter(|x| x.3 > 0).count() as f64 / w.len().max(1) as f64
-    };
+    let met =
+        |w: &[&PhaseRound]| w.iter().filter(|x| x.3 > 0).count() as f64 / w.len().max(1) as f64;
     println!(
         "rounds where the shrinker met the target inode: slowest tenth {:.0} %, others {:.0} %",
         met(&slow) * 100.0,
