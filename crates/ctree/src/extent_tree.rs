@@ -78,6 +78,17 @@ impl DelayedRefs {
             .sum()
     }
 
+    /// The pending changes of extent `bytenr` that do not net out to zero (the kernel merges
+    /// an add and a drop of the same reference into nothing: `insert_delayed_ref` drops a
+    /// node whose `ref_mod` reaches zero).
+    pub fn pending_of(&self, bytenr: u64) -> impl Iterator<Item = (RefKind, i64)> + '_ {
+        self.refs
+            .range((bytenr, RefKind::Tree { root: 0, level: 0 })..)
+            .take_while(move |((b, _), _)| *b == bytenr)
+            .filter(|(_, (_, d))| *d != 0)
+            .map(|((_, k), (_, d))| (*k, *d))
+    }
+
     fn take(&mut self) -> BTreeMap<(u64, RefKind), (u64, i64)> {
         std::mem::take(&mut self.refs)
     }
@@ -419,6 +430,74 @@ fn run_data_ref<A: TreeAlloc>(
     } else {
         w.update_item(extent_root, &key, &rec.to_bytes())
     }
+}
+
+/// `btrfs_cross_ref_exist`: whether data extent `bytenr` may be referenced by anything but
+/// (root, ino, offset) (`offset` = file offset - extent offset), so that a NOCOW write into it
+/// must COW instead. Two halves, as in the kernel:
+/// - `check_committed_ref` on the extent tree as the running transaction sees it: shared
+///   unless the EXTENT_ITEM has exactly one inline reference (after a simple-quota owner ref),
+///   an EXTENT_DATA_REF of (root, ino, offset) holding every one of the item's `refs`, and,
+///   unless `strict`, a generation after the root's `last_snapshot`. No item at all (an extent
+///   of the running transaction whose refs are still delayed) is not an answer by itself.
+/// - `check_delayed_ref`: shared if a pending (delayed) reference change of the extent is
+///   anything but a data ref of (root, ino, offset).
+///
+/// A SHARED_DATA_REF (full backref) always counts as shared.
+#[allow(clippy::too_many_arguments)]
+pub fn btrfs_cross_ref_exist(
+    reader: &crate::disk_io::BlockReader,
+    extent_root: &RootPtr,
+    pending: &DelayedRefs,
+    root: u64,
+    ino: u64,
+    offset: u64,
+    bytenr: u64,
+    strict: bool,
+    last_snapshot: u64,
+) -> Result<bool> {
+    let found = crate::ctree::lookup_le(
+        reader,
+        extent_root,
+        &Key::new(bytenr, item::EXTENT_ITEM, u64::MAX),
+    )?;
+    if let Some((key, data)) = found {
+        if key.objectid == bytenr && key.item_type == item::EXTENT_ITEM {
+            let rec = ExtentRecord::parse(&data, item::EXTENT_ITEM)
+                .map_err(|e| Error::format(format!("extent item {key:?}"), e))?;
+            let mut refs = rec.inline_refs.as_slice();
+            if let [InlineRef::Owner { .. }, rest @ ..] = refs {
+                refs = rest;
+            }
+            let [only] = refs else {
+                return Ok(true);
+            };
+            if !strict && rec.item.generation <= last_snapshot {
+                return Ok(true);
+            }
+            let InlineRef::ExtentData(d) = only else {
+                return Ok(true);
+            };
+            if rec.item.refs != u64::from(d.count)
+                || d.root != root
+                || d.objectid != ino
+                || d.offset != offset
+            {
+                return Ok(true);
+            }
+        }
+    }
+    for (kind, _) in pending.pending_of(bytenr) {
+        match kind {
+            RefKind::Data {
+                root: r,
+                ino: i,
+                offset: o,
+            } if r == root && i == ino && o == offset => {}
+            _ => return Ok(true),
+        }
+    }
+    Ok(false)
 }
 
 /// `btrfs_del_csums`: remove the checksums of `[bytenr, bytenr+len)`, splitting items at the

@@ -141,6 +141,11 @@ pub struct FsCounters {
     pub full_commit_reasons: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// Commits made to unpin space before answering ENOSPC (`COMMIT_TRANS` flushes).
     pub enospc_commits: AtomicU64,
+    /// Bytes written back in place into regular extents of NODATACOW files (NOCOW ordered
+    /// extents).
+    pub nocow_bytes: AtomicU64,
+    /// Bytes written back in place into preallocated extents (PREALLOC ordered extents).
+    pub prealloc_written_bytes: AtomicU64,
 }
 
 /// The mounted filesystem (`struct btrfs_fs_info`).

@@ -615,7 +615,7 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
         len = len.min(size.div_ceil(ss) * ss - start);
         // The run's new sectors stay in `new_delalloc` until its file extent items are in
         // (btrfs_finish_one_ordered clears EXTENT_DELALLOC_NEW as it adds the inode bytes).
-        let taken: Vec<u64> = {
+        let mut taken: Vec<u64> = {
             let mut d = dirty.lock();
             let t: Vec<u64> = d
                 .new_sectors
@@ -627,8 +627,7 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
             }
             t
         };
-        let new_done = (taken.len() as u64 * ss, &*new_delalloc);
-        if let Err(e) = write_run(
+        if let Err(e) = btrfs_run_delalloc_range(
             fs,
             root,
             ino,
@@ -638,9 +637,10 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
             size,
             mtime,
             &rsv,
-            new_done,
+            (&mut taken, &new_delalloc),
         ) {
-            // The sectors still dirty stay new; a truncate may have dropped some meanwhile.
+            // The sectors still dirty and not written stay new (pieces that completed took
+            // theirs out of `taken`); a truncate may have dropped some meanwhile.
             let mut d = dirty.lock();
             for i in taken {
                 if d.sectors.contains_key(&i) {
@@ -697,6 +697,75 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
     Ok(())
 }
 
+/// `btrfs_run_delalloc_range` for one run of dirty data starting at `start`: through
+/// `run_delalloc_nocow` for a NODATACOW or PREALLOC-flagged inode (in-place pieces, and COW
+/// pieces that are never inline), else one `write_run`. The pieces are decided together, on
+/// the items as they are before any of them completes, then written and completed in file
+/// order; the caller's writeback lock keeps the inode's items as decided meanwhile.
+#[allow(clippy::too_many_arguments)]
+fn btrfs_run_delalloc_range(
+    fs: &FsInfo,
+    root: u64,
+    ino: u64,
+    emi: &ubtrfs_extent_map::BtrfsInode,
+    start: u64,
+    data: &[u8],
+    size: u64,
+    mtime: Option<ubtrfs_format::items::Timespec>,
+    rsv: &crate::space_info::InodeRsv,
+    (taken, new_delalloc): (&mut Vec<u64>, &AtomicU64),
+) -> Result<()> {
+    let ss = u64::from(fs.sectorsize());
+    let end = start + data.len() as u64;
+    // The new (EXTENT_DELALLOC_NEW) sectors of [s, s + len), taken out of `taken`: their
+    // bytes leave `new_delalloc` when the piece's items are in.
+    let take_new = |taken: &mut Vec<u64>, s: u64, len: u64| -> u64 {
+        let (lo, hi) = (s / ss, (s + len).div_ceil(ss));
+        let before = taken.len();
+        taken.retain(|&i| i < lo || i >= hi);
+        (before - taken.len()) as u64 * ss
+    };
+    let plan = fs.write_op_rsv(crate::space_info::MetaRsv::NONE, |c| {
+        let flags = c.read_inode(root, ino)?.flags;
+        if !should_nocow(flags) {
+            return Ok(None);
+        }
+        run_delalloc_nocow(c, root, ino, flags, start, end).map(Some)
+    })?;
+    let Some(plan) = plan else {
+        let new = (taken.len() as u64 * ss, new_delalloc);
+        write_run(
+            fs, root, ino, emi, start, data, size, mtime, rsv, new, false,
+        )?;
+        taken.clear();
+        return Ok(());
+    };
+    for piece in plan {
+        match piece {
+            DelallocPiece::Cow { start: s, len } => {
+                let d = &data[(s - start) as usize..(s - start + len) as usize];
+                let mut left = taken.clone();
+                let new = (take_new(&mut left, s, len), new_delalloc);
+                write_run(fs, root, ino, emi, s, d, size, mtime, rsv, new, true)?;
+                *taken = left;
+            }
+            DelallocPiece::Nocow {
+                start: s,
+                ext,
+                prealloc,
+            } => {
+                let d = &data[(s - start) as usize..(s - start + ext.num_bytes) as usize];
+                write_nocow_piece(fs, root, ino, emi, s, &ext, prealloc, d, size, mtime, rsv)?;
+                // Sectors over an extent are never new; none to account, unless the file
+                // changed between the write and its writeback.
+                let n = take_new(taken, s, ext.num_bytes);
+                new_delalloc.fetch_sub(n, Ordering::SeqCst);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Write one run of file data starting at `start` as a new extent (or inline extent), in the
 /// kernel's three steps so that no lock is held during the data I/O:
 /// 1. `cow_file_range`: reserve extents for the run (reserved space: not free, no extent
@@ -723,6 +792,7 @@ fn write_run(
     mtime: Option<ubtrfs_format::items::Timespec>,
     rsv: &crate::space_info::InodeRsv,
     (new_bytes, new_delalloc): (u64, &AtomicU64),
+    no_inline: bool,
 ) -> Result<()> {
     use crate::space_info::MetaRsv;
     use ubtrfs_ctree::block_group::AllocKind;
@@ -730,7 +800,13 @@ fn write_run(
     let max_inline = DEFAULT_MAX_INLINE.min(ss);
     let total = data.len() as u64;
     // cow_file_range_inline: whole file, at 0, within one sector and max_inline.
-    if start == 0 && size <= ss && size <= max_inline && size > 0 && total >= size.min(ss) {
+    if !no_inline
+        && start == 0
+        && size <= ss
+        && size <= max_inline
+        && size > 0
+        && total >= size.min(ss)
+    {
         return fs.write_op_rsv(MetaRsv::WRITEBACK, |c| {
             rsv.release(total);
             let transid = c.transid();
@@ -925,6 +1001,611 @@ fn finish_inode(
     }
     ii.sequence += 1;
     c.write_inode(root, ino, ii)
+}
+
+// ---------------------------------------------------------------------------------------------
+// NOCOW writeback: in-place writes into preallocated extents and into the regular extents of a
+// NODATACOW file (the kernel's inode.c `should_nocow`, `run_delalloc_nocow`,
+// `can_nocow_file_extent`, `can_nocow_extent`, `nocow_one_range`, `fallback_to_cow`, the
+// NOCOW/PREALLOC branches of `btrfs_finish_one_ordered`; file.c `btrfs_mark_extent_written`;
+// extent-tree.c `btrfs_cross_ref_exist`).
+//
+// # Definitions
+// - A *NOCOW piece* of a writeback run is a range written into an extent the file already
+//   has: a PREALLOC extent (ordered type `BTRFS_ORDERED_PREALLOC`) or, in a NODATACOW file,
+//   a regular one (`BTRFS_ORDERED_NOCOW`). Everything else in the run is a *COW piece*,
+//   written by `write_run` as a new extent, never inline (`fallback_to_cow`).
+// - `can_nocow_file_extent` allows a NOCOW piece only for an uncompressed, unencrypted,
+//   non-hole extent that is PREALLOC or belongs to a NODATACOW file, created after the
+//   subvolume's `last_snapshot` (unless `strict`), referenced by this (root, inode, offset)
+//   alone (`btrfs_cross_ref_exist`: extent item and pending delayed refs), and without
+//   checksums over the written part. Its block group must accept NOCOW writers
+//   (`btrfs_inc_nocow_writers`: not read-only; ubtrfs never turns a block group read-only,
+//   having no scrub or balance, so only a missing group refuses).
+//
+// # Invariants
+// - A NOCOW piece allocates nothing and consumes no data space: its data reservation is
+//   released when the piece is decided (`EXTENT_CLEAR_DATA_RESV`), nbytes does not change.
+// - PREALLOC piece: a PINNED extent map of the written part (not PREALLOC, same disk_bytenr,
+//   offset into the extent) replaces the PREALLOC map (`btrfs_create_io_em`) and goes on the
+//   modified list; at completion `btrfs_mark_extent_written` splits the prealloc item into
+//   written (REG) and still preallocated parts, each split taking one more data ref of
+//   (root, inode, file offset - extent offset); the checksums of the written part are added
+//   (unless NODATASUM); the map is unpinned with the transid.
+// - Regular NOCOW piece: no extent map is created, no item changes, no checksums; completion
+//   only updates the inode item (`btrfs_update_inode_fallback`).
+// - Data of a NOCOW piece reaches the disk before its completion changes anything; a failed
+//   data write leaves the items as they were, drops the piece's extent maps (NOCOW too, as
+//   the kernel's `btrfs_finish_one_ordered` error path does) and keeps the sectors dirty.
+// ---------------------------------------------------------------------------------------------
+
+/// `struct btrfs_file_extent`: the extent a NOCOW write goes into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NocowExtent {
+    pub disk_bytenr: u64,
+    pub disk_num_bytes: u64,
+    pub ram_bytes: u64,
+    /// Offset into the extent of the first byte written.
+    pub offset: u64,
+    /// Bytes writable in place from the start of the request.
+    pub num_bytes: u64,
+}
+
+impl NocowExtent {
+    /// Logical address of the first byte written.
+    pub fn io_start(&self) -> u64 {
+        self.disk_bytenr + self.offset
+    }
+}
+
+/// One piece of a writeback run as `run_delalloc_nocow` cuts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DelallocPiece {
+    /// `fallback_to_cow`: a new extent for `[start, start+len)`.
+    Cow { start: u64, len: u64 },
+    /// `nocow_one_range`: in place into `ext` from `start` (`ext.num_bytes` bytes);
+    /// `prealloc` tells a PREALLOC ordered extent from a NOCOW one.
+    Nocow {
+        start: u64,
+        ext: NocowExtent,
+        prealloc: bool,
+    },
+}
+
+/// `should_nocow`: writeback of a NODATACOW or PREALLOC-flagged inode goes through
+/// `run_delalloc_nocow`. (Its defrag exception cannot arise: ubtrfs has no defrag.)
+pub fn should_nocow(inode_flags_: u64) -> bool {
+    inode_flags_ & (inode_flags::NODATACOW | inode_flags::PREALLOC) != 0
+}
+
+/// `btrfs_file_extent_end`.
+fn fe_end(key: &Key, fe: &FileExtentItem, ss: u64) -> Result<u64> {
+    let end = if fe.extent_type == FILE_EXTENT_INLINE {
+        key.offset
+            .checked_add(fe.ram_bytes)
+            .map(|e| e.div_ceil(ss).saturating_mul(ss))
+    } else {
+        key.offset.checked_add(fe.num_bytes)
+    };
+    end.ok_or_else(|| FsError::corrupt(format!("{key}: file extent ends past 2^64")))
+}
+
+/// Whether the csum tree of the running transaction has a checksum in `[start, start+len)`
+/// (`btrfs_lookup_csums_list` as `can_nocow_file_extent` uses it: any checksum forces COW).
+fn csum_exist_in_range(c: &WriteCtx<'_>, start: u64, len: u64) -> Result<bool> {
+    if c.t.root(objectid::CSUM_TREE).is_none() {
+        return Ok(false);
+    }
+    let ss = u64::from(c.fs.sectorsize());
+    let csize = c.fs.reader.csum_type.size() as u64;
+    let is_csum = |k: &Key| k.objectid == objectid::EXTENT_CSUM && k.item_type == item::EXTENT_CSUM;
+    let key = Key::new(objectid::EXTENT_CSUM, item::EXTENT_CSUM, start);
+    if let Some((k, d)) = c.lookup_le(objectid::CSUM_TREE, &key)? {
+        let covered = (d.len() as u64 / csize).saturating_mul(ss);
+        if is_csum(&k) && k.offset.saturating_add(covered) > start {
+            return Ok(true);
+        }
+    }
+    let next = c.items(objectid::CSUM_TREE, key, 1, is_csum)?;
+    Ok(next
+        .first()
+        .is_some_and(|(k, _)| k.offset < start.saturating_add(len)))
+}
+
+/// `can_nocow_file_extent`: whether `[start, end)` of `ino` can be written in place into the
+/// extent of item (`key`, `fe`), which covers `start`; the extent (clamped to `end`) if so.
+/// `strict` skips the `last_snapshot` heuristic (the kernel's direct-I/O and nocow-lock
+/// callers pass false, as writeback does).
+#[allow(clippy::too_many_arguments)]
+pub fn can_nocow_file_extent(
+    c: &WriteCtx<'_>,
+    root: u64,
+    ino: u64,
+    inode_flags_: u64,
+    key: &Key,
+    fe: &FileExtentItem,
+    start: u64,
+    end: u64,
+    strict: bool,
+) -> Result<Option<NocowExtent>> {
+    let ss = u64::from(c.fs.sectorsize());
+    if fe.extent_type == FILE_EXTENT_INLINE {
+        return Ok(None);
+    }
+    if inode_flags_ & inode_flags::NODATACOW == 0 && fe.extent_type == FILE_EXTENT_REG {
+        return Ok(None);
+    }
+    let last_snapshot = c.fs.root(root)?.item.last_snapshot;
+    if !strict && fe.generation <= last_snapshot {
+        return Ok(None);
+    }
+    if fe.disk_bytenr == 0 {
+        return Ok(None);
+    }
+    if fe.compression != 0 || fe.encryption != 0 || fe.other_encoding != 0 {
+        return Ok(None);
+    }
+    let extent_end = fe_end(key, fe, ss)?;
+    let ref_offset = key.offset.wrapping_sub(fe.offset);
+    let extent_root = c.root_ptr(objectid::EXTENT_TREE)?;
+    if ubtrfs_ctree::extent_tree::btrfs_cross_ref_exist(
+        &c.fs.reader,
+        &extent_root,
+        &c.t.refs,
+        root,
+        ino,
+        ref_offset,
+        fe.disk_bytenr,
+        strict,
+        last_snapshot,
+    )? {
+        return Ok(None);
+    }
+    // (`snapshot_force_cow`: ubtrfs creates no snapshots, so none is ever pending.)
+    let num_bytes = end.min(extent_end).checked_sub(start).ok_or_else(|| {
+        FsError::corrupt(format!(
+            "root {root} {key}: item does not cover offset {start}"
+        ))
+    })?;
+    let offset = fe.offset + (start - key.offset);
+    let ext = NocowExtent {
+        disk_bytenr: fe.disk_bytenr,
+        disk_num_bytes: fe.disk_num_bytes,
+        ram_bytes: fe.ram_bytes,
+        offset,
+        num_bytes,
+    };
+    if offset
+        .checked_add(num_bytes)
+        .is_none_or(|e| e > fe.disk_num_bytes)
+    {
+        return Err(FsError::corrupt(format!(
+            "root {root} {key}: offset {} + {} bytes past the extent's {} bytes",
+            fe.offset, fe.num_bytes, fe.disk_num_bytes
+        )));
+    }
+    if csum_exist_in_range(c, ext.io_start(), num_bytes)? {
+        return Ok(None);
+    }
+    Ok(Some(ext))
+}
+
+/// `btrfs_inc_nocow_writers`: the data block group holding `bytenr` takes NOCOW writers
+/// unless it is read-only. ubtrfs never makes a block group read-only (no scrub, balance or
+/// relocation), so only a missing group (corruption) refuses; with no read-only transition
+/// there is nobody to wait for the writers either, so they are not counted.
+fn btrfs_inc_nocow_writers(c: &WriteCtx<'_>, bytenr: u64) -> bool {
+    c.t.space
+        .groups
+        .range(..=bytenr)
+        .next_back()
+        .is_some_and(|(_, bg)| bg.is_data() && bytenr < bg.start + bg.length)
+}
+
+/// The decisions of `run_delalloc_nocow` for the dirty range `[start, end)` (sector aligned)
+/// of `ino`, on the items of the running transaction: NOCOW pieces where
+/// `can_nocow_file_extent` and `btrfs_inc_nocow_writers` allow, COW pieces for the rest
+/// (holes, items it refuses, and the range past the last item).
+pub fn run_delalloc_nocow(
+    c: &WriteCtx<'_>,
+    root: u64,
+    ino: u64,
+    inode_flags_: u64,
+    start: u64,
+    end: u64,
+) -> Result<Vec<DelallocPiece>> {
+    let ss = u64::from(c.fs.sectorsize());
+    let mut out = Vec::new();
+    let mut cur = start;
+    let mut cow_start: Option<u64> = None;
+    let ours = |k: &Key| k.objectid == ino && k.item_type == item::EXTENT_DATA;
+    // The item holding `start` may begin before it (the kernel's check_prev).
+    let mut next_key = match c.lookup_le(root, &Key::new(ino, item::EXTENT_DATA, start))? {
+        Some((k, _)) if ours(&k) => k.offset,
+        _ => start,
+    };
+    while cur < end {
+        let found = c.items(root, Key::new(ino, item::EXTENT_DATA, next_key), 1, ours)?;
+        let Some((key, data)) = found.into_iter().next() else {
+            break;
+        };
+        if key.offset >= end {
+            break;
+        }
+        if key.offset > cur {
+            cow_start.get_or_insert(cur);
+            cur = key.offset;
+        }
+        let fe = FileExtentItem::parse(&data)
+            .map_err(|e| FsError::corrupt(format!("root {root} {key}: {e}")))?;
+        if fe.extent_type > FILE_EXTENT_PREALLOC {
+            return Err(FsError::corrupt(format!(
+                "root {root} {key}: file extent type {}",
+                fe.extent_type
+            )));
+        }
+        let extent_end = fe_end(&key, &fe, ss)?;
+        match key.offset.checked_add(1) {
+            Some(n) => next_key = n,
+            None => break,
+        }
+        if extent_end <= cur {
+            continue;
+        }
+        let nocow =
+            match can_nocow_file_extent(c, root, ino, inode_flags_, &key, &fe, cur, end, false)? {
+                Some(ext) if btrfs_inc_nocow_writers(c, ext.io_start()) => Some(ext),
+                _ => None,
+            };
+        match nocow {
+            Some(ext) => {
+                if let Some(cs) = cow_start.take() {
+                    out.push(DelallocPiece::Cow {
+                        start: cs,
+                        len: cur - cs,
+                    });
+                }
+                out.push(DelallocPiece::Nocow {
+                    start: cur,
+                    ext,
+                    prealloc: fe.extent_type == FILE_EXTENT_PREALLOC,
+                });
+            }
+            None => {
+                cow_start.get_or_insert(cur);
+            }
+        }
+        cur = extent_end;
+    }
+    if cur < end && cow_start.is_none() {
+        cow_start = Some(cur);
+    }
+    if let Some(cs) = cow_start {
+        out.push(DelallocPiece::Cow {
+            start: cs,
+            len: end - cs,
+        });
+    }
+    Ok(out)
+}
+
+/// `can_nocow_extent`: whether a write at `offset` of up to `len` bytes can go in place (the
+/// check of the buffered write's `btrfs_check_nocow_lock` when data space is short, and of
+/// direct I/O): the extent and whether it is preallocated, with `num_bytes` the writable
+/// length. Errors count as "no" (as in the kernel). Dirty data over a preallocated range of a
+/// file without NODATACOW answers "no" too (the kernel's -EAGAIN: the caller must not
+/// overtake the buffered data).
+pub fn can_nocow_extent(
+    fs: &FsInfo,
+    root: u64,
+    ino: u64,
+    offset: u64,
+    len: u64,
+    strict: bool,
+) -> Result<Option<(NocowExtent, bool)>> {
+    let ss = u64::from(fs.sectorsize());
+    let found = fs.write_op_rsv(crate::space_info::MetaRsv::NONE, |c| {
+        let ii = c.read_inode(root, ino)?;
+        let Some((key, data)) = c.lookup_le(root, &Key::new(ino, item::EXTENT_DATA, offset))?
+        else {
+            return Ok(None);
+        };
+        if key.objectid != ino || key.item_type != item::EXTENT_DATA || key.offset > offset {
+            return Ok(None);
+        }
+        let fe = FileExtentItem::parse(&data)
+            .map_err(|e| FsError::corrupt(format!("root {root} {key}: {e}")))?;
+        if fe_end(&key, &fe, ss)? <= offset {
+            return Ok(None);
+        }
+        let end = offset.saturating_add(len);
+        Ok(
+            can_nocow_file_extent(c, root, ino, ii.flags, &key, &fe, offset, end, strict)?
+                .filter(|e| btrfs_inc_nocow_writers(c, e.io_start()))
+                .map(|e| (e, fe.extent_type == FILE_EXTENT_PREALLOC, ii.flags)),
+        )
+    });
+    let Ok(Some((ext, prealloc, iflags))) = found else {
+        return Ok(None);
+    };
+    if iflags & inode_flags::NODATACOW == 0 && prealloc {
+        if let Some(d) = dirty_inode(fs, root, ino) {
+            let first = offset / ss;
+            let last = (offset + ext.num_bytes).div_ceil(ss);
+            if d.lock().sectors.range(first..last).next().is_some() {
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Some((ext, prealloc)))
+}
+
+/// The file extent items of `ino` next to `key` in the same leaf (`extent_mergeable` looks
+/// no further).
+fn leaf_neighbours(
+    c: &WriteCtx<'_>,
+    root: u64,
+    ino: u64,
+    key: &Key,
+) -> Result<[Option<(Key, FileExtentItem)>; 2]> {
+    let r = c.root_ptr(root)?;
+    let (path, found) = ubtrfs_ctree::Path::search(&c.fs.reader, &r, key)?;
+    if !found {
+        return Err(FsError::corrupt(format!(
+            "root {root} {key}: file extent item vanished"
+        )));
+    }
+    let (leaf, slot) = path.leaf();
+    let get = |s: usize| -> Result<Option<(Key, FileExtentItem)>> {
+        let k = leaf.item_key(s).map_err(|e| {
+            FsError::corrupt(format!("root {root} leaf {}: {e}", leaf.header.bytenr))
+        })?;
+        if k.objectid != ino || k.item_type != item::EXTENT_DATA {
+            return Ok(None);
+        }
+        let d = leaf
+            .item_data(s)
+            .map_err(|e| FsError::corrupt(format!("root {root} {k}: {e}")))?;
+        let fe = FileExtentItem::parse(d)
+            .map_err(|e| FsError::corrupt(format!("root {root} {k}: {e}")))?;
+        Ok(Some((k, fe)))
+    };
+    let prev = if slot > 0 { get(slot - 1)? } else { None };
+    let next = if slot + 1 < leaf.nritems() {
+        get(slot + 1)?
+    } else {
+        None
+    };
+    Ok([prev, next])
+}
+
+/// `btrfs_mark_extent_written`: `[start, end)` of the PREALLOC item holding `start` was
+/// written: that part becomes REG. The item is split into two or three (written, still
+/// preallocated), each new item taking one more data ref of (root, ino, file offset - extent
+/// offset); a written part next to a REG item of the same extent (same leaf, contiguous,
+/// consistent offset) merges into it instead, giving a ref back. Every item touched gets the
+/// transid as generation, the still-preallocated parts included.
+pub fn btrfs_mark_extent_written(
+    c: &mut WriteCtx<'_>,
+    root: u64,
+    ino: u64,
+    start: u64,
+    end: u64,
+) -> Result<()> {
+    let transid = c.transid();
+    let bad = |what: String| FsError::corrupt(format!("root {root} ino {ino}: {what}"));
+    let (key, mut fe) = match c.lookup_le(root, &Key::new(ino, item::EXTENT_DATA, start))? {
+        Some((k, d)) if k.objectid == ino && k.item_type == item::EXTENT_DATA => {
+            let fe = FileExtentItem::parse(&d).map_err(|e| bad(format!("{k}: {e}")))?;
+            (k, fe)
+        }
+        _ => {
+            return Err(bad(format!(
+                "no file extent item at {start} to mark written"
+            )))
+        }
+    };
+    if fe.extent_type != FILE_EXTENT_PREALLOC {
+        return Err(bad(format!(
+            "{key}: marking [{start}, {end}) written in a {} extent",
+            extent_type_name(fe.extent_type)
+        )));
+    }
+    let mut extent_end = key
+        .offset
+        .checked_add(fe.num_bytes)
+        .ok_or_else(|| bad(format!("{key}: extent end overflows")))?;
+    if key.offset > start || extent_end < end || start >= end {
+        return Err(bad(format!(
+            "{key}: [{start}, {end}) is not inside the prealloc extent ending at {extent_end}"
+        )));
+    }
+    let bytenr = fe.disk_bytenr;
+    let num_bytes = fe.disk_num_bytes;
+    let orig_offset = key
+        .offset
+        .checked_sub(fe.offset)
+        .ok_or_else(|| bad(format!("{key}: extent offset {} before 0", fe.offset)))?;
+    let data_ref = RefKind::Data {
+        root,
+        ino,
+        offset: orig_offset,
+    };
+    let mergeable = |k: &Key, f: &FileExtentItem| {
+        f.extent_type == FILE_EXTENT_REG
+            && f.disk_bytenr == bytenr
+            && k.offset.checked_sub(orig_offset) == Some(f.offset)
+            && f.compression == 0
+            && f.encryption == 0
+            && f.other_encoding == 0
+    };
+    let fe_key = |off: u64| Key::new(ino, item::EXTENT_DATA, off);
+    let [prev, next] = leaf_neighbours(c, root, ino, &key)?;
+    // Written at the front, next to a written part before it: that one grows over it.
+    if start == key.offset && end < extent_end {
+        if let Some((pk, mut pf)) = prev.filter(|(pk, pf)| {
+            mergeable(pk, pf) && pk.offset.checked_add(pf.num_bytes) == Some(start)
+        }) {
+            pf.generation = transid;
+            pf.num_bytes = end - pk.offset;
+            c.update(root, &pk, &pf.to_bytes())?;
+            c.delete(root, &key)?;
+            fe.generation = transid;
+            fe.num_bytes = extent_end - end;
+            fe.offset = end - orig_offset;
+            c.insert(root, fe_key(end), &fe.to_bytes())?;
+            return Ok(());
+        }
+    }
+    // Written at the back, next to a written part after it: that one grows over it.
+    if start > key.offset && end == extent_end {
+        if let Some((nk, mut nf)) = next.filter(|(nk, nf)| mergeable(nk, nf) && nk.offset == end) {
+            let next_end = nk
+                .offset
+                .checked_add(nf.num_bytes)
+                .ok_or_else(|| bad(format!("{nk}: extent end overflows")))?;
+            fe.num_bytes = start - key.offset;
+            fe.generation = transid;
+            c.update(root, &key, &fe.to_bytes())?;
+            c.delete(root, &nk)?;
+            nf.generation = transid;
+            nf.num_bytes = next_end - start;
+            nf.offset = start - orig_offset;
+            c.insert(root, fe_key(start), &nf.to_bytes())?;
+            return Ok(());
+        }
+    }
+    // Split off what stays preallocated (btrfs_duplicate_item), one data ref per new item.
+    let mut cur = key.offset;
+    while start > cur || end < extent_end {
+        let split = if cur == start { end } else { start };
+        let mut left = fe.clone();
+        left.generation = transid;
+        left.num_bytes = split - cur;
+        left.offset = cur - orig_offset;
+        let mut right = fe.clone();
+        right.generation = transid;
+        right.offset = split - orig_offset;
+        right.num_bytes = extent_end - split;
+        c.update(root, &fe_key(cur), &left.to_bytes())?;
+        c.insert(root, fe_key(split), &right.to_bytes())?;
+        c.t.refs.add(bytenr, num_bytes, data_ref, 1);
+        if split == start {
+            cur = start;
+            fe = right;
+        } else {
+            extent_end = end;
+            fe = left;
+        }
+    }
+    // The written item is [start, end) now; merge it with written neighbours of the extent.
+    let [prev, next] = leaf_neighbours(c, root, ino, &fe_key(start))?;
+    let next = next.filter(|(nk, nf)| mergeable(nk, nf) && nk.offset == end);
+    let prev = prev
+        .filter(|(pk, pf)| mergeable(pk, pf) && pk.offset.checked_add(pf.num_bytes) == Some(start));
+    if let Some((nk, nf)) = &next {
+        extent_end = nk
+            .offset
+            .checked_add(nf.num_bytes)
+            .ok_or_else(|| bad(format!("{nk}: extent end overflows")))?;
+        c.delete(root, nk)?;
+        c.t.refs.add(bytenr, num_bytes, data_ref, -1);
+    }
+    match prev {
+        Some((pk, mut pf)) => {
+            c.delete(root, &fe_key(start))?;
+            c.t.refs.add(bytenr, num_bytes, data_ref, -1);
+            pf.extent_type = FILE_EXTENT_REG;
+            pf.generation = transid;
+            pf.num_bytes = extent_end - pk.offset;
+            c.update(root, &pk, &pf.to_bytes())?;
+        }
+        None => {
+            fe.extent_type = FILE_EXTENT_REG;
+            fe.generation = transid;
+            fe.num_bytes = extent_end - start;
+            c.update(root, &fe_key(start), &fe.to_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+/// Write one NOCOW piece of a writeback run (`nocow_one_range`, the bio, and
+/// `btrfs_finish_one_ordered` for a NOCOW or PREALLOC ordered extent). `data` is the piece's
+/// bytes (`ext.num_bytes` of them). The caller serializes writebacks of the inode.
+#[allow(clippy::too_many_arguments)]
+fn write_nocow_piece(
+    fs: &FsInfo,
+    root: u64,
+    ino: u64,
+    emi: &ubtrfs_extent_map::BtrfsInode,
+    start: u64,
+    ext: &NocowExtent,
+    prealloc: bool,
+    data: &[u8],
+    size: u64,
+    mtime: Option<ubtrfs_format::items::Timespec>,
+    rsv: &crate::space_info::InodeRsv,
+) -> Result<()> {
+    use crate::space_info::MetaRsv;
+    let len = ext.num_bytes;
+    debug_assert_eq!(data.len() as u64, len);
+    // nocow_one_range: the io extent map of a PREALLOC write, the data reservation released.
+    fs.write_op_rsv(MetaRsv::WRITEBACK, |_c| {
+        rsv.release(len);
+        if prealloc {
+            let em = ExtentMap {
+                start,
+                len,
+                disk_bytenr: ext.disk_bytenr,
+                disk_num_bytes: ext.disk_num_bytes,
+                offset: ext.offset,
+                ram_bytes: ext.ram_bytes,
+                generation: u64::MAX,
+                flags: ubtrfs_extent_map::flags::PINNED,
+            };
+            emi.btrfs_replace_extent_map_range(em, true).map_err(|e| {
+                FsError::corrupt(format!("root {root} ino {ino}: extent map: {e:?}"))
+            })?;
+        }
+        Ok(())
+    })?;
+    // The data, in place, no lock held.
+    if let Err(e) = fs.reader.write_logical(ext.io_start(), data) {
+        tracing::error!(
+            "root {root} ino {ino}: NOCOW write at file offset {start} (logical {}, {len} bytes) \
+             failed: {e}",
+            ext.io_start()
+        );
+        emi.btrfs_drop_extent_map_range(start, start + len - 1, false);
+        return Err(e.into());
+    }
+    // btrfs_finish_one_ordered.
+    let done = fs.write_op_rsv(MetaRsv::WRITEBACK, |c| {
+        let transid = c.transid();
+        let mut ii = c.read_inode(root, ino)?;
+        if prealloc {
+            btrfs_mark_extent_written(c, root, ino, start, start + len)?;
+            emi.btrfs_unpin_extent_cache(start, len, transid)
+                .map_err(|e| FsError::corrupt(format!("root {root} ino {ino}: unpin: {e:?}")))?;
+            if ii.flags & inode_flags::NODATASUM == 0 {
+                btrfs_csum_file_blocks(c, ext.io_start(), data)?;
+            }
+        }
+        finish_inode(c, root, ino, &mut ii, size, mtime)
+    });
+    match &done {
+        Ok(()) => {
+            let ctr = if prealloc {
+                &fs.counters.prealloc_written_bytes
+            } else {
+                &fs.counters.nocow_bytes
+            };
+            ctr.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+        }
+        Err(_) => emi.btrfs_drop_extent_map_range(start, start + len - 1, false),
+    }
+    done
 }
 
 /// Extent type names for messages.

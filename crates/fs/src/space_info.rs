@@ -92,6 +92,13 @@ impl MetaRsv {
         flush: Flush::Steal,
     };
 
+    /// An operation that changes no item: a search of the running transaction's trees (the
+    /// decisions of `run_delalloc_nocow`).
+    pub const NONE: MetaRsv = MetaRsv {
+        items: 0,
+        flush: Flush::Steal,
+    };
+
     /// Ordered-extent completion of writeback: its metadata was reserved when the data was
     /// written (`btrfs_delalloc_reserve_metadata`), so it cannot fail for want of space.
     pub const WRITEBACK: MetaRsv = MetaRsv {
