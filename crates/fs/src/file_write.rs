@@ -65,6 +65,10 @@ pub struct DirtyInode {
     seq: u64,
     /// Data space reserved for the dirty sectors (one sector each; space_info.rs).
     pub rsv: Arc<crate::space_info::InodeRsv>,
+    /// Dirty sectors accepted without a data reservation because they could be written in
+    /// place when data space ran out (`EXTENT_NORESERVE`, set by `btrfs_check_nocow_lock`'s
+    /// path of the buffered write). Always a subset of `sectors`' keys.
+    pub noreserve: std::collections::BTreeSet<u64>,
     /// Held for a whole writeback of the inode: its data I/O runs without the tree lock, and a
     /// second writeback (fsync's, say) must wait for the extents in flight
     /// (`btrfs_wait_ordered_range`).
@@ -88,6 +92,15 @@ pub struct DirtyInode {
 impl DirtyInode {
     pub fn dirty_bytes(&self, ss: u64) -> u64 {
         self.sectors.len() as u64 * ss
+    }
+
+    /// Bring the data reservation in line with the dirty sectors that hold one (all but the
+    /// NORESERVE ones), forgetting NORESERVE marks of sectors no longer dirty.
+    fn settle_rsv(&mut self, ss: u64) {
+        let sectors = &self.sectors;
+        self.noreserve.retain(|i| sectors.contains_key(i));
+        let n = (self.sectors.len() - self.noreserve.len()) as u64;
+        self.rsv.settle(n * ss);
     }
 
     /// Forget the new-delalloc accounting of the dirty sectors `keep` rejects (they left the
@@ -210,7 +223,33 @@ pub fn btrfs_buffered_write(
     offset: u64,
     data: &[u8],
 ) -> Result<usize> {
-    buffered_write(fs, root, ino, offset, data, 1)
+    buffered_write(fs, root, ino, offset, data, 1, false)
+}
+
+/// `btrfs_check_nocow_lock`: with data space short, how many bytes of a write of `len` at
+/// `pos` can go in place into an extent the file has (so need no data reservation); None if
+/// none can. Only NODATACOW or PREALLOC-flagged inodes qualify. (The kernel answers EAGAIN
+/// instead of ENOSPC when a PREALLOC extent of a file without NODATACOW has dirty data in
+/// the range; here that is one more "none can".)
+fn btrfs_check_nocow_lock(
+    fs: &FsInfo,
+    root: u64,
+    ino: u64,
+    flags: u64,
+    pos: u64,
+    len: u64,
+) -> Result<Option<u64>> {
+    if !should_nocow(flags) {
+        return Ok(None);
+    }
+    let ss = u64::from(fs.sectorsize());
+    let lockstart = pos - pos % ss;
+    let lockend = (pos + len).div_ceil(ss) * ss;
+    let Some((ext, _)) = can_nocow_extent(fs, root, ino, lockstart, lockend - lockstart, false)?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(len.min(ext.num_bytes.saturating_sub(pos - lockstart))).filter(|n| *n > 0))
 }
 
 /// [`btrfs_buffered_write`], reserving metadata for `meta_items` items besides the data (0:
@@ -222,6 +261,7 @@ fn buffered_write(
     offset: u64,
     data: &[u8],
     meta_items: u64,
+    noreserve: bool,
 ) -> Result<usize> {
     if fs.is_readonly() {
         return Err(FsError::ReadOnly);
@@ -250,15 +290,30 @@ fn buffered_write(
         let d = dirty.lock();
         (last - first) - d.sectors.range(first..last).count() as u64
     };
-    let mut rsv = fs.btrfs_reserve_data((missing + 2) * ss, meta_items)?;
+    let want = if noreserve { 0 } else { (missing + 2) * ss };
+    let mut rsv = match fs.btrfs_reserve_data(want, meta_items) {
+        Ok(r) => r,
+        Err(FsError::NoSpace) => {
+            // Out of data space: what can be written in place needs none (short write).
+            let Some(n) =
+                btrfs_check_nocow_lock(fs, root, ino, ii.flags, offset, data.len() as u64)?
+            else {
+                return Err(FsError::NoSpace);
+            };
+            return buffered_write(fs, root, ino, offset, &data[..n as usize], meta_items, true);
+        }
+        Err(e) => return Err(e),
+    };
     let mut d = dirty.lock();
     if d.retired {
         // Its writeback ended and dropped it after we found it: data put here would never be
         // written. Start again with the inode's current state.
         drop(d);
         drop(rsv);
-        return buffered_write(fs, root, ino, offset, data, meta_items);
+        return buffered_write(fs, root, ino, offset, data, meta_items, noreserve);
     }
+    let before_keys: Option<std::collections::BTreeSet<u64>> =
+        noreserve.then(|| d.sectors.keys().copied().collect());
     // Sectors that are not dirty are read up to the in-memory i_size (the on-disk size may
     // lag behind a writeback or a truncate).
     let disk_ii = InodeItem { size: d.size, ..ii };
@@ -343,9 +398,20 @@ fn buffered_write(
         pos = s + hi as u64;
     }
     let added = (d.sectors.len() as u64).saturating_sub(before);
-    rsv.transfer(added * ss, &d.rsv);
+    if let Some(old) = before_keys {
+        // Sectors this write made dirty hold no data reservation (EXTENT_NORESERVE).
+        let new: Vec<u64> = d
+            .sectors
+            .keys()
+            .filter(|i| !old.contains(i))
+            .copied()
+            .collect();
+        d.noreserve.extend(new);
+    } else {
+        rsv.transfer(added * ss, &d.rsv);
+    }
     drop(rsv);
-    d.rsv.settle(d.sectors.len() as u64 * ss);
+    d.settle_rsv(ss);
     d.size = d.size.max(end);
     d.mtime = Some(crate::disk_io::now_timespec());
     fs.counters
@@ -407,7 +473,7 @@ pub fn truncate_dirty(fs: &FsInfo, root: u64, ino: u64, new_size: u64) {
     let mut d = dirty.lock();
     d.sectors.retain(|&idx, _| idx * ss < new_size);
     d.drop_new_sectors(ss, |idx| idx * ss < new_size);
-    d.rsv.settle(d.sectors.len() as u64 * ss);
+    d.settle_rsv(ss);
     if !new_size.is_multiple_of(ss) {
         if let Some((_, buf)) = d.sectors.get_mut(&(new_size / ss)) {
             buf[(new_size % ss) as usize..].fill(0);
@@ -585,7 +651,7 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
     let _wb = wb.lock();
     let ss = u64::from(fs.sectorsize());
     // Snapshot the runs to write.
-    let (runs, size, mtime, rsv, new_delalloc) = {
+    let (runs, size, mtime, rsv, new_delalloc, noreserve) = {
         let d = dirty.lock();
         let mut runs: Vec<Run> = Vec::new();
         for (&idx, (seq, data)) in &d.sectors {
@@ -602,7 +668,14 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
             r.1.push((idx, *seq));
             r.2.extend_from_slice(data);
         }
-        (runs, d.size, d.mtime, d.rsv.clone(), d.new_delalloc.clone())
+        (
+            runs,
+            d.size,
+            d.mtime,
+            d.rsv.clone(),
+            d.new_delalloc.clone(),
+            d.noreserve.clone(),
+        )
     };
     let emi = fs.ems.inode(root, ino);
     for (first, seqs, data) in &runs {
@@ -638,6 +711,7 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
             mtime,
             &rsv,
             (&mut taken, &new_delalloc),
+            &noreserve,
         ) {
             // The sectors still dirty and not written stay new (pieces that completed took
             // theirs out of `taken`); a truncate may have dropped some meanwhile.
@@ -658,14 +732,14 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
                 d.sectors.remove(&idx);
             }
         }
-        d.rsv.settle(d.sectors.len() as u64 * ss);
+        d.settle_rsv(ss);
     }
     // Sectors beyond EOF left over and the size/mtime update when nothing else is dirty.
     let mut d = dirty.lock();
     let eof = d.size.div_ceil(ss);
     d.sectors.retain(|&idx, _| idx < eof);
     d.drop_new_sectors(ss, |idx| idx < eof);
-    d.rsv.settle(d.sectors.len() as u64 * ss);
+    d.settle_rsv(ss);
     if d.sectors.is_empty() {
         let (size, mtime) = (d.size, d.mtime);
         drop(d);
@@ -714,6 +788,7 @@ fn btrfs_run_delalloc_range(
     mtime: Option<ubtrfs_format::items::Timespec>,
     rsv: &crate::space_info::InodeRsv,
     (taken, new_delalloc): (&mut Vec<u64>, &AtomicU64),
+    noreserve: &std::collections::BTreeSet<u64>,
 ) -> Result<()> {
     let ss = u64::from(fs.sectorsize());
     let end = start + data.len() as u64;
@@ -725,6 +800,9 @@ fn btrfs_run_delalloc_range(
         taken.retain(|&i| i < lo || i >= hi);
         (before - taken.len()) as u64 * ss
     };
+    // Bytes of NORESERVE sectors in [s, s + len).
+    let unreserved =
+        |s: u64, len: u64| noreserve.range(s / ss..(s + len).div_ceil(ss)).count() as u64 * ss;
     let plan = fs.write_op_rsv(crate::space_info::MetaRsv::NONE, |c| {
         let flags = c.read_inode(root, ino)?.flags;
         if !should_nocow(flags) {
@@ -733,6 +811,7 @@ fn btrfs_run_delalloc_range(
         run_delalloc_nocow(c, root, ino, flags, start, end).map(Some)
     })?;
     let Some(plan) = plan else {
+        rsv.add_unreserved(unreserved(start, data.len() as u64));
         let new = (taken.len() as u64 * ss, new_delalloc);
         write_run(
             fs, root, ino, emi, start, data, size, mtime, rsv, new, false,
@@ -746,6 +825,9 @@ fn btrfs_run_delalloc_range(
                 let d = &data[(s - start) as usize..(s - start + len) as usize];
                 let mut left = taken.clone();
                 let new = (take_new(&mut left, s, len), new_delalloc);
+                // fallback_to_cow: NORESERVE sectors take data space now (bytes_may_use), which
+                // the allocation below consumes, or fails with ENOSPC.
+                rsv.add_unreserved(unreserved(s, len));
                 write_run(fs, root, ino, emi, s, d, size, mtime, rsv, new, true)?;
                 *taken = left;
             }
@@ -755,7 +837,10 @@ fn btrfs_run_delalloc_range(
                 prealloc,
             } => {
                 let d = &data[(s - start) as usize..(s - start + ext.num_bytes) as usize];
-                write_nocow_piece(fs, root, ino, emi, s, &ext, prealloc, d, size, mtime, rsv)?;
+                let reserved = ext.num_bytes - unreserved(s, ext.num_bytes);
+                write_nocow_piece(
+                    fs, root, ino, emi, s, &ext, prealloc, d, reserved, size, mtime, rsv,
+                )?;
                 // Sectors over an extent are never new; none to account, unless the file
                 // changed between the write and its writeback.
                 let n = take_new(taken, s, ext.num_bytes);
@@ -1532,7 +1617,8 @@ pub fn btrfs_mark_extent_written(
 
 /// Write one NOCOW piece of a writeback run (`nocow_one_range`, the bio, and
 /// `btrfs_finish_one_ordered` for a NOCOW or PREALLOC ordered extent). `data` is the piece's
-/// bytes (`ext.num_bytes` of them). The caller serializes writebacks of the inode.
+/// bytes (`ext.num_bytes` of them), `reserved` how many of them hold a data reservation (not
+/// NORESERVE), released here. The caller serializes writebacks of the inode.
 #[allow(clippy::too_many_arguments)]
 fn write_nocow_piece(
     fs: &FsInfo,
@@ -1543,6 +1629,7 @@ fn write_nocow_piece(
     ext: &NocowExtent,
     prealloc: bool,
     data: &[u8],
+    reserved: u64,
     size: u64,
     mtime: Option<ubtrfs_format::items::Timespec>,
     rsv: &crate::space_info::InodeRsv,
@@ -1552,7 +1639,7 @@ fn write_nocow_piece(
     debug_assert_eq!(data.len() as u64, len);
     // nocow_one_range: the io extent map of a PREALLOC write, the data reservation released.
     fs.write_op_rsv(MetaRsv::WRITEBACK, |_c| {
-        rsv.release(len);
+        rsv.release(reserved);
         if prealloc {
             let em = ExtentMap {
                 start,
@@ -1699,7 +1786,7 @@ pub fn btrfs_truncate_block(
         }
     }
     let prev_mtime = dirty_inode(fs, root, ino).and_then(|d| d.lock().mtime);
-    buffered_write(fs, root, ino, s, &buf, 0)?;
+    buffered_write(fs, root, ino, s, &buf, 0, false)?;
     if let Some(d) = dirty_inode(fs, root, ino) {
         d.lock().mtime = prev_mtime;
     }

@@ -300,6 +300,17 @@ impl InodeRsv {
         taken
     }
 
+    /// `n` bytes that were accepted without a reservation (NORESERVE) must be written
+    /// copy-on-write after all (`fallback_to_cow`): they join `bytes_may_use` unchecked, as
+    /// the kernel's `btrfs_space_info_update_bytes_may_use` does, and the allocation that
+    /// follows consumes them or fails with ENOSPC.
+    pub fn add_unreserved(&self, n: u64) {
+        if n > 0 {
+            self.bytes.fetch_add(n, Ordering::Relaxed);
+            self.pool.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
     /// Make the held bytes equal `want` (the inode's dirty bytes). Normally this releases;
     /// it adds (overcommitting by at most the sectors concerned) only for sectors written again
     /// while their writeback had already consumed their reservation.

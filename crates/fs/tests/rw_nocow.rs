@@ -49,11 +49,15 @@ fn sh(dir: &Path, cmd: &str) {
 /// - `s`, `s2`: NODATACOW, 64 KiB written to `s` and reflinked into `s2` (a shared extent);
 /// - `r`: checksummed, 64 KiB written (regular, not NODATACOW).
 fn base_image(d: &TestDir) -> std::path::PathBuf {
+    base_image_sized(d, IMG_SIZE)
+}
+
+fn base_image_sized(d: &TestDir, size: u64) -> std::path::PathBuf {
     require_tool("losetup");
     require_tool("chattr");
     require_tool("fallocate");
     let img = d.join("base");
-    mkfs_btrfs(&img, IMG_SIZE, &[]);
+    mkfs_btrfs(&img, size, &[]);
     let m = KernelMount::new(&img, &d.join("mnt-base"), "rw");
     let dir = &m.dir;
     sh(
@@ -430,4 +434,86 @@ fn nocow_fsync_log_replay() {
         fs.sync().unwrap();
     }
     btrfs_check(&img);
+}
+
+// Test scenario: with data space used up (a file written until ENOSPC, synced), a write over a
+// NODATACOW file's extent and a write into preallocated space still succeed (no data
+// reservation is needed: btrfs_check_nocow_lock), a write that would need a new extent gets
+// ENOSPC, and a write running from a NODATACOW extent into a hole is cut short where the
+// extent ends. Everything accepted is written back; btrfs check is clean and the kernel reads
+// the same contents.
+#[test]
+fn nocow_writes_need_no_data_space() {
+    let d = TestDir::new("nocow-enospc");
+    let base = base_image_sized(&d, 160 << 20);
+    let img = d.join("full");
+    std::fs::copy(&base, &img).unwrap();
+    let mut want = {
+        let m = KernelMount::new(&base, &d.join("mnt-base-ro"), "ro");
+        let c = contents(&m.dir);
+        drop(m);
+        c
+    };
+    let put = |want: &mut BTreeMap<String, Vec<u8>>, name: &str, off: u64, data: &[u8]| {
+        let w = want.get_mut(name).unwrap();
+        let end = off as usize + data.len();
+        if w.len() < end {
+            w.resize(end, 0);
+        }
+        w[off as usize..end].copy_from_slice(data);
+    };
+    {
+        let fs = FsInfo::open(&img, rw()).unwrap();
+        let root = fs.mount_root;
+        let top = fs.root(root).unwrap().item.root_dirid;
+        let (filler, _) =
+            ubtrfs_fs::inode::btrfs_new_inode(&fs, root, top, b"filler", 0o100644, 0, 0, 0)
+                .unwrap();
+        let chunk = pattern(40, (1 << 20) as usize);
+        let mut off = 0u64;
+        // 1 MiB writes until ENOSPC, then 4 KiB ones: no room for another sector is left.
+        for step in [1 << 20, 4096] {
+            let full = loop {
+                match btrfs_buffered_write(&fs, root, filler, off, &chunk[..step]) {
+                    Ok(n) => off += n as u64,
+                    Err(e) => break e,
+                }
+                assert!(off < 1 << 30, "160 MiB never filled up");
+            };
+            assert!(matches!(full, ubtrfs_fs::FsError::NoSpace), "{full}");
+        }
+        fs.sync().unwrap();
+        let write = |name: &str, off: u64, data: &[u8]| {
+            btrfs_buffered_write(&fs, root, ino_of(&fs, name), off, data)
+        };
+        // Copy-on-write needs a new extent: no room.
+        let e = write("r", 0, &pattern(41, 4096)).unwrap_err();
+        assert!(matches!(e, ubtrfs_fs::FsError::NoSpace), "{e}");
+        // In place: accepted whole.
+        let c = pattern(42, 64 * K as usize);
+        assert_eq!(write("c", 0, &c).unwrap(), c.len());
+        put(&mut want, "c", 0, &c);
+        let p = pattern(43, 128 * K as usize);
+        assert_eq!(write("p", 256 * K, &p).unwrap(), p.len());
+        put(&mut want, "p", 256 * K, &p);
+        // From the last 4 KiB of c's extent into the hole after it: cut where the extent ends.
+        let tail = pattern(44, 8 * K as usize);
+        assert_eq!(write("c", 252 * K, &tail).unwrap(), 4 * K as usize);
+        put(&mut want, "c", 252 * K, &tail[..4 * K as usize]);
+        for name in ["c", "p"] {
+            btrfs_writeback(&fs, root, ino_of(&fs, name)).unwrap();
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(fs.counters.nocow_bytes.load(Relaxed), 68 * K);
+        assert_eq!(fs.counters.prealloc_written_bytes.load(Relaxed), 128 * K);
+        fs.sync().unwrap();
+        assert!(!fs.is_readonly());
+    }
+    btrfs_check(&img);
+    let m = KernelMount::new(&img, &d.join("mnt-check"), "ro");
+    let got = contents(&m.dir);
+    drop(m);
+    for (name, w) in &want {
+        assert!(got[name] == *w, "content of {name}");
+    }
 }
