@@ -75,8 +75,6 @@ const BTRFS_NOOP: &[&str] = &[
     "noautodefrag",
     "barrier",
     "nobarrier",
-    "datasum",
-    "datacow",
     "treelog",
     "notreelog",
     "flushoncommit",
@@ -172,6 +170,17 @@ pub fn parse(opts: &[String]) -> Result<ParsedOptions, String> {
                 ("fsname", Some(v)) => p.fsname = Some(v.to_string()),
                 ("subtype", Some(v)) => p.subtype = v.to_string(),
                 ("nosubtype", None) => p.subtype.clear(),
+                // super.c btrfs_parse_param: nodatacow implies nodatasum; datasum clears both.
+                ("datasum", None) => {
+                    p.fs.nodatacow = false;
+                    p.fs.nodatasum = false;
+                }
+                ("nodatasum", None) => p.fs.nodatasum = true,
+                ("datacow", None) => p.fs.nodatacow = false,
+                ("nodatacow", None) => {
+                    p.fs.nodatacow = true;
+                    p.fs.nodatasum = true;
+                }
                 ("subvolid", Some(v)) => {
                     p.fs.subvolid = Some(v.parse().map_err(|_| format!("invalid subvolid={v}"))?)
                 }
@@ -274,6 +283,22 @@ mod tests {
     // Test scenario: the observability options parse into ParsedOptions and bad values are
     // refused by name; shrinker= reaches MountOptions::policy (which FsInfo::open hands to
     // FsExtentMaps::new).
+    #[test]
+    fn data_cow_and_sum_options() {
+        // As the kernel parses them, last one wins: nodatacow implies nodatasum, datasum
+        // clears both, datacow only nodatacow.
+        let p = parse(&["nodatacow".into()]).unwrap();
+        assert!(p.fs.nodatacow && p.fs.nodatasum);
+        let p = parse(&["nodatacow,datacow".into()]).unwrap();
+        assert!(!p.fs.nodatacow && p.fs.nodatasum);
+        let p = parse(&["nodatacow,datasum".into()]).unwrap();
+        assert!(!p.fs.nodatacow && !p.fs.nodatasum);
+        let p = parse(&["nodatasum".into()]).unwrap();
+        assert!(!p.fs.nodatacow && p.fs.nodatasum);
+        let p = parse(&["rw".into()]).unwrap();
+        assert!(!p.fs.nodatacow && !p.fs.nodatasum);
+    }
+
     #[test]
     fn observability_options() {
         let p = parse(&[

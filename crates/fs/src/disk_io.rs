@@ -75,6 +75,10 @@ pub struct MountOptions {
     /// removal of its old names, so that replay shows the rename done. Off by default: the
     /// kernel logs the new name only, and its replay keeps both names (link count 2).
     pub log_rename_unlink: bool,
+    /// `nodatasum`: new regular files get NODATASUM.
+    pub nodatasum: bool,
+    /// `nodatacow` (implies `nodatasum`): new regular files get NODATACOW and NODATASUM.
+    pub nodatacow: bool,
 }
 
 impl Default for MountOptions {
@@ -88,6 +92,8 @@ impl Default for MountOptions {
             policy: Policy::FixedSplit,
             block_cache_bytes: DEFAULT_BLOCK_CACHE_BYTES,
             log_rename_unlink: false,
+            nodatasum: false,
+            nodatacow: false,
         }
     }
 }

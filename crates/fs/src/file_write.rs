@@ -9,7 +9,10 @@
 //! - *Writeback* turns runs of contiguous dirty sectors into extents: one data extent per run
 //!   (up to `BTRFS_MAX_EXTENT_SIZE`, split only where free space is fragmented), so sequential
 //!   small writes become large extents. A whole-file run at offset 0 that fits the inline limit
-//!   becomes an inline extent, as `cow_file_range_inline` decides.
+//!   becomes an inline extent, as `cow_file_range_inline` decides. Runs of NODATACOW or
+//!   PREALLOC-flagged inodes go through `run_delalloc_nocow` instead: parts over preallocated
+//!   extents, or over unshared extents of a NODATACOW file, are written in place (see the
+//!   NOCOW section below), the rest as new extents, never inline.
 //!
 //! # Invariants
 //! - A dirty sector leaves the buffer only after the extent holding its data is in the running
@@ -17,6 +20,9 @@
 //!   only if it was not written again meanwhile (per-sector sequence number).
 //! - Data is written to disk before the commit that references it (commit flushes the device
 //!   after writeback wrote the data), so a committed file extent never points at stale bytes.
+//!   The one exception is the kernel's: an in-place (NOCOW) write into a regular extent of a
+//!   NODATACOW file changes committed bytes, and a crash may leave either version (or, for a
+//!   write larger than one device write, a mix).
 //! - Every written non-NODATASUM sector has its checksum in the csum tree in the same
 //!   transaction as its file extent item; the data ref (root, ino, file offset - extent
 //!   offset) is queued as a delayed ref.
@@ -1715,8 +1721,9 @@ pub fn extent_type_name(t: u8) -> &'static str {
 // - A PREALLOC item references a whole fresh extent (offset 0, num_bytes = disk_num_bytes =
 //   ram_bytes), has no checksums, counts in nbytes and holds one data ref (root, ino, file
 //   offset); its extent map carries PREALLOC and the transid and goes on the modified list.
-// - Partial sectors are never zeroed in place on disk: the sector is rewritten through the
-//   buffered write path (copy-on-write), as `btrfs_truncate_block` dirties the page.
+// - Partial sectors are never zeroed directly on disk: the sector is rewritten through the
+//   buffered write path, as `btrfs_truncate_block` dirties the page (its writeback then
+//   decides COW or NOCOW like any other).
 // - Every operation starts by writing back the inode's dirty data and leaves the inode clean
 //   (dirty sectors it creates are written back before it returns), so that the in-memory size
 //   and the inode item never disagree.

@@ -315,6 +315,22 @@ pub fn inherited_flags(dir_flags: u64, mode: u32) -> u64 {
     f
 }
 
+/// What the `nodatasum` and `nodatacow` mount options add to a new inode's flags (applied
+/// after the inherited ones, regular files only, as `btrfs_new_inode` does).
+pub fn mount_data_flags(o: &crate::MountOptions, mode: u32) -> u64 {
+    if mode & crate::inode::S_IFMT != crate::inode::S_IFREG {
+        return 0;
+    }
+    let mut f = 0;
+    if o.nodatasum {
+        f |= bi::NODATASUM;
+    }
+    if o.nodatacow {
+        f |= bi::NODATACOW | bi::NODATASUM;
+    }
+    f
+}
+
 /// How a mount updates atime (`MNT_NOATIME`, `MNT_RELATIME`, strictatime; `MNT_NODIRATIME`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AtimePolicy {

@@ -202,7 +202,8 @@ pub(crate) fn new_inode_in(
         gid,
         mode,
         rdev,
-        flags: crate::fileattr::inherited_flags(dii.flags, mode),
+        flags: crate::fileattr::inherited_flags(dii.flags, mode)
+            | crate::fileattr::mount_data_flags(&c.fs.options, mode),
         sequence: 0,
         atime: now,
         ctime: now,

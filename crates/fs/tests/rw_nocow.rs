@@ -517,3 +517,58 @@ fn nocow_writes_need_no_data_space() {
         assert!(got[name] == *w, "content of {name}");
     }
 }
+
+// Test scenario: with the `nodatacow` mount option a new regular file gets NODATACOW and
+// NODATASUM (lsattr on a kernel mount shows C) and its overwrites go in place; a file created
+// without the option stays copy-on-write; btrfs check is clean and the kernel reads the data.
+#[test]
+fn nodatacow_mount_option() {
+    let d = TestDir::new("nocow-mountopt");
+    let img = d.join("img");
+    mkfs_btrfs(&img, 256 << 20, &[]);
+    let first = pattern(50, 64 * K as usize);
+    let over = pattern(51, 4 * K as usize);
+    let mut want_f = first.clone();
+    want_f[8 * K as usize..12 * K as usize].copy_from_slice(&over);
+    use std::sync::atomic::Ordering::Relaxed;
+    for (name, nodatacow) in [("cow", false), ("f", true)] {
+        let fs = FsInfo::open(&img, MountOptions { nodatacow, ..rw() }).unwrap();
+        let root = fs.mount_root;
+        let top = fs.root(root).unwrap().item.root_dirid;
+        let (ino, ii) =
+            ubtrfs_fs::inode::btrfs_new_inode(&fs, root, top, name.as_bytes(), 0o100644, 0, 0, 0)
+                .unwrap();
+        let want = ubtrfs_format::items::inode_flags::NODATACOW
+            | ubtrfs_format::items::inode_flags::NODATASUM;
+        assert_eq!(ii.flags & want, if nodatacow { want } else { 0 }, "{name}");
+        btrfs_buffered_write(&fs, root, ino, 0, &first).unwrap();
+        btrfs_writeback(&fs, root, ino).unwrap();
+        fs.sync().unwrap();
+        btrfs_buffered_write(&fs, root, ino, 8 * K, &over).unwrap();
+        btrfs_writeback(&fs, root, ino).unwrap();
+        let expect = if nodatacow { 4 * K } else { 0 };
+        assert_eq!(fs.counters.nocow_bytes.load(Relaxed), expect, "{name}");
+        fs.sync().unwrap();
+    }
+    btrfs_check(&img);
+    let m = KernelMount::new(&img, &d.join("mnt"), "ro");
+    let lsattr = Command::new("lsattr")
+        .arg(m.dir.join("f"))
+        .arg(m.dir.join("cow"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&lsattr.stdout).into_owned();
+    let got_f = std::fs::read(m.dir.join("f")).unwrap();
+    let got_cow = std::fs::read(m.dir.join("cow")).unwrap();
+    drop(m);
+    let attrs = |n: &str| {
+        text.lines()
+            .find(|l| l.ends_with(&format!("/{n}")))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("lsattr: {text}"))
+            .to_string()
+    };
+    assert!(attrs("f").contains('C'), "{text}");
+    assert!(!attrs("cow").contains('C'), "{text}");
+    assert!(got_f == want_f && got_cow == want_f);
+}
