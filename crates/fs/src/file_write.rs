@@ -809,13 +809,20 @@ fn btrfs_run_delalloc_range(
     // Bytes of NORESERVE sectors in [s, s + len).
     let unreserved =
         |s: u64, len: u64| noreserve.range(s / ss..(s + len).div_ceil(ss)).count() as u64 * ss;
-    let plan = fs.write_op_rsv(crate::space_info::MetaRsv::NONE, |c| {
-        let flags = c.read_inode(root, ino)?.flags;
-        if !should_nocow(flags) {
-            return Ok(None);
-        }
-        run_delalloc_nocow(c, root, ino, flags, start, end).map(Some)
-    })?;
+    // The common case decides on the published inode (no exclusive tree lock); the flags
+    // cannot change under a writeback (chattr +C needs an empty file, fallocate writes back
+    // first), and the decisions themselves are made on the running transaction.
+    let plan = if should_nocow(crate::inode::read_inode(fs, root, ino)?.flags) {
+        fs.write_op_rsv(crate::space_info::MetaRsv::NONE, |c| {
+            let flags = c.read_inode(root, ino)?.flags;
+            if !should_nocow(flags) {
+                return Ok(None);
+            }
+            run_delalloc_nocow(c, root, ino, flags, start, end).map(Some)
+        })?
+    } else {
+        None
+    };
     let Some(plan) = plan else {
         rsv.add_unreserved(unreserved(start, data.len() as u64));
         let new = (taken.len() as u64 * ss, new_delalloc);
