@@ -296,11 +296,16 @@ fn buffered_write(
         let d = dirty.lock();
         (last - first) - d.sectors.range(first..last).count() as u64
     };
-    let want = if noreserve { 0 } else { (missing + 2) * ss };
-    let mut rsv = match fs.btrfs_reserve_data(want, meta_items) {
+    let reserved = if noreserve {
+        fs.btrfs_delalloc_reserve_metadata(meta_items)
+    } else {
+        fs.btrfs_reserve_data((missing + 2) * ss, meta_items)
+    };
+    let mut rsv = match reserved {
         Ok(r) => r,
-        Err(FsError::NoSpace) => {
-            // Out of data space: what can be written in place needs none (short write).
+        Err(FsError::NoSpace) if !noreserve => {
+            // Out of space: what can be written in place needs no data space (short write),
+            // only metadata, checked again on its own.
             let Some(n) =
                 btrfs_check_nocow_lock(fs, root, ino, ii.flags, offset, data.len() as u64)?
             else {

@@ -337,13 +337,23 @@ impl FsInfo {
     /// once to unpin freed space, or failing with ENOSPC. Must not be called inside a write
     /// operation.
     pub fn btrfs_reserve_data(&self, bytes: u64, meta_items: u64) -> Result<DataRsv> {
+        self.reserve_data_meta(bytes, meta_items, false)
+    }
+
+    /// `btrfs_delalloc_reserve_metadata` alone: the metadata check of a buffered write that
+    /// needs no data space (it goes in place, `btrfs_check_nocow_lock`).
+    pub fn btrfs_delalloc_reserve_metadata(&self, meta_items: u64) -> Result<DataRsv> {
+        self.reserve_data_meta(0, meta_items, true)
+    }
+
+    fn reserve_data_meta(&self, bytes: u64, meta_items: u64, meta_only: bool) -> Result<DataRsv> {
         let trans = self.trans.as_ref().ok_or(FsError::ReadOnly)?;
         let rsv = |left| DataRsv {
             pool: self.data_may_use.clone(),
             snap: self.data_free_snap.clone(),
             left,
         };
-        if bytes == 0 {
+        if bytes == 0 && !meta_only {
             return Ok(rsv(0));
         }
         let meta_need = if meta_items > 0 {
@@ -359,7 +369,7 @@ impl FsInfo {
         // bytes lower before they release the reservation.
         if self.meta_free_snap.load(Ordering::Relaxed) >= meta_need {
             let free = || self.data_free_snap.load(Ordering::SeqCst);
-            if try_add_may_use(&self.data_may_use, bytes, free) {
+            if meta_only || try_add_may_use(&self.data_may_use, bytes, free) {
                 return Ok(rsv(bytes));
             }
         }
@@ -373,7 +383,8 @@ impl FsInfo {
                 let mut t = trans.lock();
                 let may_use = self.data_may_use.load(Ordering::Relaxed);
                 let enough_data = |t: &Transaction| {
-                    t.space.free_pinned(AllocKind::Data).0 >= may_use.saturating_add(bytes)
+                    meta_only
+                        || t.space.free_pinned(AllocKind::Data).0 >= may_use.saturating_add(bytes)
                 };
                 let enough_meta =
                     |t: &Transaction| t.space.free_pinned(AllocKind::Metadata).0 >= meta_need;
@@ -410,7 +421,10 @@ impl FsInfo {
                 };
                 self.publish_space(&t);
                 let free = || t.space.free_pinned(AllocKind::Data).0;
-                if meta_ok && data_ok && try_add_may_use(&self.data_may_use, bytes, free) {
+                if meta_ok
+                    && data_ok
+                    && (meta_only || try_add_may_use(&self.data_may_use, bytes, free))
+                {
                     return Ok(rsv(bytes));
                 }
                 let (_, dpinned) = t.space.free_pinned(AllocKind::Data);
