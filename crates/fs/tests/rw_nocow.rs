@@ -88,8 +88,11 @@ const WRITES: &[(&str, u64, u64, u64)] = &[
     ("p", 0, 4 * K, 11),
     // Front of the rest, right after a written part of the same extent: that part grows.
     ("p", 4 * K, 4 * K, 12),
+    // Back of a prealloc item, right before a written part of the same extent: that part
+    // grows backwards over it.
+    ("p", 56 * K, 8 * K, 21),
     // Between two written parts: all three merge into one REG item.
-    ("p", 8 * K, 56 * K, 13),
+    ("p", 8 * K, 48 * K, 13),
     // Across the end of the prealloc extent into a hole past EOF: NOCOW piece + COW piece.
     ("p", 1020 * K, 8 * K, 14),
     // Beyond i_size into KEEP_SIZE preallocation.
@@ -571,4 +574,48 @@ fn nodatacow_mount_option() {
     assert!(attrs("f").contains('C'), "{text}");
     assert!(!attrs("cow").contains('C'), "{text}");
     assert!(got_f == want_f && got_cow == want_f);
+}
+
+// Test scenario: a NODATACOW file whose extent has checksums (written before the flag was set:
+// the kernel's API cannot make one, so the flag is set under ubtrfs) is overwritten
+// copy-on-write, never in place (csum_exist_in_range), and keeps reading right.
+#[test]
+fn nodatacow_with_checksums_is_cow() {
+    let d = TestDir::new("nocow-csum");
+    let img = d.join("img");
+    mkfs_btrfs(&img, 256 << 20, &[]);
+    let fs = FsInfo::open(&img, rw()).unwrap();
+    let root = fs.mount_root;
+    let top = fs.root(root).unwrap().item.root_dirid;
+    let (ino, _) =
+        ubtrfs_fs::inode::btrfs_new_inode(&fs, root, top, b"f", 0o100644, 0, 0, 0).unwrap();
+    let mut want = pattern(52, 64 * K as usize);
+    btrfs_buffered_write(&fs, root, ino, 0, &want).unwrap();
+    btrfs_writeback(&fs, root, ino).unwrap();
+    fs.write_op(|c| {
+        let mut ii = c.read_inode(root, ino)?;
+        ii.flags |= ubtrfs_format::items::inode_flags::NODATACOW;
+        c.write_inode(root, ino, &ii)
+    })
+    .unwrap();
+    fs.sync().unwrap();
+    let emi = fs.ems.inode(root, ino);
+    let before = ubtrfs_fs::file::btrfs_get_extent(&fs, root, ino, &emi, 0, 4 * K).unwrap();
+    let over = pattern(53, 4 * K as usize);
+    btrfs_buffered_write(&fs, root, ino, 16 * K, &over).unwrap();
+    btrfs_writeback(&fs, root, ino).unwrap();
+    want[16 * K as usize..20 * K as usize].copy_from_slice(&over);
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(fs.counters.nocow_bytes.load(Relaxed), 0);
+    let after = ubtrfs_fs::file::btrfs_get_extent(&fs, root, ino, &emi, 16 * K, 4 * K).unwrap();
+    assert_ne!(
+        after.disk_bytenr, before.disk_bytenr,
+        "{after:?} vs {before:?}"
+    );
+    let ii = ubtrfs_fs::inode::read_inode(&fs, root, ino).unwrap();
+    let got = ubtrfs_fs::file::read(&fs, root, ino, &ii, &emi, 0, u32::MAX).unwrap();
+    assert!(got == want);
+    fs.sync().unwrap();
+    drop(fs);
+    btrfs_check(&img);
 }
