@@ -1128,7 +1128,8 @@ fn finish_inode(
 //
 // # Invariants
 // - A NOCOW piece allocates nothing and consumes no data space: its data reservation is
-//   released when the piece is decided (`EXTENT_CLEAR_DATA_RESV`), nbytes does not change.
+//   released when its write starts (`nocow_one_range`: `EXTENT_CLEAR_DATA_RESV`), nbytes does
+//   not change.
 // - PREALLOC piece: a PINNED extent map of the written part (not PREALLOC, same disk_bytenr,
 //   offset into the extent) replaces the PREALLOC map (`btrfs_create_io_em`) and goes on the
 //   modified list; at completion `btrfs_mark_extent_written` splits the prealloc item into
@@ -1655,26 +1656,24 @@ fn write_nocow_piece(
     use crate::space_info::MetaRsv;
     let len = ext.num_bytes;
     debug_assert_eq!(data.len() as u64, len);
-    // nocow_one_range: the io extent map of a PREALLOC write, the data reservation released.
-    fs.write_op_rsv(MetaRsv::WRITEBACK, |_c| {
-        rsv.release(reserved);
-        if prealloc {
-            let em = ExtentMap {
-                start,
-                len,
-                disk_bytenr: ext.disk_bytenr,
-                disk_num_bytes: ext.disk_num_bytes,
-                offset: ext.offset,
-                ram_bytes: ext.ram_bytes,
-                generation: u64::MAX,
-                flags: ubtrfs_extent_map::flags::PINNED,
-            };
-            emi.btrfs_replace_extent_map_range(em, true).map_err(|e| {
-                FsError::corrupt(format!("root {root} ino {ino}: extent map: {e:?}"))
-            })?;
-        }
-        Ok(())
-    })?;
+    // nocow_one_range: the data reservation released (nothing is allocated, so no tree lock
+    // is needed: the published free space does not change), the io extent map of a PREALLOC
+    // write put in place (readers still get these sectors from the dirty buffer).
+    rsv.release(reserved);
+    if prealloc {
+        let em = ExtentMap {
+            start,
+            len,
+            disk_bytenr: ext.disk_bytenr,
+            disk_num_bytes: ext.disk_num_bytes,
+            offset: ext.offset,
+            ram_bytes: ext.ram_bytes,
+            generation: u64::MAX,
+            flags: ubtrfs_extent_map::flags::PINNED,
+        };
+        emi.btrfs_replace_extent_map_range(em, true)
+            .map_err(|e| FsError::corrupt(format!("root {root} ino {ino}: extent map: {e:?}")))?;
+    }
     // The data, in place, no lock held.
     if let Err(e) = fs.reader.write_logical(ext.io_start(), data) {
         tracing::error!(
