@@ -215,3 +215,67 @@ fn data_write_error_is_reported_without_abort() {
     let m = KernelMount::new(&img, &d.join("mnt"), "ro");
     assert!(std::fs::read(m.dir.join("retried")).unwrap() == data);
 }
+
+// Test scenario: an in-place write into preallocated space fails on the device: no abort, the
+// writeback reports the error, the prealloc item is untouched, the write's extent map is gone
+// (the kernel's btrfs_finish_one_ordered error path drops it, NOCOW or not) and the data stays
+// dirty and readable; once the device works, sync writes it in place, and btrfs check, a new
+// mount and the kernel see it.
+#[test]
+fn nocow_write_error_keeps_prealloc_and_data() {
+    let d = TestDir::new("nocow-eio");
+    let img = d.join("img");
+    mkfs_btrfs(&img, 256 << 20, &[]);
+    let data = pattern(3, 64 << 10);
+    let mut want = vec![0u8; 1 << 20];
+    want[..data.len()].copy_from_slice(&data);
+    {
+        let (dev, size) = FailingDevice::open(&img);
+        let fs = FsInfo::open_backend(dev.clone(), size, &img, rw()).unwrap();
+        let root = fs.mount_root;
+        let top = fs.root(root).unwrap().item.root_dirid;
+        let (p, _) = btrfs_new_inode(&fs, root, top, b"pre", 0o100644, 0, 0, 0).unwrap();
+        ubtrfs_fs::file_write::btrfs_fallocate(&fs, root, p, 0, 0, 1 << 20).unwrap();
+        fs.sync().unwrap();
+        ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, p, 0, &data).unwrap();
+        dev.budget.store(0, Ordering::SeqCst);
+        let e = ubtrfs_fs::file_write::btrfs_writeback(&fs, root, p).unwrap_err();
+        assert!(dev.failed.load(Ordering::SeqCst) > 0);
+        assert!(!matches!(e, FsError::ReadOnly | FsError::NoSpace), "{e}");
+        assert!(!fs.is_readonly(), "a data write error must not abort");
+        let emi = fs.ems.inode(root, p);
+        assert!(
+            emi.extent_maps()
+                .iter()
+                .all(|m| m.flags & ubtrfs_extent_map::flags::PINNED == 0),
+            "the failed write's pinned map stayed: {:?}",
+            emi.extent_maps()
+        );
+        let em = ubtrfs_fs::file::btrfs_get_extent(&fs, root, p, &emi, 0, 4096).unwrap();
+        assert_ne!(em.flags & ubtrfs_extent_map::flags::PREALLOC, 0, "{em:?}");
+        let ii = ubtrfs_fs::inode::read_inode(&fs, root, p).unwrap();
+        let got = ubtrfs_fs::file::read(&fs, root, p, &ii, &emi, 0, 1 << 20).unwrap();
+        assert!(got == want, "dirty data lost after a failed in-place write");
+        dev.budget.store(u64::MAX, Ordering::SeqCst);
+        fs.sync().unwrap();
+        assert_eq!(
+            fs.counters
+                .prealloc_written_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            64 << 10
+        );
+    }
+    btrfs_check(&img);
+    {
+        let fs = FsInfo::open(&img, MountOptions::default()).unwrap();
+        let root = fs.mount_root;
+        let top = fs.root(root).unwrap().item.root_dirid;
+        let p = lookup(&fs, root, top, "pre").unwrap();
+        let ii = ubtrfs_fs::inode::read_inode(&fs, root, p).unwrap();
+        let emi = fs.ems.inode(root, p);
+        let got = ubtrfs_fs::file::read(&fs, root, p, &ii, &emi, 0, 1 << 20).unwrap();
+        assert!(got == want, "ubtrfs: content after the retried writeback");
+    }
+    let m = KernelMount::new(&img, &d.join("mnt"), "ro");
+    assert!(std::fs::read(m.dir.join("pre")).unwrap() == want);
+}
