@@ -195,6 +195,23 @@ fn opt_num_after(line: &str, word: &str) -> Option<u64> {
     None
 }
 
+/// The items of the subvolume log tree of a crash image (dump-tree prints it after the
+/// "log tree key" line).
+fn log_items(img: &Path) -> Vec<(String, Vec<String>)> {
+    let out = Command::new("btrfs")
+        .args(["inspect-internal", "dump-tree"])
+        .arg(img)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let start = text
+        .find("log tree key (TREE_LOG ROOT_ITEM 5)")
+        .unwrap_or_else(|| panic!("no log tree in the crash image"));
+    let rest = &text[start..];
+    let end = rest.find("total bytes").unwrap_or(rest.len());
+    items(&rest[..end])
+}
+
 /// (inode, file offset) -> item, from the fs tree.
 fn file_extents(img: &Path) -> BTreeMap<(u64, u64), Fe> {
     let mut out = BTreeMap::new();
@@ -415,6 +432,77 @@ fn nocow_fsync_log_replay() {
         // Dropped without a commit: the superblock points at the log.
     }
     btrfs_check(&img);
+    // What the log holds: the written parts of preallocated extents as REG items pointing into
+    // those extents, their checksums only where the file has them, nothing for the in-place
+    // overwrite of c's regular extent (no new extent map, as in the kernel).
+    let base_fes = file_extents(&base);
+    let inos = {
+        let m = KernelMount::new(&base, &d.join("mnt-inos"), "ro");
+        let inos: BTreeMap<String, u64> = ["p", "pk", "c", "cp"]
+            .iter()
+            .map(|n| {
+                use std::os::unix::fs::MetadataExt;
+                (
+                    n.to_string(),
+                    std::fs::metadata(m.dir.join(n)).unwrap().ino(),
+                )
+            })
+            .collect();
+        drop(m);
+        inos
+    };
+    let extent_of = |name: &str| {
+        base_fes
+            .iter()
+            .find(|((ino, _), _)| *ino == inos[name])
+            .map(|(_, fe)| fe.disk)
+            .unwrap()
+    };
+    let log = log_items(&img);
+    let logged = |name: &str, off: u64| {
+        log.iter()
+            .find(|(k, _)| *k == format!("{} EXTENT_DATA {off}", inos[name]))
+            .map(|(_, body)| body.join(" "))
+    };
+    for (name, off, len) in [
+        ("p", 12 * K, 20 * K),
+        ("p", 512 * K, 4 * K),
+        ("cp", 0, 8 * K),
+    ] {
+        let body = logged(name, off).unwrap_or_else(|| panic!("{name}@{off} not logged"));
+        let want = format!(
+            "type 1 (regular) extent data disk byte {} nr",
+            extent_of(name)
+        );
+        assert!(body.contains(&want), "{name}@{off}: {body}");
+        assert!(
+            body.contains(&format!("extent data offset {off} nr {len} ")),
+            "{name}@{off}: {body}"
+        );
+    }
+    assert!(
+        logged("c", 128 * K).is_none(),
+        "NOCOW overwrite logged an extent"
+    );
+    let csums: Vec<(u64, u64)> = log
+        .iter()
+        .filter(|(k, _)| k.starts_with("EXTENT_CSUM EXTENT_CSUM"))
+        .map(|(_, b)| {
+            let l = b.iter().find(|l| l.starts_with("range start")).unwrap();
+            (num_after(l, "start"), num_after(l, "end"))
+        })
+        .collect();
+    let covered = |a: u64, b: u64| csums.iter().any(|&(s, e)| s <= a && b <= e);
+    let p_disk = extent_of("p");
+    assert!(covered(p_disk + 12 * K, p_disk + 32 * K), "{csums:?}");
+    assert!(covered(p_disk + 512 * K, p_disk + 516 * K), "{csums:?}");
+    for name in ["c", "cp"] {
+        let x = extent_of(name);
+        assert!(
+            !csums.iter().any(|&(s, e)| s < x + 256 * K && e > x),
+            "{name} is NODATASUM but the log has checksums for it: {csums:?}"
+        );
+    }
     let kimg = d.join("crash-kernel");
     std::fs::copy(&img, &kimg).unwrap();
     let m = KernelMount::new(&kimg, &d.join("mnt-replay"), "rw");
