@@ -26,6 +26,11 @@
 //!   bytes lowers the published free space before releasing the reservation, so the check
 //!   is never optimistic. A request that all unallocated device space could not satisfy
 //!   fails without allocating chunks.
+//! - *NORESERVE sectors*: when a buffered write finds no data space, the part of it that can
+//!   be written in place (a preallocated extent, an unshared extent of a NODATACOW file:
+//!   `btrfs_check_nocow_lock`) is accepted with its metadata reserved and no data; if its
+//!   writeback has to copy-on-write after all, those bytes join `bytes_may_use` unchecked
+//!   ([`InodeRsv::add_unreserved`], as `fallback_to_cow` does) and the allocation may fail.
 //! - *Reserved extents*: writeback allocates a run's extents, writes the data without locks
 //!   and only then adds the extent items (file_write.rs `write_run`); meanwhile the extents are
 //!   neither free nor used, and listed free by any commit's free space tree.
@@ -33,7 +38,8 @@
 //! # Invariants
 //! - Between operations, `data_may_use` ≤ free bytes of the data block groups: writeback and
 //!   fallocate never run out of data space for reserved bytes (except by the few sectors
-//!   [`InodeRsv::settle`] may overcommit for sectors rewritten during their own writeback).
+//!   [`InodeRsv::settle`] may overcommit for sectors rewritten during their own writeback, and
+//!   NORESERVE sectors that must be copied on write after all).
 //! - Unlink, rmdir and eviction (in bounded steps, each leaving an orphan item and a
 //!   consistent inode) succeed on a full filesystem.
 //! - A write operation that fails after it changed the transaction aborts it: the mount turns
