@@ -112,6 +112,7 @@ pub fn errno_of(e: &FsError) -> Errno {
         FsError::TooBig => Errno::E2BIG,
         FsError::FileTooBig => Errno::EFBIG,
         FsError::NoSuchOffset => Errno::ENXIO,
+        FsError::Again => Errno::EAGAIN,
         FsError::NoSpace => Errno::ENOSPC,
         FsError::NotDir => Errno::ENOTDIR,
         FsError::IsDir => Errno::EISDIR,

@@ -86,6 +86,11 @@ pub enum FsError {
     /// SEEK_DATA/SEEK_HOLE at or beyond the end of the file, or no data after it (ENXIO).
     #[error("no such offset")]
     NoSuchOffset,
+    /// Try again (EAGAIN): the kernel's answer to a buffered write that finds no data space
+    /// over a preallocated range of a file without NODATACOW holding unwritten data
+    /// (`can_nocow_extent` in `btrfs_check_nocow_lock`).
+    #[error("resource temporarily unavailable")]
+    Again,
 }
 
 impl From<TreeError> for FsError {

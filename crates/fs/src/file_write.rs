@@ -234,9 +234,9 @@ pub fn btrfs_buffered_write(
 
 /// `btrfs_check_nocow_lock`: with data space short, how many bytes of a write of `len` at
 /// `pos` can go in place into an extent the file has (so need no data reservation); None if
-/// none can. Only NODATACOW or PREALLOC-flagged inodes qualify. (The kernel answers EAGAIN
-/// instead of ENOSPC when a PREALLOC extent of a file without NODATACOW has dirty data in
-/// the range; here that is one more "none can".)
+/// none can. Only NODATACOW or PREALLOC-flagged inodes qualify. [`FsError::Again`] (EAGAIN,
+/// as the kernel answers the write) when the range is preallocated in a file without
+/// NODATACOW and already holds dirty data.
 fn btrfs_check_nocow_lock(
     fs: &FsInfo,
     root: u64,
@@ -1396,9 +1396,10 @@ pub fn run_delalloc_nocow(
 /// `can_nocow_extent`: whether a write at `offset` of up to `len` bytes can go in place (the
 /// check of the buffered write's `btrfs_check_nocow_lock` when data space is short, and of
 /// direct I/O): the extent and whether it is preallocated, with `num_bytes` the writable
-/// length. Errors count as "no" (as in the kernel). Dirty data over a preallocated range of a
-/// file without NODATACOW answers "no" too (the kernel's -EAGAIN: the caller must not
-/// overtake the buffered data).
+/// length. Errors of the search count as "no" (as in the kernel). Dirty data over a
+/// preallocated range of a file without NODATACOW gives [`FsError::Again`] (the kernel's
+/// -EAGAIN: the write must not overtake the buffered data); a direct-I/O caller takes that
+/// as "no", as `btrfs_get_blocks_direct_write` does.
 pub fn can_nocow_extent(
     fs: &FsInfo,
     root: u64,
@@ -1437,7 +1438,7 @@ pub fn can_nocow_extent(
             let first = offset / ss;
             let last = (offset + ext.num_bytes).div_ceil(ss);
             if d.lock().sectors.range(first..last).next().is_some() {
-                return Ok(None);
+                return Err(FsError::Again);
             }
         }
     }

@@ -530,7 +530,8 @@ fn nocow_fsync_log_replay() {
 // Test scenario: with data space used up (a file written until ENOSPC, synced), a write over a
 // NODATACOW file's extent and a write into preallocated space still succeed (no data
 // reservation is needed: btrfs_check_nocow_lock), a write that would need a new extent gets
-// ENOSPC, and a write running from a NODATACOW extent into a hole is cut short where the
+// ENOSPC, a second write over the still dirty preallocated range gets EAGAIN (the kernel's
+// answer), and a write running from a NODATACOW extent into a hole is cut short where the
 // extent ends. Everything accepted is written back; btrfs check is clean and the kernel reads
 // the same contents.
 #[test]
@@ -587,6 +588,10 @@ fn nocow_writes_need_no_data_space() {
         let p = pattern(43, 128 * K as usize);
         assert_eq!(write("p", 256 * K, &p).unwrap(), p.len());
         put(&mut want, "p", 256 * K, &p);
+        // Again over that data before its writeback: the kernel answers EAGAIN (a prealloc
+        // range of a file without NODATACOW that holds dirty data, can_nocow_extent).
+        let e = write("p", 380 * K, &pattern(45, 8192)).unwrap_err();
+        assert!(matches!(e, ubtrfs_fs::FsError::Again), "{e}");
         // From the last 4 KiB of c's extent into the hole after it: cut where the extent ends.
         let tail = pattern(44, 8 * K as usize);
         assert_eq!(write("c", 252 * K, &tail).unwrap(), 4 * K as usize);
