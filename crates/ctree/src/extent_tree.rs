@@ -567,4 +567,35 @@ mod tests {
         let batch = refs.take();
         assert_eq!(batch.get(&(1 << 20, kind)), Some(&(4096, 0)));
     }
+
+    // Test scenario: what check_delayed_ref sees of an extent: only its own pending changes,
+    // tree and data alike, and none that net out to zero (the kernel drops such a node).
+    #[test]
+    fn pending_of_one_extent() {
+        let mut refs = DelayedRefs::default();
+        let mine = RefKind::Data {
+            root: 5,
+            ino: 257,
+            offset: 0,
+        };
+        let other = RefKind::Data {
+            root: 5,
+            ino: 258,
+            offset: 0,
+        };
+        refs.add(1 << 20, 4096, mine, 1);
+        refs.add(1 << 20, 4096, other, 1);
+        refs.add(1 << 20, 4096, other, -1);
+        refs.add(2 << 20, 4096, other, 1);
+        refs.add(
+            (1 << 20) - 4096,
+            4096,
+            RefKind::Tree { root: 5, level: 0 },
+            1,
+        );
+        let got: Vec<_> = refs.pending_of(1 << 20).collect();
+        assert_eq!(got, vec![(mine, 1)]);
+        assert_eq!(refs.pending_of(2 << 20).count(), 1);
+        assert_eq!(refs.pending_of(3 << 20).count(), 0);
+    }
 }
