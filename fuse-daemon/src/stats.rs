@@ -148,6 +148,12 @@ pub struct IoStats {
     pub direct_writes: u64,
     #[serde(default)]
     pub direct_write_fallbacks: u64,
+    /// Bytes written back in place over regular extents of NODATACOW files.
+    #[serde(default)]
+    pub nocow_bytes: u64,
+    /// Bytes written back in place into preallocated extents.
+    #[serde(default)]
+    pub prealloc_written_bytes: u64,
 }
 
 /// Everything `ubtrfs stats` shows, as the daemon measured it at one moment.
@@ -291,6 +297,8 @@ impl Daemon {
                 decompressed_extents: c.decompressed_extents.load(Relaxed),
                 direct_writes: c.direct_writes.load(Relaxed),
                 direct_write_fallbacks: c.direct_write_fallbacks.load(Relaxed),
+                nocow_bytes: c.nocow_bytes.load(Relaxed),
+                prealloc_written_bytes: c.prealloc_written_bytes.load(Relaxed),
             },
             memory_pressure: self.pressure.snapshot(),
         }
@@ -711,6 +719,18 @@ fn table(s: &Snapshot) -> Vec<Group> {
                     "direct writes done buffered",
                     Unit::Of("writes"),
                     s.io.direct_write_fallbacks,
+                ),
+                counter(
+                    "nocow_bytes",
+                    "written in place (NODATACOW)",
+                    Unit::Bytes,
+                    s.io.nocow_bytes,
+                ),
+                counter(
+                    "prealloc_written_bytes",
+                    "written in place (prealloc)",
+                    Unit::Bytes,
+                    s.io.prealloc_written_bytes,
                 ),
             ],
         },
