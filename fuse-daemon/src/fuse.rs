@@ -761,7 +761,7 @@ impl Filesystem for UbtrfsFuse {
                 drop(nodes);
                 if n.em.is_some() {
                     // Inode eviction drops its extent maps, as the kernel's evict does.
-                    self.fs.ems.evict_inode(n.root, n.ino);
+                    ubtrfs_fs::inode::btrfs_forget_cached_inode(&self.fs, n.root, n.ino);
                 }
             }
         }

@@ -135,3 +135,74 @@ fn dsync_and_direct_writes_survive_sigkill() {
     }
     check_image(&img);
 }
+
+// Test scenario: a file larger than the per-inode dirty limit (64 MiB) is written into a
+// committed inode, so part of it is written back while the write runs (its extent maps go on
+// the inode's modified list); the file is closed and `drop_caches` makes the kernel forget the
+// inode (FUSE FORGET: ubtrfs drops its extent maps); it is then opened again and fsynced, and
+// the daemon killed. The fsync must log every extent written in the transaction (the kernel
+// marks such a re-read inode NEEDS_FULL_SYNC), so the kernel's replay shows the whole file.
+#[test]
+fn fsync_after_the_kernel_forgot_the_inode_survives_sigkill() {
+    require_fuse_env();
+    let t = TestDir::new("forget-fsync");
+    let img = t.join("img");
+    mkfs_image(
+        &img,
+        &Mkfs {
+            size: 1 << 30,
+            ..Mkfs::default()
+        },
+    );
+    let mnt = t.mkdir("mnt");
+    {
+        let m = Mount::with_options(&img, &mnt, "rw");
+        std::fs::write(mnt.join("f"), b"committed").unwrap();
+        // Data chunks for what follows: an fsync right after a chunk allocation commits.
+        std::fs::write(mnt.join("filler"), pattern(1, 160 << 20)).unwrap();
+        std::fs::remove_file(mnt.join("filler")).unwrap();
+        m.unmount();
+    }
+    let mut m = Mount::with_options(&img, &mnt, "rw,commit=3600");
+    let data = pattern(7, 72 << 20);
+    std::fs::write(mnt.join("f"), &data).unwrap();
+    let before = stats(&mnt);
+    assert!(
+        u(&before, "extent_maps", "cached") > 0,
+        "the write did not write back past the dirty limit: {before}"
+    );
+    // The kernel forgets unused inodes; wait until ubtrfs has dropped the file's maps.
+    let mut forgotten = false;
+    for _ in 0..50 {
+        std::fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        if u(&stats(&mnt), "extent_maps", "cached") == 0 {
+            forgotten = true;
+            break;
+        }
+    }
+    assert!(forgotten, "the kernel never sent FORGET for the file");
+    OpenOptions::new()
+        .write(true)
+        .open(mnt.join("f"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    let after = stats(&mnt);
+    assert_eq!(
+        u(&after, "transactions", "committed"),
+        u(&before, "transactions", "committed"),
+        "a commit made the test meaningless"
+    );
+    m.kill();
+    check_image(&img);
+    let k = LoopMount::new(&img, &t.mkdir("kmnt"), "rw");
+    let got = std::fs::read(k.path().join("f")).unwrap();
+    assert!(
+        got == data,
+        "the kernel's replay differs ({} of {} bytes)",
+        got.len(),
+        data.len()
+    );
+    k.unmount();
+}

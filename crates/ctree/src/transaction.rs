@@ -94,6 +94,12 @@ pub struct LogState {
     /// inode): the log transid that was open when the inode item last changed or data was last
     /// written (`btrfs_set_inode_last_trans`, `btrfs_set_inode_last_sub_trans`).
     pub last_sub_trans: BTreeMap<(u64, u64), u64>,
+    /// Inodes whose in-memory state (extent maps, modified list) was evicted after they changed
+    /// in this transaction. The kernel's `btrfs_read_locked_inode` marks an inode re-read with
+    /// `last_trans` equal to the fs generation NEEDS_FULL_SYNC, as the extents it changed are
+    /// no longer on any modified list; here the mark is taken by the next fsync of the inode
+    /// in this transaction (`btrfs_sync_file` reads the flag only there).
+    pub full_sync_on_load: BTreeSet<(u64, u64)>,
 }
 
 /// What the log of the running transaction holds of one inode.

@@ -626,6 +626,27 @@ fn forget_inode(fs: &FsInfo, root: u64, ino: u64) {
     fs.ems.evict_inode(root, ino);
 }
 
+/// Drop the cached in-memory state of an inode nobody references any more (FUSE FORGET, the
+/// kernel's inode eviction from its cache): its extent maps and modified list. An inode changed
+/// in the running transaction is marked so that, re-read, its next fsync takes the full path
+/// (`btrfs_read_locked_inode`: `last_trans` equal to the fs generation sets NEEDS_FULL_SYNC):
+/// the fast path logs from the modified list, which no longer holds what it changed.
+///
+/// The transaction mutex is held across the check and the eviction, so no write operation
+/// (which changes inode items under it) falls between them.
+pub fn btrfs_forget_cached_inode(fs: &FsInfo, root: u64, ino: u64) {
+    match &fs.trans {
+        Some(t) => {
+            let mut t = t.lock();
+            fs.ems.evict_inode(root, ino);
+            if t.log.last_sub_trans.contains_key(&(root, ino)) {
+                t.log.full_sync_on_load.insert((root, ino));
+            }
+        }
+        None => fs.ems.evict_inode(root, ino),
+    }
+}
+
 thread_local! {
     /// Evicted inodes whose dirty data could not be forgotten under the tree lock.
     static DEFERRED_FORGET: std::cell::RefCell<Vec<(u64, u64)>> =

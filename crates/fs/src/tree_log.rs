@@ -178,6 +178,11 @@ fn sync_file(fs: &FsInfo, root: u64, ino: u64, skip_ilock: bool) -> Result<SyncO
     let inode_lock = (!skip_ilock).then(|| emi.inode_lock().write());
     let mmap_lock = emi.mmap_lock().write();
     btrfs_writeback(fs, root, ino)?;
+    if let Some(t) = &fs.trans {
+        if t.lock().log.full_sync_on_load.remove(&(root, ino)) {
+            emi.btrfs_set_inode_full_sync();
+        }
+    }
     let full_sync = emi.needs_full_sync();
     let mut ticket = (0, 0);
     let mut in_log = false;

@@ -509,3 +509,63 @@ fn fsync_skips_an_inode_already_in_the_log() {
     drop(fs);
     let _ = std::fs::remove_dir_all(&d);
 }
+
+// Test scenario: a file's in-memory state is evicted after its new data was written back in the
+// running transaction (FUSE FORGET of a clean inode drops its extent maps and modified list),
+// then it is looked up again and fsynced. The kernel's btrfs_read_locked_inode marks an inode
+// whose last change is in the running transaction NEEDS_FULL_SYNC, because the modified list
+// that the fast path logs from is gone; without that the log holds the new size but not the new
+// extents. Both replays must show the fsynced data.
+#[test]
+fn fsync_of_an_inode_reloaded_in_its_transaction_logs_everything() {
+    let d = tmpdir("reload");
+    let img = d.join("img");
+    mkfs_btrfs(&img, 1 << 30, &[]);
+    let base = pattern(1, 300_000);
+    let mut expect = base.clone();
+    {
+        let fs = FsInfo::open(&img, rw()).unwrap();
+        let root = fs.mount_root;
+        let dir = fs.root(root).unwrap().item.root_dirid;
+        let (f, _) =
+            ubtrfs_fs::inode::btrfs_new_inode(&fs, root, dir, b"f", 0o100644, 0, 0, 0).unwrap();
+        ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, f, 0, &base).unwrap();
+        fs.sync().unwrap();
+        // Running transaction: an overwrite and an append, written back, then eviction.
+        let patch = pattern(2, 20_000);
+        ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, f, 100_000, &patch).unwrap();
+        expect[100_000..120_000].copy_from_slice(&patch);
+        let more = pattern(3, 50_000);
+        ubtrfs_fs::file_write::btrfs_buffered_write(&fs, root, f, base.len() as u64, &more)
+            .unwrap();
+        expect.extend_from_slice(&more);
+        ubtrfs_fs::file_write::btrfs_writeback(&fs, root, f).unwrap();
+        ubtrfs_fs::inode::btrfs_forget_cached_inode(&fs, root, f);
+        assert_eq!(
+            ubtrfs_fs::tree_log::btrfs_sync_file(&fs, root, f).unwrap(),
+            SyncOutcome::Logged
+        );
+        // Crash: no commit.
+    }
+    assert_ne!(log_root(&img), 0);
+    btrfs_check(&img);
+    let copy = d.join("copy");
+    std::fs::copy(&img, &copy).unwrap();
+    {
+        let m = KernelMount::new(&img, &d.join("mnt"), "rw");
+        assert!(
+            std::fs::read(m.dir.join("f")).unwrap() == expect,
+            "kernel replay lost fsynced data"
+        );
+    }
+    {
+        let fs = FsInfo::open(&copy, MountOptions::default()).unwrap();
+        let root = fs.mount_root;
+        let dir = fs.root(root).unwrap().item.root_dirid;
+        assert!(
+            read_all(&fs, root, ino_of(&fs, root, dir, "f")) == expect,
+            "ubtrfs replay lost fsynced data"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
