@@ -539,6 +539,13 @@ fn run(fs: &FsInfo, state: &PressureMonitorState, stop: &AtomicBool, stop_rx: &O
                 state.shrinker_runs.fetch_add(1, Relaxed);
                 state.maps_requested.fetch_add(nr_to_scan, Relaxed);
             }
+            // The free memory the allocator keeps for reuse (main.rs `tune_malloc`) goes
+            // back to the kernel too.
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim takes no pointers and is safe to call from any thread.
+            unsafe {
+                libc::malloc_trim(0);
+            }
             tracing::debug!(
                 target: "ubtrfs_memory_pressure",
                 psi = psi_pressure,

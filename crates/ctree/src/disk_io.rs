@@ -463,6 +463,42 @@ impl BlockReader {
         Ok(())
     }
 
+    /// Write file data, `bufs` one after the other from `logical` on, to every copy
+    /// ([`Device::write_data_at`]: O_DIRECT where the device allows it).
+    pub fn write_logical_data(&self, logical: u64, bufs: &[&[u8]]) -> Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let pieces = self.chunks.read().map(logical, total as u64)?;
+        // (buffer index, offset in it) where the next piece starts.
+        let (mut bi, mut bo) = (0usize, 0usize);
+        for p in pieces {
+            let mut want = p.len as usize;
+            let mut slices: Vec<&[u8]> = Vec::new();
+            while want > 0 {
+                let b = bufs.get(bi).ok_or_else(|| {
+                    Error::corrupt(format!("data for logical {} ends early", p.logical))
+                })?;
+                let take = (b.len() - bo).min(want);
+                slices.push(&b[bo..bo + take]);
+                want -= take;
+                bo += take;
+                if bo == b.len() {
+                    bi += 1;
+                    bo = 0;
+                }
+            }
+            for &(devid, phys) in &p.mirrors {
+                let dev = self.devices.get(&devid).ok_or_else(|| {
+                    Error::Unsupported(format!(
+                        "device {devid} holding logical {} is missing",
+                        p.logical
+                    ))
+                })?;
+                dev.write_data_at(&slices, phys)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Flush every device (the barrier between data/metadata and the superblock).
     pub fn flush_devices(&self) -> Result<()> {
         for d in self.devices.values() {

@@ -317,7 +317,12 @@ fn open_device(path: &Path, readonly: bool) -> Result<Device> {
     let size = file
         .seek(SeekFrom::End(0))
         .map_err(|e| FsError::Mount(format!("{}: {e}", path.display())))?;
-    Ok(Device::from_file(0, file, size, path.to_path_buf()))
+    let dev = Device::from_file(0, file, size, path.to_path_buf());
+    Ok(if readonly {
+        dev
+    } else {
+        dev.with_direct_data_writes()
+    })
 }
 
 /// The loop device backed by `path`, if the kernel has one attached (it may be mounted).

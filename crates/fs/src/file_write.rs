@@ -626,32 +626,129 @@ pub fn btrfs_drop_extents_in(
     Ok(res)
 }
 
-/// `btrfs_csum_file_blocks`: checksums of `data` written at `bytenr`, as EXTENT_CSUM items.
-pub fn btrfs_csum_file_blocks(c: &mut WriteCtx<'_>, bytenr: u64, data: &[u8]) -> Result<()> {
-    let ss = c.fs.sectorsize() as usize;
-    let t = c.fs.reader.csum_type;
+/// The checksums of `data`'s sectors, concatenated (what the kernel computes when it submits
+/// the data, `btrfs_csum_one_bio`, before any tree lock).
+pub fn btrfs_csum_data(fs: &FsInfo, data: &RunData) -> Vec<u8> {
+    btrfs_csum_sectors(fs, &data.slices(0, data.len()))
+}
+
+/// The checksums of the sectors of `pieces` (each a whole number of sectors), concatenated.
+pub fn btrfs_csum_sectors(fs: &FsInfo, pieces: &[&[u8]]) -> Vec<u8> {
+    let ss = fs.sectorsize() as usize;
+    let t = fs.reader.csum_type;
     let csize = t.size();
+    let total: usize = pieces.iter().map(|p| p.len()).sum();
+    let mut sums = Vec::with_capacity(total / ss * csize);
+    for piece in pieces {
+        for s in piece.chunks(ss) {
+            sums.extend_from_slice(&t.compute(s)[..csize]);
+        }
+    }
+    sums
+}
+
+/// `btrfs_csum_file_blocks`: the checksums `sums` (one per sector, from [`btrfs_csum_data`])
+/// of data written at `bytenr`, as EXTENT_CSUM items.
+pub fn btrfs_csum_file_blocks(c: &mut WriteCtx<'_>, bytenr: u64, sums: &[u8]) -> Result<()> {
+    let ss = c.fs.sectorsize() as usize;
+    let csize = c.fs.reader.csum_type.size();
     // Items of at most a quarter leaf, so that they always fit.
     let per_item = ((c.fs.sb.nodesize as usize / 4) / csize).max(1);
-    let sectors: Vec<&[u8]> = data.chunks(ss).collect();
-    for (i, chunk) in sectors.chunks(per_item).enumerate() {
-        let mut body = Vec::with_capacity(chunk.len() * csize);
-        for s in chunk {
-            body.extend_from_slice(&t.compute(s)[..csize]);
-        }
+    for (i, body) in sums.chunks(per_item * csize).enumerate() {
         let key = Key::new(
             objectid::EXTENT_CSUM,
             item::EXTENT_CSUM,
             bytenr + (i * per_item * ss) as u64,
         );
-        c.insert(objectid::CSUM_TREE, key, &body)?;
+        c.insert(objectid::CSUM_TREE, key, body)?;
     }
     Ok(())
 }
 
+/// Bytes of one [`RunData`] chunk.
+const RUN_CHUNK: usize = 1 << 20;
+
+/// The bytes of a run, copied out of the dirty buffer for its writeback: chunks of at most
+/// [`RUN_CHUNK`] whole sectors, each starting at an address aligned for O_DIRECT
+/// (`Device::write_data_at`). Chunks rather than one buffer: allocations of this size come
+/// from the heap, where the memory of the last writeback is reused, where a buffer of a
+/// whole run (up to 128 MiB) would be a fresh mapping each time.
+#[derive(Debug, Default)]
+pub struct RunData {
+    /// (buffer, where the data starts in it, data length).
+    chunks: Vec<(Vec<u8>, usize, usize)>,
+    len: usize,
+}
+
+impl RunData {
+    /// Append one sector (`data` is a whole sector, never more than [`RUN_CHUNK`]).
+    pub fn push_sector(&mut self, data: &[u8]) {
+        let full = self
+            .chunks
+            .last()
+            .is_none_or(|(_, _, l)| l + data.len() > RUN_CHUNK);
+        if full {
+            let a = ubtrfs_ctree::volumes::DIRECT_IO_ALIGN;
+            let mut buf: Vec<u8> = Vec::with_capacity(RUN_CHUNK + a);
+            let start = buf.as_ptr().align_offset(a).min(a);
+            buf.resize(start, 0);
+            self.chunks.push((buf, start, 0));
+        }
+        let (buf, _, l) = self.chunks.last_mut().expect("pushed above");
+        // Within the capacity reserved above: the buffer never moves.
+        buf.extend_from_slice(data);
+        *l += data.len();
+        self.len += data.len();
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes `off..off + len`, as slices of the chunks.
+    pub fn slices(&self, off: usize, len: usize) -> Vec<&[u8]> {
+        let mut out = Vec::new();
+        let (mut skip, mut want) = (off, len);
+        for (buf, start, l) in &self.chunks {
+            if want == 0 {
+                break;
+            }
+            if skip >= *l {
+                skip -= l;
+                continue;
+            }
+            let take = (l - skip).min(want);
+            out.push(&buf[start + skip..start + skip + take]);
+            skip = 0;
+            want -= take;
+        }
+        out
+    }
+
+    /// A copy of the bytes `off..off + len` (whole sectors of `ss` bytes) as a run of its own.
+    pub fn sub(&self, off: usize, len: usize, ss: usize) -> RunData {
+        let mut r = RunData::default();
+        for piece in self.slices(off, len) {
+            for sector in piece.chunks(ss) {
+                r.push_sector(sector);
+            }
+        }
+        r
+    }
+
+    /// The bytes `off..off + len` in one buffer.
+    pub fn to_vec(&self, off: usize, len: usize) -> Vec<u8> {
+        self.slices(off, len).concat()
+    }
+}
+
 /// A run of contiguous dirty sectors: first sector index, (index, write sequence) of each,
 /// and their bytes.
-type Run = (u64, Vec<(u64, u64)>, Vec<u8>);
+type Run = (u64, Vec<(u64, u64)>, RunData);
 
 /// Write back every dirty sector of an inode (`btrfs_fdatawrite_range` + ordered completion).
 pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
@@ -673,11 +770,11 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
                 None => false,
             };
             if !extend {
-                runs.push((idx, Vec::new(), Vec::new()));
+                runs.push((idx, Vec::new(), RunData::default()));
             }
             let r = runs.last_mut().expect("pushed above");
             r.1.push((idx, *seq));
-            r.2.extend_from_slice(data);
+            r.2.push_sector(data);
         }
         (
             runs,
@@ -717,7 +814,8 @@ pub fn btrfs_writeback(fs: &FsInfo, root: u64, ino: u64) -> Result<()> {
             ino,
             &emi,
             start,
-            &data[..len as usize],
+            data,
+            len,
             size,
             mtime,
             &rsv,
@@ -794,7 +892,8 @@ fn btrfs_run_delalloc_range(
     ino: u64,
     emi: &ubtrfs_extent_map::BtrfsInode,
     start: u64,
-    data: &[u8],
+    data: &RunData,
+    total: u64,
     size: u64,
     mtime: Option<ubtrfs_format::items::Timespec>,
     rsv: &crate::space_info::InodeRsv,
@@ -802,7 +901,7 @@ fn btrfs_run_delalloc_range(
     noreserve: &std::collections::BTreeSet<u64>,
 ) -> Result<()> {
     let ss = u64::from(fs.sectorsize());
-    let end = start + data.len() as u64;
+    let end = start + total;
     // The new (EXTENT_DELALLOC_NEW) sectors of [s, s + len), taken out of `taken`: their
     // bytes leave `new_delalloc` when the piece's items are in.
     let take_new = |taken: &mut Vec<u64>, s: u64, len: u64| -> u64 {
@@ -829,10 +928,10 @@ fn btrfs_run_delalloc_range(
         None
     };
     let Some(plan) = plan else {
-        rsv.add_unreserved(unreserved(start, data.len() as u64));
+        rsv.add_unreserved(unreserved(start, total));
         let new = (taken.len() as u64 * ss, new_delalloc);
         write_run(
-            fs, root, ino, emi, start, data, size, mtime, rsv, new, false,
+            fs, root, ino, emi, start, data, total, size, mtime, rsv, new, false,
         )?;
         taken.clear();
         return Ok(());
@@ -840,13 +939,13 @@ fn btrfs_run_delalloc_range(
     for piece in plan {
         match piece {
             DelallocPiece::Cow { start: s, len } => {
-                let d = &data[(s - start) as usize..(s - start + len) as usize];
+                let d = data.sub((s - start) as usize, len as usize, ss as usize);
                 let mut left = taken.clone();
                 let new = (take_new(&mut left, s, len), new_delalloc);
                 // fallback_to_cow: NORESERVE sectors take data space now (bytes_may_use), which
                 // the allocation below consumes, or fails with ENOSPC.
                 rsv.add_unreserved(unreserved(s, len));
-                write_run(fs, root, ino, emi, s, d, size, mtime, rsv, new, true)?;
+                write_run(fs, root, ino, emi, s, &d, len, size, mtime, rsv, new, true)?;
                 *taken = left;
             }
             DelallocPiece::Nocow {
@@ -854,10 +953,10 @@ fn btrfs_run_delalloc_range(
                 ext,
                 prealloc,
             } => {
-                let d = &data[(s - start) as usize..(s - start + ext.num_bytes) as usize];
+                let d = data.to_vec((s - start) as usize, ext.num_bytes as usize);
                 let reserved = ext.num_bytes - unreserved(s, ext.num_bytes);
                 write_nocow_piece(
-                    fs, root, ino, emi, s, &ext, prealloc, d, reserved, size, mtime, rsv,
+                    fs, root, ino, emi, s, &ext, prealloc, &d, reserved, size, mtime, rsv,
                 )?;
                 // Sectors over an extent are never new; none to account, unless the file
                 // changed between the write and its writeback.
@@ -890,7 +989,8 @@ fn write_run(
     ino: u64,
     emi: &ubtrfs_extent_map::BtrfsInode,
     start: u64,
-    data: &[u8],
+    data: &RunData,
+    total: u64,
     size: u64,
     mtime: Option<ubtrfs_format::items::Timespec>,
     rsv: &crate::space_info::InodeRsv,
@@ -901,7 +1001,6 @@ fn write_run(
     use ubtrfs_ctree::block_group::AllocKind;
     let ss = u64::from(fs.sectorsize());
     let max_inline = DEFAULT_MAX_INLINE.min(ss);
-    let total = data.len() as u64;
     // cow_file_range_inline: whole file, at 0, within one sector and max_inline.
     if !no_inline
         && start == 0
@@ -926,7 +1025,7 @@ fn write_run(
                 disk_num_bytes: 0,
                 offset: 0,
                 num_bytes: 0,
-                inline_data: data[..size as usize].to_vec(),
+                inline_data: data.to_vec(0, size as usize),
             };
             c.insert(root, Key::new(ino, item::EXTENT_DATA, 0), &fe.to_bytes())?;
             ii.nbytes = ii.nbytes.saturating_sub(drop.bytes_found) + size;
@@ -950,7 +1049,10 @@ fn write_run(
     }
     // Step 1: reserve the extents: (file offset, bytenr, length).
     let mut pieces: Vec<(u64, u64, u64)> = Vec::new();
+    let mut datasum = true;
     let reserved = fs.write_op_rsv(MetaRsv::WRITEBACK, |c| {
+        // Checksummed or not is decided when the data is submitted, as in the kernel.
+        datasum = c.read_inode(root, ino)?.flags & inode_flags::NODATASUM == 0;
         rsv.release_allocated(total);
         let mut pos = 0u64;
         while pos < total {
@@ -1015,12 +1117,17 @@ fn write_run(
         give_back(&pieces);
         return Err(e);
     }
-    // Step 2: the data I/O, no lock held.
+    // Step 2: the checksums and the data I/O, no lock held.
+    let sums = if datasum {
+        btrfs_csum_data(fs, data)
+    } else {
+        Vec::new()
+    };
     for &(fstart, bytenr, got) in &pieces {
         let off = (fstart - start) as usize;
         if let Err(e) = fs
             .reader
-            .write_logical(bytenr, &data[off..off + got as usize])
+            .write_logical_data(bytenr, &data.slices(off, got as usize))
         {
             tracing::error!(
                 "root {root} ino {ino}: writing data at file offset {fstart} (logical {bytenr}, \
@@ -1034,13 +1141,13 @@ fn write_run(
     let done = fs.write_op_rsv(MetaRsv::WRITEBACK, |c| {
         let transid = c.transid();
         let mut ii = c.read_inode(root, ino)?;
-        let datasum = ii.flags & inode_flags::NODATASUM == 0;
+        let csize = fs.reader.csum_type.size();
         for &(fstart, bytenr, got) in &pieces {
-            let off = (fstart - start) as usize;
-            let piece = &data[off..off + got as usize];
+            let first = ((fstart - start) / ss) as usize * csize;
             c.t.space.use_reserved(bytenr, got)?;
             if datasum {
-                btrfs_csum_file_blocks(c, bytenr, piece)?;
+                let n = (got / ss) as usize * csize;
+                btrfs_csum_file_blocks(c, bytenr, &sums[first..first + n])?;
             }
             let drop = btrfs_drop_extents(c, root, ino, fstart, fstart + got)?;
             let fe = FileExtentItem {
@@ -1694,7 +1801,7 @@ fn write_nocow_piece(
             emi.btrfs_unpin_extent_cache(start, len, transid)
                 .map_err(|e| FsError::corrupt(format!("root {root} ino {ino}: unpin: {e:?}")))?;
             if ii.flags & inode_flags::NODATASUM == 0 {
-                btrfs_csum_file_blocks(c, ext.io_start(), data)?;
+                btrfs_csum_file_blocks(c, ext.io_start(), &btrfs_csum_sectors(fs, &[data]))?;
             }
         }
         finish_inode(c, root, ino, &mut ii, size, mtime)
