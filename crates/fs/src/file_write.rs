@@ -29,10 +29,11 @@
 //! - `nbytes` changes by the bytes of new extents minus the bytes `btrfs_drop_extents` dropped
 //!   (inline extents count their unaligned length).
 //!
-//! - Writeback reserves a run's extents in one write operation, writes the data with no lock
-//!   held, and inserts the file extent items in a second one (`write_run`); in between the
-//!   extents are *reserved*: neither free nor used, and listed free by any commit's free space
-//!   tree, since nothing on disk refers to them yet.
+//! - Writeback reserves a run's extents in one write operation, computes the checksums and
+//!   writes the data with no lock held (O_DIRECT where the image allows it,
+//!   `Device::write_data_at`), and inserts the file extent items and checksums in a second one
+//!   (`write_run`); in between the extents are *reserved*: neither free nor used, and listed
+//!   free by any commit's free space tree, since nothing on disk refers to them yet.
 //!
 //! Lock order: the inode's `inode_lock` (writers, truncate) before the inode's writeback lock
 //! (`DirtyInode::wb`) before the dirty-inode mutex before `FsInfo::tree_lock`; the dirty mutex
@@ -2637,4 +2638,42 @@ pub fn copy_file_range(
         }
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_data_chunks_are_aligned_and_slices_cover_any_range() {
+        let mut r = RunData::default();
+        let ss = 4096;
+        // 300 sectors: more than one RUN_CHUNK.
+        let sectors = 300usize;
+        for i in 0..sectors {
+            r.push_sector(&vec![(i % 256) as u8; ss]);
+        }
+        assert_eq!(r.len(), sectors * ss);
+        assert!(r.chunks.len() > 1);
+        let want: Vec<u8> = (0..sectors)
+            .flat_map(|i| vec![(i % 256) as u8; ss])
+            .collect();
+        for (buf, start, len) in &r.chunks {
+            assert_eq!(
+                buf[*start..].as_ptr() as usize % ubtrfs_ctree::volumes::DIRECT_IO_ALIGN,
+                0
+            );
+            assert!(*len <= RUN_CHUNK && len % ss == 0);
+        }
+        for (off, len) in [
+            (0, r.len()),
+            (ss * 255, ss * 3),
+            (RUN_CHUNK - 5, 10),
+            (17, 0),
+        ] {
+            let got: Vec<u8> = r.slices(off, len).concat();
+            assert_eq!(got, want[off..off + len], "range {off}+{len}");
+            assert_eq!(r.to_vec(off, len), got);
+        }
+    }
 }
