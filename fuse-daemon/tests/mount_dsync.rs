@@ -6,7 +6,10 @@
 mod common;
 
 use common::mount::{LoopMount, Mount};
-use common::{mkfs_image, require_fuse_env, require_tool, run_with_timeout, Mkfs, TestDir, UBTRFS};
+use common::{
+    check_image, mkfs_image, require_fuse_env, require_tool, run_with_timeout, Mkfs, TestDir,
+    UBTRFS,
+};
 use serde_json::Value;
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -28,23 +31,6 @@ fn u(v: &Value, group: &str, key: &str) -> u64 {
     v[group][key]
         .as_u64()
         .unwrap_or_else(|| panic!("stats {group}.{key}: {}", v[group][key]))
-}
-
-fn check_image(img: &Path) {
-    let out = Command::new("btrfs")
-        .args(["check", "--readonly"])
-        .arg(img)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && text.contains("no error found") && !text.contains("ERROR"),
-        "btrfs check failed:\n{text}"
-    );
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {

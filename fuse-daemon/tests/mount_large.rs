@@ -6,12 +6,11 @@
 mod common;
 
 use common::mount::{LoopMount, Mount};
-use common::{errno_of, mkfs_image, require_fuse_env, require_tool, Mkfs, TestDir};
+use common::{check_image, errno_of, mkfs_image, require_fuse_env, Mkfs, TestDir};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
-use std::process::Command;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -21,24 +20,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn check_image(img: &Path) {
-    require_tool("btrfs");
-    let out = Command::new("btrfs")
-        .args(["check", "--readonly"])
-        .arg(img)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && text.contains("no error found") && !text.contains("ERROR"),
-        "btrfs check failed:\n{text}"
-    );
 }
 
 /// The bytes of a test file at `off`: a function of the position and a seed, so that any

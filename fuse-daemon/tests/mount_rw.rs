@@ -7,13 +7,12 @@ mod common;
 
 use common::compare::{diff, snapshot, CompareOptions};
 use common::mount::{LoopMount, Mount};
-use common::{require_fuse_env, require_tool, run_ok, seed_of, TestDir};
+use common::{check_image, require_fuse_env, require_tool, run_ok, seed_of, TestDir};
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 struct Rng(u64);
 
@@ -38,24 +37,6 @@ struct Model {
     files: Vec<PathBuf>,
     dirs: Vec<PathBuf>,
     links: Vec<PathBuf>,
-}
-
-fn check_image(img: &Path) {
-    require_tool("btrfs");
-    let out = Command::new("btrfs")
-        .args(["check", "--readonly"])
-        .arg(img)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && text.contains("no error found") && !text.contains("ERROR"),
-        "btrfs check failed:\n{text}"
-    );
 }
 
 /// Apply one random operation to both trees. The same call on both sides; errors must agree.

@@ -473,3 +473,23 @@ pub fn message_lines(stderr: &str) -> Vec<&str> {
         .filter(|l| !l.trim().is_empty() && !is_log_line(l))
         .collect()
 }
+
+/// `btrfs check --readonly` of an image must pass and report "no error found" without any
+/// ERROR line (btrfs-progs exits 0 on some findings it only prints).
+pub fn check_image(img: &Path) {
+    require_tool("btrfs");
+    let out = Command::new("btrfs")
+        .args(["check", "--readonly"])
+        .arg(img)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("no error found") && !text.contains("ERROR"),
+        "btrfs check failed:\n{text}"
+    );
+}
