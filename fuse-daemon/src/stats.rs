@@ -156,6 +156,26 @@ pub struct IoStats {
     pub prealloc_written_bytes: u64,
 }
 
+/// What the log replay at mount did, per stage (`btrfs_recover_log_trees`; tree_log.rs
+/// `ReplayStats`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogReplayStats {
+    pub log_trees: u64,
+    pub log_blocks_pinned: u64,
+    /// Stage 1 (LOG_WALK_REPLAY_INODES): inode items copied.
+    pub inodes: u64,
+    /// Stages 2-3: names added from INODE_REF/DIR_INDEX items, names removed by DIR_LOG_INDEX
+    /// ranges and by the link-count fix-up.
+    pub names_added: u64,
+    pub names_removed: u64,
+    /// Stage 3 (LOG_WALK_REPLAY_ALL): file extent items, checksum items, xattrs.
+    pub extents: u64,
+    pub csum_items: u64,
+    pub xattrs: u64,
+    /// Orphan items left for the orphan cleanup (inodes whose last name the replay removed).
+    pub orphans: u64,
+}
+
 /// Everything `ubtrfs stats` shows, as the daemon measured it at one moment.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
@@ -174,6 +194,9 @@ pub struct Snapshot {
     pub checksum_errors: ChecksumErrorStats,
     pub io: IoStats,
     pub memory_pressure: PressureSnapshot,
+    /// The log replay this mount did (None: no log was pending, or `rescue=nologreplay`).
+    #[serde(default)]
+    pub log_replay: Option<LogReplayStats>,
 }
 
 /// What one `ubtrfs shrink` request did.
@@ -301,6 +324,17 @@ impl Daemon {
                 prealloc_written_bytes: c.prealloc_written_bytes.load(Relaxed),
             },
             memory_pressure: self.pressure.snapshot(),
+            log_replay: fs.counters.replay.lock().map(|r| LogReplayStats {
+                log_trees: r.log_trees,
+                log_blocks_pinned: r.log_blocks_pinned,
+                inodes: r.inodes,
+                names_added: r.names_added,
+                names_removed: r.names_removed,
+                extents: r.extents,
+                csum_items: r.csum_items,
+                xattrs: r.xattrs,
+                orphans: r.orphans,
+            }),
         }
     }
 
@@ -760,6 +794,51 @@ fn table(s: &Snapshot) -> Vec<Group> {
                     p.maps_requested,
                 ),
             ],
+        },
+        Group {
+            key: "log_replay",
+            title: "Log replay at mount".into(),
+            rows: match &s.log_replay {
+                None => vec![text(
+                    "replayed",
+                    "replayed",
+                    "none (no log was pending, or rescue=nologreplay)",
+                )],
+                Some(r) => {
+                    let items = Unit::Of("items");
+                    vec![
+                        gauge("log_trees", "log trees", Unit::Of("trees"), r.log_trees),
+                        gauge(
+                            "log_blocks_pinned",
+                            "log blocks pinned",
+                            Unit::Of("blocks"),
+                            r.log_blocks_pinned,
+                        ),
+                        gauge("inodes", "stage 1: inode items", items, r.inodes),
+                        gauge(
+                            "names_added",
+                            "names added",
+                            Unit::Of("names"),
+                            r.names_added,
+                        ),
+                        gauge(
+                            "names_removed",
+                            "names removed",
+                            Unit::Of("names"),
+                            r.names_removed,
+                        ),
+                        gauge("extents", "file extent items", items, r.extents),
+                        gauge("csum_items", "checksum items", items, r.csum_items),
+                        gauge("xattrs", "xattrs", items, r.xattrs),
+                        gauge(
+                            "orphans",
+                            "orphans left for cleanup",
+                            Unit::Of("inodes"),
+                            r.orphans,
+                        ),
+                    ]
+                }
+            },
         },
     ]
 }

@@ -127,7 +127,8 @@ fn dsync_and_direct_writes_survive_sigkill() {
 // the inode's modified list); the file is closed and `drop_caches` makes the kernel forget the
 // inode (FUSE FORGET: ubtrfs drops its extent maps); it is then opened again and fsynced, and
 // the daemon killed. The fsync must log every extent written in the transaction (the kernel
-// marks such a re-read inode NEEDS_FULL_SYNC), so the kernel's replay shows the whole file.
+// marks such a re-read inode NEEDS_FULL_SYNC), so the kernel's replay shows the whole file, and
+// so does ubtrfs's, whose `ubtrfs stats` then reports what the replay did per stage.
 #[test]
 fn fsync_after_the_kernel_forgot_the_inode_survives_sigkill() {
     require_fuse_env();
@@ -180,8 +181,14 @@ fn fsync_after_the_kernel_forgot_the_inode_survives_sigkill() {
         u(&before, "transactions", "committed"),
         "a commit made the test meaningless"
     );
+    assert!(
+        after["log_replay"].is_null(),
+        "no log was pending at mount: {after}"
+    );
     m.kill();
     check_image(&img);
+    let copy = t.join("copy");
+    std::fs::copy(&img, &copy).unwrap();
     let k = LoopMount::new(&img, &t.mkdir("kmnt"), "rw");
     let got = std::fs::read(k.path().join("f")).unwrap();
     assert!(
@@ -191,4 +198,16 @@ fn fsync_after_the_kernel_forgot_the_inode_survives_sigkill() {
         data.len()
     );
     k.unmount();
+    // ubtrfs's own replay of the same crash image (read-only: in memory), and its counters.
+    let umnt = t.mkdir("umnt");
+    let um = Mount::with_options(&copy, &umnt, "ro");
+    assert!(
+        std::fs::read(umnt.join("f")).unwrap() == data,
+        "ubtrfs's replay differs"
+    );
+    let r = stats(&umnt);
+    assert!(u(&r, "log_replay", "log_trees") >= 1, "{r}");
+    assert!(u(&r, "log_replay", "inodes") >= 1, "{r}");
+    assert!(u(&r, "log_replay", "extents") >= 1, "{r}");
+    um.unmount();
 }
