@@ -74,8 +74,9 @@ WORK=${1:-/tmp/ubtrfs-fio.$$}
 RES="$WORK/results"
 BIN="$REPO/target/release/ubtrfs"
 
-log() { printf '==> %s\n' "$*" >&2; }
-die() { printf 'fio-bench: %s\n' "$*" >&2; exit 1; }
+BENCH_NAME=fio-bench
+# shellcheck source=benches/lib.sh
+. "$REPO/benches/lib.sh"
 
 [ "$(id -u)" -eq 0 ] || die "run as root (loop devices, kernel mounts, drop_caches)"
 need_pkg() { # command package
@@ -101,31 +102,16 @@ cleanup() {
     set +e
     stop_busy
     for fs in ubtrfs kernel fuse2fs; do
-        if findmnt -rn "$WORK/mnt-$fs" >/dev/null 2>&1; then
-            umount "$WORK/mnt-$fs" 2>/dev/null || fusermount3 -u "$WORK/mnt-$fs" 2>/dev/null \
-                || umount -l "$WORK/mnt-$fs"
-        fi
-        local pid=${DAEMON[$fs]:-}
-        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-            for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            kill -9 "$pid" 2>/dev/null
-        fi
+        bench_unmount "$WORK/mnt-$fs"
+        bench_stop_daemon "${DAEMON[$fs]:-}" 100
     done
-    [ -n "$LOOPDEV" ] && losetup -d "$LOOPDEV" 2>/dev/null
     if [ "$rc" -ne 0 ] && [ -d "$RES" ]; then
         # Keep what was measured: `fio-report.py DIR OUT.md OUT.svg` reports on it.
         rm -rf "$WORK.results" && mv "$RES" "$WORK.results" && log "results so far kept in $WORK.results"
     fi
-    if [ -z "${BENCH_KEEP:-}" ]; then
-        rm -rf --one-file-system "$WORK"
-    else
-        log "kept $WORK"
-    fi
-    exit "$rc"
+    bench_finish "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+bench_traps
 
 mkdir -p "$RES"/{fio,stats} "$OUT"
 META="$RES/meta.txt"

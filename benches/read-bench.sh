@@ -34,8 +34,9 @@ IMG="$WORK/bench.img"
 MNT="$WORK/mnt"
 BIN="$REPO/target/release/ubtrfs"
 
-log() { printf '==> %s\n' "$*" >&2; }
-die() { printf 'read-bench: %s\n' "$*" >&2; exit 1; }
+BENCH_NAME=read-bench
+# shellcheck source=benches/lib.sh
+. "$REPO/benches/lib.sh"
 
 [ "$(id -u)" -eq 0 ] || die "run as root (loop devices, kernel mounts, drop_caches)"
 for c in mkfs.btrfs losetup mount umount findmnt fusermount3 cargo dd find awk sort; do
@@ -49,24 +50,11 @@ DAEMON_PID=""
 cleanup() {
     local rc=$?
     set +e
-    if findmnt -rn "$MNT" >/dev/null 2>&1; then
-        fusermount3 -u "$MNT" 2>/dev/null || umount "$MNT" 2>/dev/null || umount -l "$MNT"
-    fi
-    if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then
-        for _ in $(seq 50); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$DAEMON_PID" 2>/dev/null
-    fi
-    [ -n "$LOOPDEV" ] && losetup -d "$LOOPDEV" 2>/dev/null
-    if [ -z "${BENCH_KEEP:-}" ]; then
-        rm -rf --one-file-system "$WORK"
-    else
-        log "kept $WORK"
-    fi
-    exit "$rc"
+    bench_unmount "$MNT"
+    bench_stop_daemon "$DAEMON_PID" 50
+    bench_finish "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+bench_traps
 
 mkdir -p "$MNT"
 

@@ -37,8 +37,9 @@ OUT=${BENCH_OUT:-$REPO/benches/RESULTS-write.md}
 WORK=${1:-/tmp/ubtrfs-write.$$}
 BIN="$REPO/target/release/ubtrfs"
 
-log() { printf '==> %s\n' "$*" >&2; }
-die() { printf 'write-bench: %s\n' "$*" >&2; exit 1; }
+BENCH_NAME=write-bench
+# shellcheck source=benches/lib.sh
+. "$REPO/benches/lib.sh"
 
 [ "$(id -u)" -eq 0 ] || die "run as root (loop devices, kernel mounts, drop_caches)"
 if ! command -v fio >/dev/null 2>&1; then
@@ -57,26 +58,12 @@ cleanup() {
     local rc=$? fs
     set +e
     for fs in ubtrfs kernel; do
-        if findmnt -rn "$WORK/mnt-$fs" >/dev/null 2>&1; then
-            umount "$WORK/mnt-$fs" 2>/dev/null || fusermount3 -u "$WORK/mnt-$fs" 2>/dev/null \
-                || umount -l "$WORK/mnt-$fs"
-        fi
+        bench_unmount "$WORK/mnt-$fs"
     done
-    if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then
-        for _ in $(seq 100); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$DAEMON_PID" 2>/dev/null
-    fi
-    [ -n "$LOOPDEV" ] && losetup -d "$LOOPDEV" 2>/dev/null
-    if [ -z "${BENCH_KEEP:-}" ]; then
-        rm -rf --one-file-system "$WORK"
-    else
-        log "kept $WORK"
-    fi
-    exit "$rc"
+    bench_stop_daemon "$DAEMON_PID" 100
+    bench_finish "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+bench_traps
 
 mkdir -p "$WORK"
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
