@@ -609,13 +609,12 @@ pub(crate) fn check(t: &Link) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::extent_map::EmNode;
     use crate::ExtentMap;
 
     fn slot(key: u64) -> Slot {
         Slot {
             em: ExtentMap::regular(key, 1, key, 1),
-            node: EmNode::new(),
+            id: key as u32,
         }
     }
 

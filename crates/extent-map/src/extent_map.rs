@@ -7,10 +7,11 @@
 //!   linked on (the tree's modified list or an fsync's private logging list) and whether the
 //!   kernel would have freed it (refs reached zero).
 //! - A *version* is an immutable snapshot of one inode's tree: a persistent B+tree of
-//!   [`Slot`]s (value + identity) keyed by `start`. The tree publishes one version at the end of
-//!   every write-locked critical section that changed it.
+//!   [`Slot`]s (value + identity index, `Copy`) keyed by `start`. The tree publishes one version
+//!   at the end of every write-locked critical section that changed it.
 //! - The *writer state* ([`TreeW`]) is what the kernel protects with the tree's write lock: the
-//!   working version, the modified list and the private logging lists.
+//!   working version, the modified list, the private logging lists and the identity arena
+//!   ([`Ids`]: every map's [`EmNode`], indexed by the [`EmId`] its slot and list entries carry).
 //!
 //! # Invariants
 //! 1. Maps of one version never overlap; keys are their starts.
@@ -19,12 +20,16 @@
 //! 3. The tree owns one kernel reference of every map in it; lookups in this crate return copies
 //!    and take no reference (so they never block a merge, unlike the kernel's `refs > 2` rule
 //!    for concurrent users; fsync's logging does take one, as in the kernel).
-//! 4. A list entry's value snapshot is authoritative only while its map is not in the tree;
-//!    while in the tree, the tree's slot is.
-//! 5. Memory: versions are retired through crossbeam-epoch; maps (`EmNode`) are owned by
-//!    versions and list entries through `Arc` and freed when the last owner is gone, i.e. never
-//!    while any reader, list or version can reach them. The kernel reference count is a ledger
-//!    only: reaching zero marks the map FREED and checks the kernel's WARN_ONs.
+//! 4. A list entry holds a map's identity and start; the map's value is its tree slot's while it
+//!    is in the tree, else the value kept when it left the tree (`TreeW::detached`).
+//! 5. Memory: versions are retired through crossbeam-epoch. Identities live in the writer
+//!    state, never in versions: readers read only slot values, and an identity is resolved only
+//!    under the tree lock. An identity is reused only once nothing holds it (the working tree,
+//!    a list entry, a logging pass between two critical sections; copies made inside one
+//!    critical section are covered because freeing happens when the section ends), so an id a
+//!    holder keeps always names the same map; ids left in retired versions are never resolved.
+//!    The kernel reference count is a ledger only: reaching zero marks the map FREED and checks
+//!    the kernel's WARN_ONs; the identity stays until its holders let go.
 //!
 //! # Operations
 //! Named after the kernel functions they mirror: `btrfs_lookup_extent_mapping`,
@@ -34,7 +39,8 @@
 //! `replace_extent_mapping`, `merge_extent_mapping`, `drop_all_extent_maps_fast`,
 //! `btrfs_clear_em_logging` and `btrfs_free_extent_map`.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crossbeam_epoch::{self as epoch, Atomic, Owned};
@@ -50,66 +56,133 @@ const ON_MODIFIED: u32 = 1 << 1;
 const ON_LOGGING: u32 = 1 << 2;
 const FREED: u32 = 1 << 3;
 const LISTED: u32 = ON_MODIFIED | ON_LOGGING;
+/// The identity is on its arena's free list.
+const ARENA_FREE: u32 = 1 << 4;
 
 /// Maps dropped by `drop_all_extent_maps_fast` between two lock breaks.
 const DROP_ALL_BATCH: usize = 1024;
 
-/// Identity and kernel bookkeeping of one map (the non-value part of `struct extent_map`).
-///
-/// All fields change only under the owning tree's write lock; they are atomics only because
-/// the node is shared (`Arc`) with readers, which never read them. Hence every change is a
-/// plain load and store (no read-modify-write instruction): the lock orders all writers.
-#[derive(Debug)]
+/// Index of a map's identity in its tree's identity arena ([`Ids`]).
+pub(crate) type EmId = u32;
+
+/// Identity and kernel bookkeeping of one map (the non-value part of `struct extent_map`),
+/// stored in the writer state of its tree ([`Ids`]) and changed only under the tree lock.
+/// Readers never see it: a published version's slots carry the id, which only writers resolve.
+#[derive(Clone, Copy, Debug, Default)]
 pub struct EmNode {
-    refs: AtomicU32,
-    state: AtomicU32,
-    list_seq: AtomicU64,
+    /// Kernel reference count (a ledger: reaching zero marks the map FREED).
+    refs: u32,
+    state: u32,
+    /// Holders that keep the id from being reused: the working tree (one while the map is in
+    /// it), the list entry that links it (modified list or a private logging list) and a
+    /// logging pass handing it out between two critical sections. Section-local copies of
+    /// the id are not counted: ids whose count drops to zero are freed only when the critical
+    /// section ends ([`Ids::end_section`]).
+    holders: u32,
+    list_seq: u64,
 }
 
-impl EmNode {
-    pub(crate) fn new() -> Arc<Self> {
-        Arc::new(EmNode {
-            refs: AtomicU32::new(1),
-            state: AtomicU32::new(0),
-            list_seq: AtomicU64::new(0),
-        })
+/// The identity arena of one tree: identities indexed by [`EmId`], with a free list.
+///
+/// An id is on the free list only when nothing holds it (see [`EmNode::holders`]), so an id
+/// that a tree slot, a list entry or a logging pass holds always names the same map; ids left
+/// in retired versions are never resolved (readers read only values).
+#[derive(Default)]
+pub(crate) struct Ids {
+    nodes: Vec<EmNode>,
+    free: Vec<EmId>,
+    /// Ids allocated or left without holder in the current critical section.
+    pending: Vec<EmId>,
+}
+
+impl Ids {
+    /// A fresh identity with the creator's kernel reference; freed at the end of the critical
+    /// section unless something holds it by then.
+    fn alloc(&mut self) -> EmId {
+        let node = EmNode {
+            refs: 1,
+            ..EmNode::default()
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.nodes[id as usize] = node;
+                id
+            }
+            None => {
+                self.nodes.push(node);
+                // At most 2^32 - 1 identities per tree: a tree of 4 billion maps would need
+                // over 300 GiB of memory first.
+                EmId::try_from(self.nodes.len() - 1).expect("identity arena full")
+            }
+        };
+        self.pending.push(id);
+        id
     }
-    fn st(&self) -> u32 {
-        self.state.load(Ordering::Relaxed)
+
+    /// Puts `id` on the free list whatever holds it (tests: a corrupted arena).
+    #[cfg(test)]
+    pub(crate) fn push_free_for_test(&mut self, id: EmId) {
+        self.free.push(id);
     }
-    fn set(&self, bits: u32) {
-        self.state.store(self.st() | bits, Ordering::Relaxed);
+
+    fn get(&self, id: EmId) -> &EmNode {
+        &self.nodes[id as usize]
     }
-    fn clear(&self, bits: u32) {
-        self.state.store(self.st() & !bits, Ordering::Relaxed);
+
+    fn get_mut(&mut self, id: EmId) -> &mut EmNode {
+        &mut self.nodes[id as usize]
     }
-    fn refs(&self) -> u32 {
-        self.refs.load(Ordering::Relaxed)
+
+    fn hold(&mut self, id: EmId) {
+        let n = self.get_mut(id);
+        n.holders += 1;
     }
-    fn seq(&self) -> u64 {
-        self.list_seq.load(Ordering::Relaxed)
+
+    fn release(&mut self, id: EmId) {
+        let n = self.get_mut(id);
+        debug_assert!(n.holders > 0, "identity {id} released without holder");
+        n.holders = n.holders.saturating_sub(1);
+        if n.holders == 0 {
+            self.pending.push(id);
+        }
     }
-    /// The logging pass's own unlink from its private list.
-    pub(crate) fn clear_logging_bit(&self) {
-        self.clear(ON_LOGGING);
+
+    /// End of a critical section: ids still without holder go to the free list (all of them
+    /// at once, with their memory, when nothing is held any more).
+    fn end_section(&mut self, detached: &mut HashMap<EmId, ExtentMap>) {
+        for id in self.pending.drain(..) {
+            let n = &mut self.nodes[id as usize];
+            if n.holders == 0 && n.state & ARENA_FREE == 0 {
+                n.state = ARENA_FREE;
+                self.free.push(id);
+                if !detached.is_empty() {
+                    detached.remove(&id);
+                }
+            }
+        }
+        if self.free.len() == self.nodes.len() && !self.nodes.is_empty() {
+            self.nodes = Vec::new();
+            self.free = Vec::new();
+        }
     }
 }
 
-/// One entry of a tree version: the map's value and its identity.
-#[derive(Clone, Debug)]
+/// One entry of a tree version: the map's value and its identity (an index that only the
+/// tree's writers resolve). `Copy`: a leaf copy is a plain memory copy.
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Slot {
     pub(crate) em: ExtentMap,
-    pub(crate) node: Arc<EmNode>,
+    pub(crate) id: EmId,
 }
 
-/// An entry of the modified list or of a private logging list.
-#[derive(Clone, Debug)]
+/// An entry of the modified list or of a private logging list: the map's identity and its
+/// start, which never changes while the map is listed (listed maps never merge). The map's
+/// value is its tree slot's, or, once it left the tree while still listed, the snapshot
+/// taken then (`TreeW::detached`). 16 bytes: the collection moves and sorts these, not values.
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct ListEntry {
-    pub(crate) node: Arc<EmNode>,
-    /// Value snapshot, authoritative only while the map is not in the tree.
-    pub(crate) em: ExtentMap,
-    /// Logging pass owning the entry (0 for the modified list).
-    pub(crate) pass: u64,
+    pub(crate) start: u64,
+    pub(crate) id: EmId,
 }
 
 /// The modified list: entries in link order (sequence numbers increase; the head, the newest
@@ -133,10 +206,6 @@ impl ModifiedList {
     fn entry(&mut self, seq: u64) -> Option<&mut Option<ListEntry>> {
         let i = self.entries.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
         Some(&mut self.entries[i].1)
-    }
-
-    fn get_mut(&mut self, seq: u64) -> Option<&mut ListEntry> {
-        self.entry(seq)?.as_mut()
     }
 
     fn remove(&mut self, seq: u64) -> Option<ListEntry> {
@@ -172,14 +241,9 @@ impl LoggingLists {
         })
     }
 
-    /// The entry linked with sequence number `seq`.
-    pub(crate) fn get_mut(&mut self, seq: u64) -> Option<&mut ListEntry> {
-        self.entry(seq)?.as_mut()
-    }
-
-    /// Address of the map linked with sequence number `seq` (for comparisons only).
-    pub(crate) fn peek_node(&mut self, seq: u64) -> Option<*const EmNode> {
-        Some(Arc::as_ptr(&self.entry(seq)?.as_ref()?.node))
+    /// Identity of the map linked with sequence number `seq`.
+    pub(crate) fn peek_id(&mut self, seq: u64) -> Option<EmId> {
+        Some(self.entry(seq)?.as_ref()?.id)
     }
 
     /// Unlinks the entry linked with sequence number `seq`.
@@ -207,6 +271,11 @@ pub(crate) struct TreeW {
     modified: ModifiedList,
     /// All private logging lists of running logging passes.
     pub(crate) logging: LoggingLists,
+    /// Identities of the maps in the working tree, on the lists or held by a logging pass.
+    pub(crate) ids: Ids,
+    /// Values of the listed maps that left the tree (LOGGING maps removed while on a list),
+    /// forgotten when their identity is freed.
+    detached: HashMap<EmId, ExtentMap>,
     next_seq: u64,
     next_pass: u64,
 }
@@ -241,6 +310,8 @@ impl ExtentMapTree {
                 dirty: false,
                 modified: ModifiedList::default(),
                 logging: LoggingLists::default(),
+                ids: Ids::default(),
+                detached: HashMap::new(),
                 next_seq: 1,
                 next_pass: 1,
             }),
@@ -405,11 +476,11 @@ fn search_link(root: &Link, start: u64, len: u64, strict: bool) -> Option<&Slot>
 }
 
 /// `can_merge_extent_map`.
-fn can_merge(s: &Slot) -> bool {
+fn can_merge(ids: &Ids, s: &Slot) -> bool {
     !s.em.has(flags::PINNED)
         && !s.em.is_compressed()
         && !s.em.has(flags::LOGGING)
-        && s.node.st() & LISTED == 0
+        && ids.get(s.id).state & LISTED == 0
 }
 
 /// `mergeable_maps`.
@@ -481,22 +552,23 @@ struct MergePlan {
 
 /// `try_merge_map`'s decisions for slot `i` of a leaf, or `None` if a neighbour it needs is in
 /// another leaf (then see [`plan_merge`]).
-fn plan_merge_in_leaf(slots: &[Slot], i: usize) -> Option<MergePlan> {
+fn plan_merge_in_leaf(ids: &Ids, slots: &[Slot], i: usize) -> Option<MergePlan> {
     let prev = i.checked_sub(1).map(|p| Some(&slots[p]));
     let next = (i + 1 < slots.len()).then(|| Some(&slots[i + 1]));
-    plan_merge(&slots[i], prev, next)
+    plan_merge(ids, &slots[i], prev, next)
 }
 
 /// `try_merge_map`'s decisions for the map in `cur` given its neighbours: `Some(n)` is a known
 /// neighbour (`Some(None)`: there is none), `None` one not looked up (in another leaf). Returns
 /// `None` if the decision needs a neighbour that was not looked up.
 fn plan_merge(
+    ids: &Ids,
     cur: &Slot,
     prev: Option<Option<&Slot>>,
     next: Option<Option<&Slot>>,
 ) -> Option<MergePlan> {
     let mut em = cur.em;
-    if cur.node.refs() > 2 || !can_merge(cur) {
+    if ids.get(cur.id).refs > 2 || !can_merge(ids, cur) {
         return Some(MergePlan {
             prev: false,
             next: false,
@@ -504,11 +576,11 @@ fn plan_merge(
         });
     }
     let prev = if em.start == 0 { None } else { prev? };
-    let merge_prev = prev.is_some_and(|p| can_merge(p) && mergeable_maps(&p.em, &em));
+    let merge_prev = prev.is_some_and(|p| can_merge(ids, p) && mergeable_maps(&p.em, &em));
     if let (true, Some(p)) = (merge_prev, prev) {
         em = merged_with_prev(&p.em, em);
     }
-    let merge_next = next?.is_some_and(|n| can_merge(n) && mergeable_maps(&em, &n.em));
+    let merge_next = next?.is_some_and(|n| can_merge(ids, n) && mergeable_maps(&em, &n.em));
     if let (true, Some(Some(n))) = (merge_next, next) {
         em = merged_with_next(em, &n.em);
     }
@@ -538,7 +610,7 @@ fn apply_merge_in_leaf(
                     at,
                     Slot {
                         em: plan.em,
-                        node: cur.node,
+                        id: cur.id,
                     },
                 )
                 .ok();
@@ -579,6 +651,10 @@ impl Drop for Locked<'_> {
                 .core
                 .evictable
                 .fetch_add(self.evictable_delta, Ordering::Relaxed);
+        }
+        if !self.w.ids.pending.is_empty() {
+            let w = &mut *self.w;
+            w.ids.end_section(&mut w.detached);
         }
         if self.w.dirty && !self.defer_publish {
             self.inode.tree.publish(&mut self.w);
@@ -621,33 +697,63 @@ impl<'a> Locked<'a> {
         }
     }
 
-    fn new_node(&self) -> Arc<EmNode> {
-        EmNode::new()
+    /// A new map identity with the creator's reference (`btrfs_alloc_extent_map`). Valid until
+    /// the end of this critical section unless a tree or a list takes it.
+    pub(crate) fn new_node(&mut self) -> EmId {
+        self.w.ids.alloc()
+    }
+
+    fn st(&self, id: EmId) -> u32 {
+        self.w.ids.get(id).state
+    }
+
+    fn set_bits(&mut self, id: EmId, bits: u32) {
+        self.w.ids.get_mut(id).state |= bits;
+    }
+
+    fn clear_bits(&mut self, id: EmId, bits: u32) {
+        self.w.ids.get_mut(id).state &= !bits;
     }
 
     /// Takes a kernel reference (`refcount_inc`).
-    pub(crate) fn get_ref(&self, node: &EmNode) {
-        node.refs
-            .store(node.refs().wrapping_add(1), Ordering::Relaxed);
+    pub(crate) fn get_ref(&mut self, id: EmId) {
+        let n = self.w.ids.get_mut(id);
+        n.refs = n.refs.wrapping_add(1);
+    }
+
+    /// Kernel reference count of a map.
+    pub(crate) fn refs(&self, id: EmId) -> u32 {
+        self.w.ids.get(id).refs
     }
 
     /// `btrfs_free_extent_map`: drops one kernel reference; the final one checks the WARN_ONs
-    /// and marks the map FREED (the memory itself is reclaimed by `Arc` and the epoch).
-    pub(crate) fn put(&self, node: &EmNode, em: &ExtentMap) {
-        let prev = node.refs.load(Ordering::Relaxed);
+    /// and marks the map FREED (the identity itself is reused only once nothing holds it).
+    pub(crate) fn put(&mut self, id: EmId, em: &ExtentMap) {
+        let n = self.w.ids.get_mut(id);
+        let prev = n.refs;
         if prev == 0 {
             // A put of a map the kernel already freed: counted as a use after free.
             self.violation(Invariant::UseAfterFree, em);
             return;
         }
-        node.refs.store(prev - 1, Ordering::Relaxed);
+        n.refs = prev - 1;
         if prev == 1 {
-            let st = node.st();
+            let st = n.state;
+            n.state |= FREED;
             if st & (IN_TREE | LISTED) != 0 {
                 self.violation(Invariant::FreedWhileInUse, em);
             }
-            node.set(FREED);
         }
+    }
+
+    /// A logging pass keeps `id` across critical sections (its `current` map).
+    pub(crate) fn hold(&mut self, id: EmId) {
+        self.w.ids.hold(id);
+    }
+
+    /// The logging pass lets go of `id` (see [`Locked::hold`]).
+    pub(crate) fn release(&mut self, id: EmId) {
+        self.w.ids.release(id);
     }
 
     fn evictable_add(&mut self, delta: i64) {
@@ -657,21 +763,23 @@ impl<'a> Locked<'a> {
     }
 
     /// `list_add(&em->list, &modified_extents)`.
-    fn list_add_modified(&mut self, node: &Arc<EmNode>, em: ExtentMap) {
-        if node.st() & LISTED != 0 {
+    pub(crate) fn list_add_modified(&mut self, id: EmId, em: ExtentMap) {
+        if self.st(id) & LISTED != 0 {
             self.violation(Invariant::DoubleMembership, &em);
             return;
         }
-        let seq = self.w.next_seq;
-        self.w.next_seq += 1;
-        node.list_seq.store(seq, Ordering::Relaxed);
-        node.set(ON_MODIFIED);
-        self.w.modified.push(
+        let w = &mut *self.w;
+        let seq = w.next_seq;
+        w.next_seq += 1;
+        let n = w.ids.get_mut(id);
+        n.list_seq = seq;
+        n.state |= ON_MODIFIED;
+        n.holders += 1;
+        w.modified.push(
             seq,
             ListEntry {
-                node: node.clone(),
-                em,
-                pass: 0,
+                start: em.start,
+                id,
             },
         );
     }
@@ -683,55 +791,65 @@ impl<'a> Locked<'a> {
         entries: Vec<Option<ListEntry>>,
         pass: u64,
     ) -> std::ops::Range<u64> {
-        let first = self.w.next_seq;
+        let w = &mut *self.w;
+        let first = w.next_seq;
         for (e, seq) in entries.iter().zip(first..) {
             if let Some(e) = e {
-                e.node.list_seq.store(seq, Ordering::Relaxed);
-                e.node.set(ON_LOGGING);
+                let n = w.ids.get_mut(e.id);
+                n.list_seq = seq;
+                n.state |= ON_LOGGING;
+                n.holders += 1;
             }
         }
         let seqs = first..first + entries.len() as u64;
-        self.w.next_seq = seqs.end;
+        w.next_seq = seqs.end;
         if !entries.is_empty() {
-            self.w.logging.passes.push((pass, first, entries));
+            w.logging.passes.push((pass, first, entries));
         }
         seqs
     }
 
+    /// Unlinks the entry linked with sequence number `seq` from a private logging list (the
+    /// pass's own `list_del_init`): the map's list holder is handed back.
+    pub(crate) fn logging_remove(&mut self, seq: u64) -> Option<ListEntry> {
+        let e = self.w.logging.remove(seq)?;
+        let n = self.w.ids.get_mut(e.id);
+        n.state &= !ON_LOGGING;
+        self.w.ids.release(e.id);
+        Some(e)
+    }
+
     /// `list_del_init(&em->list)`: unlinks the map from whichever list it is on. `by_logger` is
     /// false for every caller except the logging pass owning the private list.
-    pub(crate) fn list_del_init(&mut self, node: &EmNode, em: &ExtentMap, by_logger: bool) {
-        let st = node.st();
-        if st & ON_MODIFIED != 0 {
-            self.w.modified.remove(node.seq());
-            node.clear(ON_MODIFIED);
+    pub(crate) fn list_del_init(&mut self, id: EmId, em: &ExtentMap, by_logger: bool) {
+        let n = *self.w.ids.get(id);
+        if n.state & ON_MODIFIED != 0 {
+            self.clear_bits(id, ON_MODIFIED);
+            if self.w.modified.remove(n.list_seq).is_some() {
+                self.w.ids.release(id);
+            }
         }
-        if st & ON_LOGGING != 0 {
-            self.w.logging.remove(node.seq());
-            node.clear(ON_LOGGING);
+        if n.state & ON_LOGGING != 0 {
+            self.clear_bits(id, ON_LOGGING);
+            if self.w.logging.remove(n.list_seq).is_some() {
+                self.w.ids.release(id);
+            }
             if !by_logger {
                 self.violation(Invariant::LoggingMapStolen, em);
             }
         }
     }
 
-    /// Refreshes the list-entry snapshot of a listed map that leaves the tree.
-    fn refresh_list_snapshot(&mut self, node: &EmNode, em: ExtentMap) {
-        let st = node.st();
-        let entry = if st & ON_MODIFIED != 0 {
-            self.w.modified.get_mut(node.seq())
-        } else if st & ON_LOGGING != 0 {
-            self.w.logging.get_mut(node.seq())
-        } else {
-            return;
-        };
-        if let Some(e) = entry {
-            e.em = em;
+    /// Keeps the value of a listed map that leaves the tree (its list entry holds only its
+    /// identity and start).
+    fn keep_detached_value(&mut self, id: EmId, em: ExtentMap) {
+        if self.st(id) & LISTED != 0 {
+            self.w.detached.insert(id, em);
         }
     }
 
     /// `tree_insert`: -EEXIST if the new range overlaps any map.
-    fn tree_insert(&mut self, slot: Slot) -> Result<(), EmError> {
+    pub(crate) fn tree_insert(&mut self, slot: Slot) -> Result<(), EmError> {
         let em = slot.em;
         let end = em.end();
         let overlap_prev =
@@ -744,25 +862,38 @@ impl<'a> Locked<'a> {
                 end,
             });
         }
-        if slot.node.st() & IN_TREE != 0 {
+        if self.st(slot.id) & IN_TREE != 0 {
             self.violation(Invariant::DoubleMembership, &em);
             return Err(EmError::Invalid("map already in a tree"));
         }
-        slot.node.set(IN_TREE);
+        self.enter_tree(slot.id);
         btree::insert(&mut self.w.root, slot);
         self.w.nr += 1;
         self.w.dirty = true;
         Ok(())
     }
 
+    /// The working tree takes a map: IN_TREE and the tree's holder.
+    fn enter_tree(&mut self, id: EmId) {
+        let n = self.w.ids.get_mut(id);
+        n.state |= IN_TREE;
+        n.holders += 1;
+    }
+
+    /// A map left the working tree: IN_TREE cleared and the tree's holder handed back.
+    fn leave_tree(&mut self, id: EmId) {
+        self.clear_bits(id, IN_TREE);
+        self.w.ids.release(id);
+    }
+
     /// `setup_extent_mapping`: the tree's reference, then the modified list or a merge.
     /// Returns the key of the map afterwards (a merge with the previous map moves it).
     fn setup_extent_mapping(&mut self, key: u64, modified: bool) -> u64 {
-        let Some(s) = self.slot(key).cloned() else {
+        let Some(s) = self.slot(key).copied() else {
             return key;
         };
-        self.get_ref(&s.node);
-        if s.node.st() & LISTED != 0 {
+        self.get_ref(s.id);
+        if self.st(s.id) & LISTED != 0 {
             self.violation(Invariant::DoubleMembership, &s.em);
         }
         if s.em.has(flags::LOGGING) {
@@ -770,7 +901,7 @@ impl<'a> Locked<'a> {
             self.violation(Invariant::StaleLogging, &s.em);
         }
         if modified {
-            self.list_add_modified(&s.node, s.em);
+            self.list_add_modified(s.id, s.em);
             key
         } else {
             self.try_merge_map(key)
@@ -781,13 +912,10 @@ impl<'a> Locked<'a> {
     pub(crate) fn add_extent_mapping(
         &mut self,
         em: ExtentMap,
-        node: &Arc<EmNode>,
+        id: EmId,
         modified: bool,
     ) -> Result<u64, EmError> {
-        self.tree_insert(Slot {
-            em,
-            node: node.clone(),
-        })?;
+        self.tree_insert(Slot { em, id })?;
         let key = self.setup_extent_mapping(em.start, modified);
         self.evictable_add(1);
         Ok(key)
@@ -799,43 +927,37 @@ impl<'a> Locked<'a> {
         if let Some(k) = self.try_merge_map_in_leaf(key) {
             return k;
         }
-        // Slots are read in place and moved, never cloned: a clone would cost two atomic
-        // reference-count operations per map, on the fsync path.
-        let mut em = match self.slot(key) {
-            Some(s) if s.node.refs() <= 2 && can_merge(s) => s.em,
+        let ids = &self.w.ids;
+        let mut em = match btree::get(&self.w.root, key) {
+            Some(s) if ids.get(s.id).refs <= 2 && can_merge(ids, s) => s.em,
             _ => return key,
         };
         if em.start != 0 {
+            let ids = &self.w.ids;
             let prev = btree::prev_before(&self.w.root, key)
-                .filter(|p| can_merge(p) && mergeable_maps(&p.em, &em))
+                .filter(|p| can_merge(ids, p) && mergeable_maps(&p.em, &em))
                 .map(|p| p.em);
             if let Some(prev) = prev {
                 em = merged_with_prev(&prev, em);
                 // em takes prev's place (same key: an in-place slot update).
                 let taken = btree::remove(&mut self.w.root, key).and_then(|cur| {
                     let slot = btree::get_mut(&mut self.w.root, prev.start)?;
-                    Some(std::mem::replace(slot, Slot { em, node: cur.node }))
+                    Some(std::mem::replace(slot, Slot { em, id: cur.id }))
                 });
                 if let Some(prev) = taken {
-                    prev.node.clear(IN_TREE);
-                    self.w.nr = self.w.nr.saturating_sub(1);
-                    self.w.dirty = true;
-                    self.put(&prev.node, &prev.em);
-                    self.evictable_add(-1);
+                    self.merged_away([Some(prev), None]);
                 }
             }
         }
+        let ids = &self.w.ids;
         let next = btree::next_after(&self.w.root, em.start)
-            .filter(|n| can_merge(n) && mergeable_maps(&em, &n.em))
+            .filter(|n| can_merge(ids, n) && mergeable_maps(&em, &n.em))
             .map(|n| n.em);
         if let Some(next) = next {
             em = merged_with_next(em, &next);
             if let Some(next) = btree::remove(&mut self.w.root, next.start) {
-                next.node.clear(IN_TREE);
-                self.w.nr = self.w.nr.saturating_sub(1);
                 self.update(em.start, |v| *v = em);
-                self.put(&next.node, &next.em);
-                self.evictable_add(-1);
+                self.merged_away([Some(next), None]);
             }
         }
         em.start
@@ -847,8 +969,9 @@ impl<'a> Locked<'a> {
     /// needs may be in another leaf.
     fn try_merge_map_in_leaf(&mut self, key: u64) -> Option<u64> {
         let root = &self.w.root;
+        let ids = &self.w.ids;
         let (slots, i) = btree::leaf(root, key)?;
-        let plan = match plan_merge_in_leaf(slots, i) {
+        let plan = match plan_merge_in_leaf(ids, slots, i) {
             Some(plan) => plan,
             None => {
                 // A neighbour is in another leaf: look it up; the merge stays in this leaf
@@ -858,7 +981,7 @@ impl<'a> Locked<'a> {
                     _ => Some(&slots[i - 1]),
                 };
                 let next = slots.get(i + 1).or_else(|| btree::next_after(root, key));
-                let plan = plan_merge(&slots[i], Some(prev), Some(next))?;
+                let plan = plan_merge(ids, &slots[i], Some(prev), Some(next))?;
                 if (plan.prev && i == 0) || (plan.next && i + 1 == slots.len()) {
                     return None;
                 }
@@ -877,19 +1000,21 @@ impl<'a> Locked<'a> {
         Some(plan.em.start)
     }
 
-    /// Bookkeeping of the maps a merge took out of the tree.
+    /// Bookkeeping of the maps a merge took out of the tree: each hands back the tree's
+    /// holder and its reference.
     fn merged_away(&mut self, gone: [Option<Slot>; 2]) {
         for gone in gone.into_iter().flatten() {
-            gone.node.clear(IN_TREE);
             self.w.nr = self.w.nr.saturating_sub(1);
             self.w.dirty = true;
-            self.put(&gone.node, &gone.em);
+            self.leave_tree(gone.id);
+            self.put(gone.id, &gone.em);
             self.evictable_add(-1);
         }
     }
 
     /// `btrfs_remove_extent_mapping`: out of the tree; unlinked from its list unless LOGGING.
-    /// Drops no reference. Returns the removed slot.
+    /// Drops no reference. Returns the removed slot (its id valid until the end of this
+    /// critical section unless a list still holds it).
     pub(crate) fn remove_extent_mapping(&mut self, key: u64) -> Option<Slot> {
         let slot = btree::remove(&mut self.w.root, key)?;
         self.after_tree_removal(&slot);
@@ -899,21 +1024,22 @@ impl<'a> Locked<'a> {
         Some(slot)
     }
 
-    /// The list side of removal/replacement (shared by remove and replace).
+    /// The list side of removal/replacement (shared by remove and replace), then the tree's
+    /// holder handed back.
     fn after_tree_removal(&mut self, slot: &Slot) {
         let em = slot.em;
         if em.has(flags::PINNED) {
             self.violation(Invariant::PinnedRemoved, &em);
         }
         if !em.has(flags::LOGGING) {
-            self.list_del_init(&slot.node, &em, false);
+            self.list_del_init(slot.id, &em, false);
         } else {
-            if slot.node.st() & ON_MODIFIED != 0 {
+            if self.st(slot.id) & ON_MODIFIED != 0 {
                 self.violation(Invariant::RemovedStillListed, &em);
             }
-            self.refresh_list_snapshot(&slot.node, em);
+            self.keep_detached_value(slot.id, em);
         }
-        slot.node.clear(IN_TREE);
+        self.leave_tree(slot.id);
     }
 
     /// `replace_extent_mapping`: `new` takes `cur`'s place (counter unchanged), then setup.
@@ -921,26 +1047,23 @@ impl<'a> Locked<'a> {
         &mut self,
         cur_key: u64,
         new: ExtentMap,
-        node: &Arc<EmNode>,
+        id: EmId,
         modified: bool,
     ) -> u64 {
-        let slot = Slot {
-            em: new,
-            node: node.clone(),
-        };
+        let slot = Slot { em: new, id };
         let cur = if new.start == cur_key {
             // rb_replace_node: same position, in place.
-            btree::get_mut(&mut self.w.root, cur_key).map(|s| std::mem::replace(s, slot.clone()))
+            btree::get_mut(&mut self.w.root, cur_key).map(|s| std::mem::replace(s, slot))
         } else {
             btree::remove(&mut self.w.root, cur_key)
         };
         if let Some(cur) = &cur {
             self.after_tree_removal(cur);
         }
-        if node.st() & IN_TREE != 0 {
+        if self.st(id) & IN_TREE != 0 {
             self.violation(Invariant::DoubleMembership, &new);
         }
-        node.set(IN_TREE);
+        self.enter_tree(id);
         if new.start != cur_key || cur.is_none() {
             btree::insert(&mut self.w.root, slot);
         }
@@ -950,25 +1073,24 @@ impl<'a> Locked<'a> {
 
     /// `btrfs_clear_em_logging`: clear LOGGING; merge if still in the tree.
     /// Returns the map's value afterwards if it is in the tree.
-    pub(crate) fn clear_em_logging(&mut self, node: &Arc<EmNode>, start: u64) -> Option<ExtentMap> {
-        self.clear_em_logging_peek(node, start, None).0
+    pub(crate) fn clear_em_logging(&mut self, id: EmId, start: u64) -> Option<ExtentMap> {
+        self.clear_em_logging_peek(id, start, None).0
     }
 
-    /// [`Locked::clear_em_logging`], also returning the current value of map `next` (compared
-    /// by address) if it is the map right after this one in the same leaf: what
-    /// [`Locked::current_value`] would return for it, without another descent. fsync's next
-    /// map is usually that one.
+    /// [`Locked::clear_em_logging`], also returning the current value of map `next` if it is
+    /// the map right after this one in the same leaf: what [`Locked::current_value`] would
+    /// return for it, without another descent. fsync's next map is usually that one.
     pub(crate) fn clear_em_logging_peek(
         &mut self,
-        node: &Arc<EmNode>,
+        id: EmId,
         start: u64,
-        next: Option<*const EmNode>,
+        next: Option<EmId>,
     ) -> (Option<ExtentMap>, Option<ExtentMap>) {
         let peek = |leaf: &btree::LeafMut<'_>, at: usize| {
             let s = leaf.slots().get(at + 1)?;
-            (Some(Arc::as_ptr(&s.node)) == next).then_some(s.em)
+            (Some(s.id) == next).then_some(s.em)
         };
-        if node.st() & IN_TREE == 0 {
+        if self.st(id) & IN_TREE == 0 {
             return (None, None);
         }
         // One descent clears the flag and, when the neighbours are in the same leaf, merges.
@@ -977,14 +1099,14 @@ impl<'a> Locked<'a> {
         let Some((mut leaf, i)) = btree::leaf_mut(&mut w.root, start) else {
             return (None, None);
         };
-        if !Arc::ptr_eq(&leaf.slots()[i].node, node) {
+        if leaf.slots()[i].id != id {
             return (None, None);
         }
         w.dirty = true;
         let mut em = leaf.slots()[i].em;
         em.flags &= !flags::LOGGING;
         leaf.set_value(i, em);
-        let Some(plan) = plan_merge_in_leaf(leaf.slots(), i) else {
+        let Some(plan) = plan_merge_in_leaf(&w.ids, leaf.slots(), i) else {
             let key = self.try_merge_map(start);
             return (self.slot(key).map(|s| s.em), None);
         };
@@ -1010,15 +1132,15 @@ impl<'a> Locked<'a> {
     /// tree: `can_merge_extent_map` refuses listed maps).
     pub(crate) fn set_logging_if(
         &mut self,
-        node: &Arc<EmNode>,
-        fallback: ExtentMap,
+        e: ListEntry,
         take: impl FnOnce(&ExtentMap) -> bool,
     ) -> Option<ExtentMap> {
-        if node.st() & IN_TREE != 0 {
+        let id = e.id;
+        if self.st(id) & IN_TREE != 0 {
             // (A map that is not taken costs a path copy if the path was shared: once per leaf
             // and pass at most, cheaper than a second descent for every taken map.)
-            if let Some(s) = btree::get_mut(&mut self.w.root, fallback.start) {
-                if Arc::ptr_eq(&s.node, node) {
+            if let Some(s) = btree::get_mut(&mut self.w.root, e.start) {
+                if s.id == id {
                     if !take(&s.em) {
                         return None;
                     }
@@ -1029,70 +1151,81 @@ impl<'a> Locked<'a> {
                 }
             }
         }
-        if !take(&fallback) {
+        let v = self.w.detached.get_mut(&id)?;
+        if !take(v) {
             return None;
         }
-        Some(fallback.with_flags(flags::LOGGING))
+        v.flags |= flags::LOGGING;
+        Some(*v)
     }
 
     /// [`Locked::set_logging_if`] for many maps at once, `entries` sorted by start, with one
-    /// descent per B+tree leaf instead of one per map: each map `take` accepts gets LOGGING, a
-    /// reference, and its entry the new value; the entry of each other map is dropped (set to
-    /// `None`).
+    /// descent per B+tree leaf instead of one per map: each map `take` accepts gets LOGGING and
+    /// a reference; the entry of each other map is dropped (set to `None`).
     pub(crate) fn set_logging_sorted(
         &mut self,
         entries: &mut [Option<ListEntry>],
         take: impl Fn(&ExtentMap) -> bool,
     ) {
         let w = &mut *self.w;
+        let ids = &mut w.ids;
+        let detached = &mut w.detached;
         let mut dirty = false;
-        let start = |e: &Option<ListEntry>| e.as_ref().map_or(0, |e| e.em.start);
+        let start = |e: &Option<ListEntry>| e.as_ref().map_or(0, |e| e.start);
         btree::for_each_mut_sorted(&mut w.root, entries, start, |entry, slot| {
             let Some(e) = entry else {
                 return;
             };
+            let n = ids.get_mut(e.id);
             let v = match slot {
-                Some(s) if e.node.st() & IN_TREE != 0 && Arc::ptr_eq(&s.node, &e.node) => {
-                    take(&s.em).then(|| {
-                        s.em.flags |= flags::LOGGING;
-                        dirty = true;
-                        s.em
-                    })
-                }
+                Some(s) if n.state & IN_TREE != 0 && s.id == e.id => take(&s.em).then(|| {
+                    s.em.flags |= flags::LOGGING;
+                    dirty = true;
+                    s.em
+                }),
                 // Not in the tree (or another map sits at its start): its own value.
-                _ => take(&e.em).then(|| e.em.with_flags(flags::LOGGING)),
+                _ => detached.get_mut(&e.id).and_then(|v| {
+                    take(v).then(|| {
+                        v.flags |= flags::LOGGING;
+                        *v
+                    })
+                }),
             };
             match v {
-                Some(v) => {
-                    e.em = v;
-                    e.node
-                        .refs
-                        .store(e.node.refs().wrapping_add(1), Ordering::Relaxed);
-                }
+                Some(_) => n.refs = n.refs.wrapping_add(1),
                 None => *entry = None,
             }
         });
         w.dirty |= dirty;
     }
 
-    /// Current value of a map: the tree's slot if it is in the tree, else `fallback`.
-    pub(crate) fn current_value(&self, node: &Arc<EmNode>, fallback: ExtentMap) -> ExtentMap {
-        if node.st() & IN_TREE != 0 {
+    /// Current value of a map: the tree's slot if it is in the tree, else the value it had
+    /// when it left the tree (kept for listed maps; `fallback` for others).
+    pub(crate) fn current_value(&self, id: EmId, fallback: ExtentMap) -> ExtentMap {
+        if self.st(id) & IN_TREE != 0 {
             if let Some(s) = self.slot(fallback.start) {
-                if Arc::ptr_eq(&s.node, node) {
+                if s.id == id {
                     return s.em;
                 }
             }
         }
-        fallback
+        self.w.detached.get(&id).copied().unwrap_or(fallback)
     }
 
-    pub(crate) fn node_is_listed(node: &EmNode) -> bool {
-        node.st() & LISTED != 0
+    /// Current value of a listed map (see [`Locked::current_value`]). A listed map is in the
+    /// tree or has its value kept; the fallback (an empty map at its start) is unreachable.
+    pub(crate) fn listed_value(&self, e: ListEntry) -> ExtentMap {
+        let v = self.current_value(e.id, ExtentMap::hole(e.start, 0, 0));
+        debug_assert!(v.len > 0, "listed map {e:?} neither in the tree nor kept");
+        v
     }
 
-    pub(crate) fn node_is_freed(node: &EmNode) -> bool {
-        node.st() & FREED != 0
+    pub(crate) fn is_listed(&self, id: EmId) -> bool {
+        self.st(id) & LISTED != 0
+    }
+
+    pub(crate) fn is_freed(&self, id: EmId) -> bool {
+        self.st(id) & FREED != 0
     }
 
     pub(crate) fn next_pass_id(&mut self) -> u64 {
@@ -1101,14 +1234,16 @@ impl<'a> Locked<'a> {
         p
     }
 
-    /// Takes every entry off the modified list, head (newest) first.
+    /// Takes every entry off the modified list, head (newest) first; each entry's list holder
+    /// is handed back (its id stays valid until the end of this critical section).
     pub(crate) fn take_modified(&mut self) -> impl Iterator<Item = ListEntry> {
         let list = self.w.modified.take();
-        list.into_iter().rev().filter_map(|(_, e)| {
-            let e = e?;
-            e.node.clear(ON_MODIFIED);
-            Some(e)
-        })
+        let ids = &mut self.w.ids;
+        for e in list.iter().filter_map(|(_, e)| e.as_ref()) {
+            ids.get_mut(e.id).state &= !ON_MODIFIED;
+            ids.release(e.id);
+        }
+        list.into_iter().rev().filter_map(|(_, e)| e)
     }
 
     /// Number of maps on the modified list.
@@ -1117,14 +1252,83 @@ impl<'a> Locked<'a> {
     }
 
     /// Marks a map taken off the modified list as still linked (to a ring detached from the
-    /// list head), as the kernel leaves the rest of the list after -EFBIG.
-    pub(crate) fn relink_detached(&mut self, node: &EmNode, _em: ExtentMap) {
-        node.set(ON_MODIFIED);
+    /// list head), as the kernel leaves the rest of the list after -EFBIG. No list holds it
+    /// any more: once out of the tree it is unreachable and its id is reused.
+    pub(crate) fn relink_detached(&mut self, id: EmId) {
+        self.set_bits(id, ON_MODIFIED);
     }
 
     /// `search_extent_mapping` / `lookup_extent_mapping` in the working version.
     pub(crate) fn search(&self, start: u64, len: u64, strict: bool) -> Option<Slot> {
-        search_link(&self.w.root, start, len, strict).cloned()
+        search_link(&self.w.root, start, len, strict).copied()
+    }
+
+    /// Checks the identity arena against the working tree and the lists: every held id is
+    /// counted once per tree slot and list entry holding it plus `passes` logging passes'
+    /// current maps in all; no id on the free list is held or reachable; outside a critical
+    /// section's end no id is left without holder off the free list. Returns the first
+    /// discrepancy.
+    pub(crate) fn check_ids(&self) -> Result<(), String> {
+        let w = &*self.w;
+        let ids = &w.ids;
+        let mut held = vec![0u32; ids.nodes.len()];
+        let mut count = |id: EmId, what: &str| -> Result<(), String> {
+            let h = held
+                .get_mut(id as usize)
+                .ok_or_else(|| format!("{what} holds id {id} outside the arena"))?;
+            *h += 1;
+            Ok(())
+        };
+        for s in btree::Iter::new(&w.root, 0) {
+            count(s.id, "tree")?;
+            if ids.get(s.id).state & IN_TREE == 0 {
+                return Err(format!("id {} in the tree without IN_TREE", s.id));
+            }
+        }
+        for e in w.modified.entries.iter().filter_map(|(_, e)| e.as_ref()) {
+            count(e.id, "modified list")?;
+        }
+        for (_, _, v) in &w.logging.passes {
+            for e in v.iter().flatten() {
+                count(e.id, "logging list")?;
+            }
+        }
+        let mut free = vec![false; ids.nodes.len()];
+        for &id in &ids.free {
+            let n = ids.get(id);
+            if std::mem::replace(&mut free[id as usize], true) {
+                return Err(format!("id {id} twice on the free list"));
+            }
+            if n.holders != 0 || held[id as usize] != 0 || n.state != ARENA_FREE {
+                return Err(format!(
+                    "id {id} on the free list but held ({} recorded, {} found, state {:#x})",
+                    n.holders, held[id as usize], n.state
+                ));
+            }
+        }
+        let mut extra = 0u32;
+        for (id, n) in ids.nodes.iter().enumerate() {
+            if free[id] {
+                continue;
+            }
+            if n.holders < held[id] {
+                return Err(format!(
+                    "id {id}: {} holders recorded, {} found",
+                    n.holders, held[id]
+                ));
+            }
+            if n.holders == 0 && !ids.pending.contains(&(id as EmId)) {
+                return Err(format!("id {id} without holder and not freed"));
+            }
+            extra += n.holders - held[id];
+        }
+        let running = w.logging.passes.len() as u32;
+        if extra > running {
+            return Err(format!(
+                "{extra} holders not found in the tree or lists ({running} logging passes)"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -1274,18 +1478,26 @@ impl BtrfsInode {
             .iter()
             .rev()
             .filter_map(|(_, e)| e.as_ref())
-            .map(|e| l.current_value(&e.node, e.em))
+            .map(|e| l.listed_value(*e))
             .collect()
+    }
+
+    /// Checks the tree's identity arena (test support): every identity held by the working
+    /// tree, a list or a logging pass is recorded as held, and none of them is on the free
+    /// list. Returns the first discrepancy found.
+    #[doc(hidden)]
+    pub fn check_identities(&self) -> Result<(), String> {
+        self.lock_tree().check_ids()
     }
 
     /// Debug view of the map starting exactly at `start`.
     pub fn map_info(&self, start: u64) -> Option<MapInfo> {
         let l = self.lock_tree();
         let s = l.slot(start)?;
-        let st = s.node.st();
+        let st = l.st(s.id);
         Some(MapInfo {
             em: s.em,
-            refs: s.node.refs(),
+            refs: l.refs(s.id),
             on_modified_list: st & ON_MODIFIED != 0,
             on_logging_list: st & ON_LOGGING != 0,
         })
@@ -1311,16 +1523,16 @@ impl BtrfsInode {
         let result = {
             let mut l = self.lock_tree();
             let node = l.new_node();
-            match l.add_extent_mapping(em, &node, false) {
+            match l.add_extent_mapping(em, node, false) {
                 Ok(key) => {
                     let out = l.slot(key).map(|s| s.em).unwrap_or(em);
                     // The caller's (btrfs_get_extent's) reference.
-                    l.put(&node, &em);
+                    l.put(node, &em);
                     Ok(out)
                 }
-                Err(EmError::Exists { .. }) => l.handle_em_exist(em, &node, start, len),
+                Err(EmError::Exists { .. }) => l.handle_em_exist(em, node, start, len),
                 Err(e) => {
-                    l.put(&node, &em);
+                    l.put(node, &em);
                     Err(e)
                 }
             }
@@ -1366,7 +1578,7 @@ impl BtrfsInode {
         while let Some(key) = l.first_key() {
             l.update(key, |em| em.flags &= !(flags::PINNED | flags::LOGGING));
             if let Some(s) = l.remove_extent_mapping(key) {
-                l.put(&s.node, &s.em);
+                l.put(s.id, &s.em);
             }
             batch += 1;
             if batch >= DROP_ALL_BATCH || self.tree_contended() {
@@ -1389,7 +1601,10 @@ impl BtrfsInode {
             return Err(EmError::Invalid("zero-length extent map"));
         }
         let end = em.start.saturating_add(em.len - 1);
-        let node = EmNode::new();
+        // The kernel allocates the map once and retries its insert; here each try allocates
+        // an identity in its critical section (an identity lives in the tree's writer state),
+        // and a failed try lets it go without a reference drop: to the kernel's ledger it is
+        // the same map, still held by its creator.
         // The kernel loops until the insert succeeds; bound it so a livelock is reported.
         const MAX_TRIES: u32 = 1 << 20;
         let mut tries = 0;
@@ -1397,15 +1612,16 @@ impl BtrfsInode {
             self.btrfs_drop_extent_map_range(em.start, end, false);
             self.sched(crate::sched::SchedPoint::ReplaceBetweenDropAndInsert);
             let mut l = self.lock_tree();
-            match l.add_extent_mapping(em, &node, modified) {
+            let node = l.new_node();
+            match l.add_extent_mapping(em, node, modified) {
                 Ok(_) => {
                     // The caller's reference (create_io_em's, dropped when it is done).
-                    l.put(&node, &em);
+                    l.put(node, &em);
                     break Ok(());
                 }
                 Err(EmError::Exists { .. }) if tries < MAX_TRIES => tries += 1,
                 Err(e) => {
-                    l.put(&node, &em);
+                    l.put(node, &em);
                     tracing::error!(
                         root = self.root,
                         ino = self.ino,
@@ -1450,13 +1666,13 @@ impl BtrfsInode {
             || !v.is_regular()
             || !v.has(flags::PINNED)
             || v.has(flags::LOGGING)
-            || em.node.st() & ON_MODIFIED == 0
+            || l.st(em.id) & ON_MODIFIED == 0
         {
             return Err(EmError::Invalid(
                 "split: map must be exactly the range, pinned, regular, uncompressed, modified, not logging",
             ));
         }
-        l.get_ref(&em.node); // lookup reference
+        l.get_ref(em.id); // lookup reference
         let saved = v.flags;
         l.update(v.start, |e| e.flags &= !flags::PINNED);
         let cur = l.slot(v.start).map(|s| s.em).unwrap_or(v);
@@ -1471,7 +1687,7 @@ impl BtrfsInode {
             flags: saved,
         };
         let pre_node = l.new_node();
-        l.replace_extent_mapping(v.start, pre_em, &pre_node, true);
+        l.replace_extent_mapping(v.start, pre_em, pre_node, true);
         let mid_len = v.len - pre;
         let mid = ExtentMap {
             start: v.start.saturating_add(pre),
@@ -1484,7 +1700,7 @@ impl BtrfsInode {
             flags: saved,
         };
         let mid_node = l.new_node();
-        if let Err(e) = l.add_extent_mapping(mid, &mid_node, true) {
+        if let Err(e) = l.add_extent_mapping(mid, mid_node, true) {
             tracing::warn!(
                 root = self.root,
                 ino = self.ino,
@@ -1493,10 +1709,10 @@ impl BtrfsInode {
                 "btrfs_split_extent_map: insert of the second part failed: {e}"
             );
         }
-        l.put(&em.node, &cur); // once for us
-        l.put(&em.node, &cur); // once for the tree
-        l.put(&mid_node, &mid);
-        l.put(&pre_node, &pre_em);
+        l.put(em.id, &cur); // once for us
+        l.put(em.id, &cur); // once for the tree
+        l.put(mid_node, &mid);
+        l.put(pre_node, &pre_em);
         drop(l);
         self.core.check_budget();
         Ok(())
@@ -1524,7 +1740,7 @@ impl BtrfsInode {
                 end: start.saturating_add(len),
             });
         };
-        l.get_ref(&em.node);
+        l.get_ref(em.id);
         if em.em.start != start {
             tracing::warn!(
                 root = self.root,
@@ -1537,7 +1753,7 @@ impl BtrfsInode {
                 em.em.start,
                 start.saturating_add(len)
             );
-            l.put(&em.node, &em.em);
+            l.put(em.id, &em.em);
             return Err(EmError::Unclean {
                 expected: start,
                 found: em.em.start,
@@ -1549,7 +1765,7 @@ impl BtrfsInode {
         });
         let key = l.try_merge_map(start);
         let cur = l.slot(key).map(|s| s.em).unwrap_or(em.em);
-        l.put(&em.node, &cur);
+        l.put(em.id, &cur);
         Ok(())
     }
 
@@ -1559,8 +1775,9 @@ impl BtrfsInode {
         self.sched(crate::sched::SchedPoint::ClearModifiedBegin);
         let mut l = self.lock_tree();
         for e in l.take_modified() {
-            if Locked::node_is_freed(&e.node) {
-                l.violation(Invariant::UseAfterFree, &e.em);
+            if l.is_freed(e.id) {
+                let v = l.listed_value(e);
+                l.violation(Invariant::UseAfterFree, &v);
             }
         }
     }
@@ -1590,20 +1807,20 @@ impl BtrfsInode {
             let Some(s) = l.search(start, len, true) else {
                 break;
             };
-            l.get_ref(&s.node);
+            l.get_ref(s.id);
             if s.em.has(flags::PINNED) || s.em.start != start {
-                l.put(&s.node, &s.em);
+                l.put(s.id, &s.em);
                 break;
             }
-            let listed = Locked::node_is_listed(&s.node);
+            let listed = l.is_listed(s.id);
             if locked(s.em.start, s.em.end().saturating_sub(1)) {
                 // EXTENT_LOCKED somewhere in the map's range: keep it (`goto next`).
             } else if !listed || s.em.has(flags::LOGGING) || s.em.generation < cur_gen {
                 if let Some(r) = l.remove_extent_mapping(s.em.start) {
-                    l.put(&r.node, &r.em);
+                    l.put(r.id, &r.em);
                 }
             }
-            l.put(&s.node, &s.em);
+            l.put(s.id, &s.em);
             drop(l);
             match s.em.end() {
                 e if e > start && e != u64::MAX => start = e,
@@ -1618,7 +1835,7 @@ impl Locked<'_> {
     fn handle_em_exist(
         &mut self,
         em: ExtentMap,
-        node: &Arc<EmNode>,
+        node: EmId,
         start: u64,
         len: u64,
     ) -> Result<ExtentMap, EmError> {
@@ -1629,7 +1846,7 @@ impl Locked<'_> {
                 end: em.end(),
             });
         };
-        self.get_ref(&existing.node);
+        self.get_ref(existing.id);
         tracing::trace!(
             target: "btrfs_handle_em_exist",
             existing_start = existing.em.start,
@@ -1664,7 +1881,7 @@ impl Locked<'_> {
                 }
             }
         };
-        self.put(&existing.node, &existing.em);
+        self.put(existing.id, &existing.em);
         result
     }
 
@@ -1673,7 +1890,7 @@ impl Locked<'_> {
         &mut self,
         existing: &Slot,
         mut em: ExtentMap,
-        node: &Arc<EmNode>,
+        node: EmId,
         map_start: u64,
     ) -> Result<(u64, ExtentMap), EmError> {
         if map_start < em.start || map_start >= em.end() {
@@ -1724,23 +1941,23 @@ impl Locked<'_> {
         let policy = self.inode.core.policy();
         let mut cur = self.search(start, len, true);
         if let Some(s) = &cur {
-            self.get_ref(&s.node);
+            self.get_ref(s.id);
         }
         while let Some(s) = cur.take() {
-            let em = self.current_value(&s.node, s.em);
+            let em = self.current_value(s.id, s.em);
             let em_end = em.end();
             let mut next = None;
             if em_end < end {
-                if let Some(n) = btree::next_after(&self.w.root, em.start).cloned() {
+                if let Some(n) = btree::next_after(&self.w.root, em.start).copied() {
                     if n.em.start < end {
-                        self.get_ref(&n.node);
+                        self.get_ref(n.id);
                         next = Some(n);
                     }
                 }
             }
             if skip_pinned && em.has(flags::PINNED) {
                 start = em_end;
-                self.put(&s.node, &em);
+                self.put(s.id, &em);
                 cur = next;
                 continue;
             }
@@ -1751,8 +1968,8 @@ impl Locked<'_> {
                 (em.flags, flags::PINNED | flags::LOGGING)
             };
             self.update(em.start, |e| e.flags &= !clear);
-            let em = self.current_value(&s.node, em);
-            let modified = Locked::node_is_listed(&s.node);
+            let em = self.current_value(s.id, em);
+            let modified = self.is_listed(s.id);
             let inside = em.start >= start && em_end <= end;
             if !inside {
                 let gen = em.generation;
@@ -1784,13 +2001,13 @@ impl Locked<'_> {
                             }
                         };
                         let n = self.new_node();
-                        self.replace_extent_mapping(em.start, head, &n, modified);
-                        self.put(&n, &head);
+                        self.replace_extent_mapping(em.start, head, n, modified);
+                        self.put(n, &head);
                         replaced_key = None;
                     } else {
                         self.remove_em(&s, em, start, end, modified);
-                        self.put(&s.node, &em);
-                        self.put(&s.node, &em);
+                        self.put(s.id, &em);
+                        self.put(s.id, &em);
                         cur = next;
                         continue;
                     }
@@ -1823,8 +2040,8 @@ impl Locked<'_> {
                         };
                         let n = self.new_node();
                         if let Some(k) = replaced_key {
-                            self.replace_extent_mapping(k, tail, &n, modified);
-                        } else if let Err(e) = self.add_extent_mapping(tail, &n, modified) {
+                            self.replace_extent_mapping(k, tail, n, modified);
+                        } else if let Err(e) = self.add_extent_mapping(tail, n, modified) {
                             tracing::warn!(
                                 root = self.inode.root,
                                 ino = self.inode.ino,
@@ -1836,7 +2053,7 @@ impl Locked<'_> {
                                 self.inode.btrfs_set_inode_full_sync();
                             }
                         }
-                        self.put(&n, &tail);
+                        self.put(n, &tail);
                     } else {
                         self.remove_em(&s, em, start, end, modified);
                     }
@@ -1845,15 +2062,15 @@ impl Locked<'_> {
                 self.remove_em(&s, em, start, end, modified);
             }
             // Once for the tree reference (replaced or removed), once for our lookup.
-            self.put(&s.node, &em);
-            self.put(&s.node, &em);
+            self.put(s.id, &em);
+            self.put(s.id, &em);
             cur = next;
         }
     }
 
     /// The `remove_em:` label of `btrfs_drop_extent_map_range`.
     fn remove_em(&mut self, s: &Slot, em: ExtentMap, start: u64, end: u64, modified: bool) {
-        let in_tree = s.node.st() & IN_TREE != 0;
+        let in_tree = self.st(s.id) & IN_TREE != 0;
         if !in_tree {
             return;
         }

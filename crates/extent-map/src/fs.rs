@@ -31,7 +31,7 @@ use crate::sched::SchedPoint;
 use crate::stats::{Counters, Invariant, Stats};
 
 /// Approximate memory of one cached map, as counted in [`Stats::cached_bytes`]: its slot in a
-/// B+tree leaf, its identity node with the `Arc` header, and its share of the tree's nodes
+/// B+tree leaf, its identity in the tree's arena, and its share of the tree's nodes
 /// (about one eighth of a leaf's header and of the inner levels).
 pub const MAP_FOOTPRINT_BYTES: u64 = (std::mem::size_of::<crate::extent_map::Slot>()
     + std::mem::size_of::<crate::extent_map::EmNode>()
@@ -476,7 +476,7 @@ impl FsExtentMaps {
             let next = l.next_key(k);
             ctx.scanned += 1;
             scanned += 1;
-            if let Some(s) = l.slot(k).cloned() {
+            if let Some(s) = l.slot(k).copied() {
                 if s.em.has(flags::PINNED) {
                     pinned += 1;
                 } else if s.em.has(flags::LOGGING) && skip_logging {
@@ -486,7 +486,7 @@ impl FsExtentMaps {
                     if s.em.has(flags::LOGGING) {
                         l.violation(Invariant::ShrinkerMetLogging, &s.em);
                     }
-                    if Locked::node_is_listed(&s.node) && s.em.generation >= cur_fs_gen {
+                    if l.is_listed(s.id) && s.em.generation >= cur_fs_gen {
                         inode.btrfs_set_inode_full_sync();
                         full_sync += 1;
                     }
@@ -499,7 +499,7 @@ impl FsExtentMaps {
                             len = r.em.len,
                             flags = r.em.flags
                         );
-                        l.put(&r.node, &r.em);
+                        l.put(r.id, &r.em);
                         nr_dropped += 1;
                     }
                 }

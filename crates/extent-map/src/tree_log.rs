@@ -19,10 +19,9 @@
 //! and [`crate::Stats::logging_maps_lost`].
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use crate::em::{flags, EmError, ExtentMap};
-use crate::extent_map::{BtrfsInode, EmNode, ListEntry, Locked};
+use crate::extent_map::{BtrfsInode, EmId};
 use crate::sched::SchedPoint;
 use crate::stats::{Counters, Invariant};
 
@@ -39,8 +38,9 @@ pub struct LoggingPass<'a> {
     pass: u64,
     /// Private list, sorted by start: link sequence numbers.
     order: std::ops::Range<u64>,
-    /// The map handed out last, to clear and release before handing out the next.
-    current: Option<(Arc<EmNode>, ExtentMap)>,
+    /// The map handed out last, to clear and release before handing out the next. The pass
+    /// holds its identity (the id is not reused) until then.
+    current: Option<(EmId, ExtentMap)>,
     err: bool,
     efbig: bool,
     /// Maps handed out and not yet added to [`crate::Stats::maps_logged`] (added once, when
@@ -80,13 +80,14 @@ impl BtrfsInode {
             // start order, one descent per B+tree leaf. The stable sort of the list in walk
             // order gives the private list the order the general path gives it below.
             for e in l.take_modified() {
-                if Locked::node_is_freed(&e.node) {
-                    l.violation(Invariant::UseAfterFree, &e.em);
+                if l.is_freed(e.id) {
+                    let v = l.listed_value(e);
+                    l.violation(Invariant::UseAfterFree, &v);
                     continue;
                 }
-                collected.push(Some(ListEntry { pass, ..e }));
+                collected.push(Some(e));
             }
-            collected.sort_by_key(|e| e.as_ref().map(|e| e.em.start));
+            collected.sort_by_key(|e| e.as_ref().map(|e| e.start));
             l.set_logging_sorted(&mut collected, take);
             collected.retain(Option::is_some);
             let order = l.list_add_logging(collected, pass);
@@ -106,9 +107,10 @@ impl BtrfsInode {
         let mut num = 0usize;
         let mut efbig = false;
         for e in rest.by_ref() {
-            if Locked::node_is_freed(&e.node) {
+            if l.is_freed(e.id) {
                 // The kernel would walk through freed memory here (list corruption).
-                l.violation(Invariant::UseAfterFree, &e.em);
+                let v = l.listed_value(e);
+                l.violation(Invariant::UseAfterFree, &v);
                 continue;
             }
             num += 1;
@@ -116,24 +118,20 @@ impl BtrfsInode {
                 efbig = true;
                 break;
             }
-            let Some(v) = l.set_logging_if(&e.node, e.em, take) else {
+            if l.set_logging_if(e, take).is_none() {
                 continue;
-            };
-            l.get_ref(&e.node);
-            collected.push(Some(ListEntry {
-                node: e.node,
-                em: v,
-                pass,
-            }));
+            }
+            l.get_ref(e.id);
+            collected.push(Some(e));
             num += 1;
         }
         // After -EFBIG the rest of the list is detached from the head but still linked to
         // itself: those maps stay "listed" (never merged) though no walk reaches them.
         for e in rest {
-            l.relink_detached(&e.node, e.em);
+            l.relink_detached(e.id);
         }
         if !efbig {
-            collected.sort_by_key(|e| e.as_ref().map(|e| e.em.start));
+            collected.sort_by_key(|e| e.as_ref().map(|e| e.start));
         }
         let order = l.list_add_logging(collected, pass);
         drop(l);
@@ -192,14 +190,15 @@ impl LoggingPass<'_> {
         // published when the private list is exhausted (below) or by any other writer.
         l.defer_publish = true;
         let mut next_value = None;
-        if let Some((node, em)) = self.current.take() {
+        if let Some((id, em)) = self.current.take() {
             // The next map's value comes for free when it is the neighbour in the same leaf.
             let next = (!self.err)
-                .then(|| l.w.logging.peek_node(self.order.start))
+                .then(|| l.w.logging.peek_id(self.order.start))
                 .flatten();
-            let (v, nv) = l.clear_em_logging_peek(&node, em.start, next);
+            let (v, nv) = l.clear_em_logging_peek(id, em.start, next);
             next_value = nv;
-            l.put(&node, &v.unwrap_or(em));
+            l.put(id, &v.unwrap_or(em));
+            l.release(id);
         }
         loop {
             let Some(seq) = self.order.next() else {
@@ -212,25 +211,24 @@ impl LoggingPass<'_> {
                 }
                 return None;
             };
-            let Some(entry) = l.w.logging.remove(seq) else {
+            let Some(entry) = l.logging_remove(seq) else {
                 // Unlinked by another task: never logged, our reference leaked.
                 Counters::inc(&self.inode.core.counters.logging_maps_lost);
                 Counters::inc(&self.inode.core.counters.leaked_refs);
                 continue;
             };
-            debug_assert_eq!(entry.pass, self.pass);
-            l.unlink_logging_entry(&entry.node);
             let v = match next_value.take() {
                 Some(v) => v,
-                None => l.current_value(&entry.node, entry.em),
+                None => l.listed_value(entry),
             };
             if self.err {
-                let v = l.clear_em_logging(&entry.node, v.start).unwrap_or(v);
-                l.put(&entry.node, &v);
+                let v = l.clear_em_logging(entry.id, v.start).unwrap_or(v);
+                l.put(entry.id, &v);
                 continue;
             }
             self.logged += 1;
-            self.current = Some((entry.node, v));
+            l.hold(entry.id);
+            self.current = Some((entry.id, v));
             self.evictable_delta += std::mem::take(&mut l.evictable_delta);
             drop(l);
             self.inode.sched(SchedPoint::LogOneExtent);
@@ -268,15 +266,4 @@ impl Drop for LoggingPass<'_> {
     fn drop(&mut self) {
         self.drain();
     }
-}
-
-impl Locked<'_> {
-    /// The logging pass's own `list_del_init` of its private-list entry.
-    fn unlink_logging_entry(&mut self, node: &Arc<EmNode>) {
-        node_clear_logging(node);
-    }
-}
-
-fn node_clear_logging(node: &EmNode) {
-    node.clear_logging_bit();
 }

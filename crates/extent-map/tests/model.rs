@@ -311,6 +311,10 @@ impl Model {
                     if !em.has(flags::LOGGING) {
                         problems.push(format!("handed out without LOGGING: {em:?}"));
                     }
+                    // Mid-pass: the pass holds the identity it handed out.
+                    if let Err(e) = inode.check_identities() {
+                        problems.push(format!("identity arena mid-pass: {e}"));
+                    }
                     for b in em.start / K..em.end() / K {
                         if let Some(p) = self.map_block(em, b) {
                             if Some(p) != self.truth(b) {
@@ -355,6 +359,7 @@ impl Model {
     }
 
     fn check(&mut self) -> Result<(), TestCaseError> {
+        prop_assert_eq!(self.inode.check_identities(), Ok(()));
         let maps = self.inode.extent_maps();
         let mut prev_end = 0;
         for m in &maps {
@@ -499,6 +504,7 @@ proptest! {
             for w in maps.windows(2) {
                 prop_assert!(w[0].end() <= w[1].start, "overlap {:?} {:?}", w[0], w[1]);
             }
+            prop_assert_eq!(inode.check_identities(), Ok(()));
         }
         fs.evict_inode(5, 257);
         prop_assert_eq!(fs.stats().cached_maps, 0);

@@ -125,6 +125,13 @@ fn reader(sh: &Shared, seed: u64) {
                 }
             }
         }
+        if rng.below(256) == 0 {
+            // Identity arena, checked while the other threads run (a held identity never on
+            // the free list, holders as recorded).
+            if let Err(e) = inode.check_identities() {
+                sh.problem(format!("identity arena: {e}"));
+            }
+        }
         sh.lookups.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -306,8 +313,10 @@ fn run(policy: Policy, secs: f64) -> Stats {
     for &(r, i) in &INODES {
         let inode = sh.fs.inode(r, i);
         let _ = inode.btrfs_log_changed_extents::<()>(u64::MAX, u64::MAX, |_| Ok(()));
+        assert_eq!(inode.check_identities(), Ok(()), "{policy}");
         sh.fs.evict_inode(r, i);
         assert!(inode.extent_maps().is_empty());
+        assert_eq!(inode.check_identities(), Ok(()), "{policy}");
     }
     let s = sh.fs.stats();
     assert_eq!(s.cached_maps, 0, "{policy}");
