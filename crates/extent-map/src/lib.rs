@@ -16,7 +16,7 @@
 //!   (KERNEL-SEMANTICS.md section 5).
 //!
 //! # Reclamation design (why a persistent B+tree behind `crossbeam_epoch::Atomic`)
-//! Each tree is a persistent (copy-on-write) 16-way B+tree whose current version is published
+//! Each tree is a persistent (copy-on-write) 32-way B+tree whose current version is published
 //! through a `crossbeam_epoch::Atomic<Version>`. Readers (`btrfs_lookup_extent_mapping`,
 //! `btrfs_search_extent_mapping`) pin an epoch, load the version and search it: no lock, no
 //! reference count, no write to shared memory, so a reader never waits for a writer or for a
