@@ -219,8 +219,8 @@ fn lookup_while_shrinking(c: &mut Criterion) {
 fn main() {
     let (v, t, n) = ubtrfs_extent_map::type_sizes();
     println!(
-        "size_of::<ExtentMap>() = {v} bytes; B+tree leaf slot = {t} bytes; identity node = {n} bytes; \
-         per cached map incl. Arc headers = {} bytes (kernel struct extent_map: 104)",
+        "size_of::<ExtentMap>() = {v} bytes; B+tree leaf slot = {t} bytes; identity (arena entry) = {n} bytes; \
+         per cached map incl. share of tree nodes = {} bytes (kernel struct extent_map: 104)",
         ubtrfs_extent_map::MAP_FOOTPRINT_BYTES
     );
     let mut c = Criterion::default()
