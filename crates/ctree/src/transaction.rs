@@ -63,6 +63,8 @@ pub struct Transaction {
 /// Log trees of the running transaction. Their blocks are owned by TREE_LOG, carry the running
 /// transid, get no extent items and no delayed refs; they are reserved from metadata space and
 /// released (pinned) when the transaction commits, which also clears the superblock's log_root.
+/// Before that, a block a log tree dropped is reused by the log once no durable log can point
+/// at it ([`LogAlloc`]).
 #[derive(Debug, Default)]
 pub struct LogState {
     /// The log root tree (one ROOT_ITEM per logged subvolume).
@@ -71,6 +73,13 @@ pub struct LogState {
     pub roots: BTreeMap<u64, RootPtr>,
     /// Every log block reserved in this transaction (released at commit).
     pub blocks: Vec<u64>,
+    /// Log blocks freed (COWed away or dropped from a log tree) while log transid `.0` was
+    /// open: the last durable log may still point at them until `.0` is synced.
+    pub freed: Vec<(u64, u64)>,
+    /// Log blocks of [`Self::blocks`] that no log tree and no durable superblock points at any
+    /// more: freed while a log transid was open that has been synced since. The log allocator
+    /// takes these before reserving new space ([`LogAlloc`]).
+    pub reusable: Vec<u64>,
     /// Log syncs done in this transaction.
     pub syncs: u64,
     /// `root->log_transid`: the log transid new log writes belong to. A log sync takes it
@@ -114,6 +123,24 @@ pub struct LoggedInode {
 }
 
 impl LogState {
+    /// Log transid `log_transid` is durable: its superblock is written and flushed. Blocks
+    /// freed while it (or an earlier log transid) was open become reusable: log transid
+    /// `log_transid`'s trees were written without them, and its superblock replaced every
+    /// earlier one (see [`LogAlloc`] for the whole argument).
+    pub fn mark_synced(&mut self, log_transid: u64) {
+        self.synced_upto = self.synced_upto.max(log_transid + 1);
+        let upto = self.synced_upto;
+        let reusable = &mut self.reusable;
+        self.freed.retain(|&(t, b)| {
+            if t < upto {
+                reusable.push(b);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
     /// `btrfs_set_inode_last_trans`: the inode item changed; until it is logged in full
     /// again, the inode is not in the log.
     pub fn set_inode_last_trans(&mut self, root: u64, ino: u64) {
@@ -147,14 +174,61 @@ impl LogState {
 
 /// Tree allocator of log trees: reserved metadata space, no refs (`btrfs_alloc_tree_block` for
 /// TREE_LOG_OBJECTID).
+///
+/// # Reusing log blocks within a transaction
+/// Every log sync COWs the log blocks it changes (a block the previous sync wrote is never
+/// rewritten in place), so an fsync-heavy transaction frees a few log blocks per sync. The
+/// kernel keeps them pinned until the transaction commits (`btrfs_free_tree_block` pins a
+/// WRITTEN block). Here a freed log block is reused as soon as no durable state can point at
+/// it, which keeps the log in a handful of blocks instead of fresh metadata space at every
+/// sync: on an image file, fresh space is a hole the host must allocate at the next flush,
+/// and that allocation was a quarter of an fsync (`benches/fsync-floor.sh`).
+///
+/// Definitions: a block is *freed in T* when it leaves a log tree (COW, merge, deletion) while
+/// log transid T is open, i.e. before `sync_log_prepare` takes T. The on-disk log is the one
+/// the durable primary superblock points at.
+///
+/// Invariant: a block freed in T is handed out again only after T is durable
+/// ([`LogState::mark_synced`], called once T's superblock is written and flushed).
+///
+/// Why that is safe: T's log trees, as `sync_log_prepare` wrote them, no longer contain the
+/// block (it left them before prepare), and once T's superblock is durable it is the only
+/// superblock a crash can find pointing at a log (earlier log transids were overwritten in the
+/// same slot; mirrors are written only by commits, with no log). Log transids after T are
+/// written after T's superblock (`log_sync_mutex`), so from then on the old contents of the
+/// block are garbage for every state a crash can leave: rewriting them loses nothing. A block
+/// reused and freed again starts over with its new T. A log sync that fails turns the
+/// transaction into a full commit, which frees the whole log, so no `mark_synced` runs for it.
+/// The space stays reserved in [`LogState::blocks`] until the commit either way, and the
+/// extent tree never sees log blocks.
 pub struct LogAlloc<'a> {
     pub space: &'a mut SpaceInfo,
     pub blocks: &'a mut Vec<u64>,
+    pub freed: &'a mut Vec<(u64, u64)>,
+    pub reusable: &'a mut Vec<u64>,
+    /// The open log transid (the tag of blocks freed now).
+    pub log_transid: u64,
     pub nodesize: u32,
+}
+
+impl<'a> LogAlloc<'a> {
+    fn new(space: &'a mut SpaceInfo, log: &'a mut LogState, nodesize: u32) -> LogAlloc<'a> {
+        LogAlloc {
+            space,
+            blocks: &mut log.blocks,
+            freed: &mut log.freed,
+            reusable: &mut log.reusable,
+            log_transid: log.log_transid,
+            nodesize,
+        }
+    }
 }
 
 impl crate::cow::TreeAlloc for LogAlloc<'_> {
     fn alloc_tree_block(&mut self, _owner: u64, _level: u8) -> Result<u64> {
+        if let Some(b) = self.reusable.pop() {
+            return Ok(b);
+        }
         let n = u64::from(self.nodesize);
         let b = self
             .space
@@ -164,9 +238,10 @@ impl crate::cow::TreeAlloc for LogAlloc<'_> {
         Ok(b)
     }
 
-    fn free_tree_block(&mut self, _bytenr: u64, _owner: u64, _level: u8) {
-        // The block stays reserved until the transaction commits: the last synced log may
-        // still point at it.
+    fn free_tree_block(&mut self, bytenr: u64, _owner: u64, _level: u8) {
+        // Reserved until the commit; reusable once the log transid open now is durable (the
+        // last synced log may still point at it until then).
+        self.freed.push((self.log_transid, bytenr));
     }
 }
 
@@ -530,18 +605,8 @@ impl Transaction {
         }
         // Write every dirty block, verified and checksummed.
         let blocks = reader.take_dirty();
-        let csum_type = reader.csum_type;
-        for b in &blocks {
-            let mut b = (**b).clone();
-            crate::tree_checker::check_block(&b, reader.sectorsize, self.transid).map_err(|e| {
-                Error::corrupt(format!(
-                    "tree-checker refused writing block {} (owner {}): {e}",
-                    b.header.bytenr, b.header.owner
-                ))
-            })?;
-            b.update_csum(csum_type);
-            reader.write_logical(b.header.bytenr, &b.data)?;
-        }
+        let nblocks = blocks.len();
+        write_checked_blocks(reader, blocks, self.transid)?;
         reader.flush_devices()?;
         self.write_supers(reader, sb)?;
         reader.flush_devices()?;
@@ -555,7 +620,7 @@ impl Transaction {
         reader.set_max_generation(self.transid + 1);
         let stats = CommitStats {
             transid: self.transid,
-            blocks_written: blocks.len(),
+            blocks_written: nblocks,
             passes,
         };
         self.transid += 1;
@@ -585,14 +650,11 @@ impl Transaction {
         f: impl FnOnce(&mut TreeWriter<'_, LogAlloc<'_>>, &mut RootPtr) -> Result<R>,
     ) -> Result<R> {
         let nodesize = self.template.nodesize;
-        let mut alloc = LogAlloc {
-            space: &mut self.space,
-            blocks: &mut self.log.blocks,
-            nodesize,
-        };
+        let existing = self.log.roots.get(&subvol).copied();
+        let mut alloc = LogAlloc::new(&mut self.space, &mut self.log, nodesize);
         let mut w = TreeWriter::new(reader, &mut alloc, self.transid, self.template);
-        let mut root = match self.log.roots.get(&subvol) {
-            Some(r) => *r,
+        let mut root = match existing {
+            Some(r) => r,
             None => w.create_root(objectid::TREE_LOG)?,
         };
         let r = f(&mut w, &mut root);
@@ -605,7 +667,7 @@ impl Transaction {
     pub fn sync_log(&mut self, reader: &BlockReader, sb: &SuperBlock) -> Result<usize> {
         let p = self.sync_log_prepare(reader, sb)?;
         Self::sync_log_finish(reader, &p)?;
-        self.log.synced_upto = p.log_transid + 1;
+        self.log.mark_synced(p.log_transid);
         self.log.syncs += 1;
         Ok(p.blocks)
     }
@@ -625,13 +687,10 @@ impl Transaction {
         let transid = self.transid;
         let logs: Vec<(u64, RootPtr)> = self.log.roots.iter().map(|(k, v)| (*k, *v)).collect();
         {
-            let mut alloc = LogAlloc {
-                space: &mut self.space,
-                blocks: &mut self.log.blocks,
-                nodesize,
-            };
+            let root_tree = self.log.root_tree;
+            let mut alloc = LogAlloc::new(&mut self.space, &mut self.log, nodesize);
             let mut w = TreeWriter::new(reader, &mut alloc, transid, self.template);
-            let mut lrt = match self.log.root_tree {
+            let mut lrt = match root_tree {
                 Some(r) => r,
                 None => w.create_root(objectid::TREE_LOG)?,
             };
@@ -653,17 +712,8 @@ impl Transaction {
             self.log.root_tree = Some(lrt);
         }
         let blocks = reader.take_dirty_where(|b| b.header.owner == objectid::TREE_LOG);
-        for b in &blocks {
-            let mut b = (**b).clone();
-            crate::tree_checker::check_block(&b, reader.sectorsize, transid).map_err(|e| {
-                Error::corrupt(format!(
-                    "tree-checker refused writing log block {}: {e}",
-                    b.header.bytenr
-                ))
-            })?;
-            b.update_csum(reader.csum_type);
-            reader.write_logical(b.header.bytenr, &b.data)?;
-        }
+        let nblocks = blocks.len();
+        write_checked_blocks(reader, blocks, transid)?;
         let lrt = self.log.root_tree.expect("set above");
         let mut raw = sb.raw.clone();
         put_u64(&mut raw, 96, lrt.bytenr);
@@ -675,7 +725,7 @@ impl Transaction {
         self.log.log_transid += 1;
         Ok(PreparedLogSync {
             raw,
-            blocks: blocks.len(),
+            blocks: nblocks,
             log_transid,
         })
     }
@@ -1068,5 +1118,71 @@ impl Transaction {
         // replay would then find extents in no block group. fsync must commit instead.
         self.log.full_commit.get_or_insert("new block group");
         Ok(logical)
+    }
+}
+
+/// Write dirty tree blocks of transaction `transid` (not flushed): each checked by the
+/// tree-checker and checksummed on a copy, then written in address order, one vectored write
+/// per run of adjacent blocks and per copy ([`BlockReader::write_tree_blocks`]). At most
+/// `BATCH` copies are held at a time, so a large commit does not hold a second copy of all
+/// it writes.
+fn write_checked_blocks(
+    reader: &BlockReader,
+    mut blocks: Vec<std::sync::Arc<ubtrfs_format::tree_block::TreeBlock>>,
+    transid: u64,
+) -> Result<()> {
+    const BATCH: usize = 256;
+    blocks.sort_unstable_by_key(|b| b.header.bytenr);
+    for batch in blocks.chunks(BATCH) {
+        let mut out = Vec::with_capacity(batch.len());
+        for b in batch {
+            let mut b = (**b).clone();
+            crate::tree_checker::check_block(&b, reader.sectorsize, transid).map_err(|e| {
+                Error::corrupt(format!(
+                    "tree-checker refused writing block {} (owner {}): {e}",
+                    b.header.bytenr, b.header.owner
+                ))
+            })?;
+            b.update_csum(reader.csum_type);
+            out.push(b);
+        }
+        let mut runs: Vec<(u64, &[u8])> =
+            out.iter().map(|b| (b.header.bytenr, &b.data[..])).collect();
+        reader.write_tree_blocks(&mut runs)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Test scenario: log transid N is being synced while writers of N+1 already free log
+    // blocks (the overlap `FsInfo::sync_log` allows). N's sync completing releases only what
+    // was freed while N (or earlier) was open; what N+1 freed is still pointed at by N's log,
+    // which N's superblock made the durable one, and waits for N+1's sync.
+    //
+    //   log transid N open        frees 100
+    //   sync N prepares           (log transid N+1 opens)
+    //                             writer of N+1 frees 200 (N's tree holds it)
+    //   sync N durable            100 reusable, 200 not
+    //   sync N+1 durable          200 reusable
+    #[test]
+    fn mark_synced_releases_only_blocks_freed_before_the_synced_log_transid() {
+        let mut log = LogState {
+            log_transid: 5,
+            ..LogState::default()
+        };
+        log.freed.push((5, 100));
+        log.log_transid = 6; // sync 5 prepared
+        log.freed.push((6, 200));
+        log.mark_synced(5);
+        assert_eq!(log.synced_upto, 6);
+        assert_eq!(log.reusable, vec![100]);
+        assert_eq!(log.freed, vec![(6, 200)]);
+        log.mark_synced(6);
+        assert_eq!(log.synced_upto, 7);
+        assert_eq!(log.reusable, vec![100, 200]);
+        assert!(log.freed.is_empty());
     }
 }

@@ -206,10 +206,45 @@ impl Device {
         Ok(())
     }
 
+    /// Write `bufs`, one after the other, at `offset`, through the page cache: one `pwritev`
+    /// for the lot where the device is a file (a backend gets one write per buffer, so that a
+    /// recording backend still sees, and can lose, each block on its own). Durable only after
+    /// [`Device::flush`], like any write.
+    pub fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> Result<()> {
+        match &self.io {
+            DeviceIo::File(f) => pwritev_all(f, bufs, offset).map_err(|e| {
+                let total: usize = bufs.iter().map(|b| b.len()).sum();
+                Error::io(
+                    format!(
+                        "writing {total} bytes at {offset} of {}",
+                        self.path.display()
+                    ),
+                    e,
+                )
+            }),
+            DeviceIo::Backend(_) => {
+                let mut off = offset;
+                for b in bufs {
+                    self.write_all_at(b, off)?;
+                    off += b.len() as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// The flush barrier: every write issued before returns durable.
+    ///
+    /// On a file this is `fdatasync`, not `fsync`: it writes back the file's dirty pages (an
+    /// O_DIRECT write is on the device already), the metadata the host filesystem needs to
+    /// read all of them back (block allocation, size; O_DIRECT writes into holes included)
+    /// and flushes the device's volatile cache, which is all the barrier promises. What `fsync`
+    /// adds is the image's timestamps, which no state of the filesystem inside depends on; on
+    /// a journalling host filesystem writing them costs a journal commit at every barrier (the
+    /// image's mtime changes at every write). On a block device both are the same call.
     pub fn flush(&self) -> Result<()> {
         let r = match &self.io {
-            DeviceIo::File(f) => f.sync_all(),
+            DeviceIo::File(f) => f.sync_data(),
             DeviceIo::Backend(b) => b.flush(),
         };
         r.map_err(|e| Error::io(format!("flushing {}", self.path.display()), e))

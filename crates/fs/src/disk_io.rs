@@ -999,10 +999,11 @@ impl FsInfo {
     ///   reads the bumped log transid and waits for a later sync.
     /// - After `tree_lock` is dropped, writers of N+1 change only blocks that are dirty again:
     ///   a TREE_LOG block that is no longer dirty is COWed (`TreeWriter::cow`, the kernel's
-    ///   WRITTEN test in `should_cow_block`), and a freed log block stays reserved until the
-    ///   commit (`LogAlloc::free_tree_block`), so nothing N wrote is overwritten or reused in
-    ///   this transaction. N's flush and superblock write (`sync_log_finish`) use only the
-    ///   prepared bytes and the device, no tree.
+    ///   WRITTEN test in `should_cow_block`), and a log block freed while N+1 is open is
+    ///   handed out again only once N+1 is durable (`LogAlloc`, `LogState::mark_synced`), so
+    ///   nothing N wrote is overwritten while N's log can still be the durable one. N's flush
+    ///   and superblock write (`sync_log_finish`) use only the prepared bytes and the device,
+    ///   no tree.
     /// - N+1's blocks are written only by N+1's own `sync_log_prepare`, which needs
     ///   `log_sync_mutex`, held by N until its superblock is written: on disk the order is
     ///   always N's blocks, flush, N's superblock, flush, then N+1's. A commit takes
@@ -1065,7 +1066,7 @@ impl FsInfo {
         match finished {
             Ok(()) => {
                 let mut t = trans.lock();
-                t.log.synced_upto = p.log_transid + 1;
+                t.log.mark_synced(p.log_transid);
                 t.log.syncs += 1;
                 self.counters.log_syncs.fetch_add(1, Ordering::Relaxed);
                 Ok(false)
