@@ -2171,11 +2171,13 @@ mod tests {
         let _ = std::fs::remove_file(&img);
     }
 
-    /// An image file as a device that counts the log tree blocks written to it.
+    /// An image file as a device that counts the log tree blocks written to it, and records
+    /// where each one went, in order.
     #[derive(Debug)]
     struct Counting {
         file: std::fs::File,
         log_blocks: std::sync::atomic::AtomicU64,
+        log_writes: std::sync::Mutex<Vec<u64>>,
     }
 
     impl ubtrfs_ctree::BlockDevice for Counting {
@@ -2189,6 +2191,7 @@ mod tests {
                 .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
             if owner == Some(objectid::TREE_LOG) {
                 self.log_blocks.fetch_add(1, Relaxed);
+                self.log_writes.lock().unwrap().push(offset);
             }
             std::os::unix::fs::FileExt::write_all_at(&self.file, buf, offset)
         }
@@ -2227,7 +2230,8 @@ mod tests {
     // The copy (a crash right after N's superblock) replays x's new data and y's old data; the
     // final image replays both. If writers of N+1 could change what N wrote, or N+1's blocks
     // could reach the disk before N's superblock, the copy would not replay cleanly or would
-    // show y's new data.
+    // show y's new data. And sync N+1 writes none of N's log blocks again: y's logging freed
+    // some of them during N's write-out, and they may be reused only once N+1 is durable.
     #[test]
     fn next_log_transid_logs_during_a_sync_write_out() {
         type Handle = std::thread::JoinHandle<SyncOutcome>;
@@ -2249,6 +2253,7 @@ mod tests {
                     .open(&img)
                     .unwrap(),
                 log_blocks: Default::default(),
+                log_writes: Default::default(),
             });
             let size = std::fs::metadata(&img).unwrap().len();
             let fs = FsInfo::open_backend(dev.clone(), size, &img, opts.clone()).unwrap();
@@ -2263,13 +2268,16 @@ mod tests {
             crate::file_write::btrfs_buffered_write(&fs, root, x, 0, &new_x).unwrap();
             // What the hook saw: (N, log blocks written while y logged), y's fsync thread.
             let seen: Arc<std::sync::Mutex<Option<(u64, u64, Handle)>>> = Default::default();
+            // Log block writes issued up to N's write-out (N's blocks, the last of them).
+            let mark: Arc<std::sync::atomic::AtomicUsize> = Default::default();
             let hook = {
-                let (fs, dev, seen, snap, img) = (
+                let (fs, dev, seen, snap, img, mark) = (
                     Arc::downgrade(&fs),
                     dev.clone(),
                     seen.clone(),
                     snap.clone(),
                     img.clone(),
+                    mark.clone(),
                 );
                 let new_y = new_y.clone();
                 move |point: crate::disk_io::SyncLogPoint| {
@@ -2280,6 +2288,7 @@ mod tests {
                     let fs = fs.upgrade().expect("mounted");
                     let n = fs.trans.as_ref().unwrap().lock().log.log_transid - 1;
                     let before = dev.log_blocks.load(Relaxed);
+                    mark.store(dev.log_writes.lock().unwrap().len(), Relaxed);
                     let fy = fs.clone();
                     let data = new_y.clone();
                     let h = std::thread::spawn(move || {
@@ -2313,6 +2322,20 @@ mod tests {
             let t = fs.trans.as_ref().unwrap().lock();
             assert_eq!(t.log.synced_upto, n + 2);
             drop(t);
+            // Log blocks are reused within the transaction (LogAlloc), but nothing N wrote may
+            // be rewritten by N+1: N's log is the durable one until N+1's superblock. y's
+            // logging during N's write-out COWed N's blocks (freed in N+1); handing them out
+            // once N was durable, a log transid too early, would put N+1's writes on them.
+            let writes = dev.log_writes.lock().unwrap();
+            let (by_n, after) = writes.split_at(mark.load(Relaxed));
+            assert!(!after.is_empty(), "sync N+1 wrote log blocks");
+            for a in after {
+                assert!(
+                    !by_n.contains(a),
+                    "log block {a} of sync N rewritten by sync N+1"
+                );
+            }
+            drop(writes);
             // Crash: no commit.
         }
         // A crash right after N's superblock: x's new data, y as committed.
