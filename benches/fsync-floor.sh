@@ -26,11 +26,13 @@
 #                               image, new ones each time ("holes": a COW filesystem on a fresh
 #                               sparse image writes its data and log blocks to places the image
 #                               file never had, and the host must allocate them at the flush;
-#                               last row: only the data block in a hole)
+#                               "data in a hole": only the data block; "fallocated": the data
+#                               block into space preallocated with fallocate(2) but never
+#                               written, which the host must still convert at the flush)
 #
 # Usage: benches/fsync-floor.sh [WORKDIR]
 #   WORKDIR        where the scratch file goes (default /tmp/ubtrfs-fsync-floor.PID; needs
-#                  about 300 MiB of real space, 2 GiB apparent). Put it on the filesystem that
+#                  about 600 MiB of real space, 2 GiB apparent). Put it on the filesystem that
 #                  holds the images you compare with.
 #   BENCH_N=N      iterations per row (default 2000)
 #   BENCH_KEEP=1   keep WORKDIR
@@ -74,6 +76,13 @@ for off in range(0, ALLOC, MIB):
     os.pwrite(fd, chunk, off)
 os.fsync(fd)
 
+# Preallocated but never written (fallocate(2): unwritten extents on ext4 and XFS), for the
+# "fallocated" row.
+FALLOC = SIZE - 256 * MIB
+os.posix_fallocate(fd, FALLOC, 256 * MIB)
+os.fsync(fd)
+falloc_next = [FALLOC]
+
 rng = random.Random(1)
 data4k = os.urandom(4 * KIB)
 node = os.urandom(NODE)
@@ -85,8 +94,17 @@ def fresh(nbytes):
     """The next never-written range of the image (a hole until now)."""
     off = hole_next[0]
     hole_next[0] += nbytes
-    if hole_next[0] > SIZE:
+    if hole_next[0] > FALLOC:
         raise SystemExit("fsync-floor: ran out of holes; lower BENCH_N")
+    return off
+
+
+def fallocated(nbytes):
+    """The next preallocated, never-written range."""
+    off = falloc_next[0]
+    falloc_next[0] += nbytes
+    if falloc_next[0] > SIZE:
+        raise SystemExit("fsync-floor: ran out of preallocated space; lower BENCH_N")
     return off
 
 
@@ -128,6 +146,9 @@ def btrfs(flush, holes):
         if holes == "data":
             d = fresh(4 * KIB)
             a, b = alloc_log()
+        elif holes == "falloc":
+            d = fallocated(4 * KIB)
+            a, b = alloc_log()
         elif holes:
             d = fresh(4 * KIB)
             a = fresh(2 * NODE)
@@ -155,6 +176,8 @@ rows = [
     ("btrfs log commit, fsync(2), holes", "4 / 2", btrfs(os.fsync, True)),
     ("btrfs log commit, fdatasync, data in a hole, log blocks allocated", "4 / 2",
      btrfs(os.fdatasync, "data")),
+    ("btrfs log commit, fdatasync, data into fallocated space, log blocks allocated", "4 / 2",
+     btrfs(os.fdatasync, "falloc")),
 ]
 
 # Round robin, one run of each row in turn, so that a noisy moment of the shared machine
