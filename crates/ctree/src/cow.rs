@@ -390,6 +390,9 @@ impl<'a, A: TreeAlloc> TreeWriter<'a, A> {
             }
             let slot = node_search(&b, key);
             let (child, _) = node_child(&b, slot);
+            // Let go of this version before `modify(cur)` below: a second reference would make
+            // `dirty_modify` (Arc::make_mut) copy the whole block for a one-pointer change.
+            drop(b);
             let mut new_child = self.cow(child, owner)?;
             let gen = self.transid;
             self.modify(cur, |nb| {
@@ -399,7 +402,9 @@ impl<'a, A: TreeAlloc> TreeWriter<'a, A> {
             let mut slot = slot;
             if for_insert {
                 let cb = self.get(new_child);
-                if !cb.is_leaf() && cb.nritems() + 2 >= max_ptrs(&cb) {
+                let full = !cb.is_leaf() && cb.nritems() + 2 >= max_ptrs(&cb);
+                drop(cb); // split_node modifies it
+                if full {
                     // split_node: the upper half goes to a new node right of it (the parent has
                     // room: it was split on the way down if it was full).
                     let right = self.split_node(owner, cur, slot, new_child)?;
@@ -636,7 +641,9 @@ impl<'a, A: TreeAlloc> TreeWriter<'a, A> {
             self.fixup_low_keys(&path, 0, &k);
         }
         let b = self.get(leaf);
-        if leaf_used(&b) < data_size(&b) / 3 {
+        let underfull = leaf_used(&b) < data_size(&b) / 3;
+        drop(b); // merge_leaf may modify it
+        if underfull {
             self.merge_leaf(root, &path)?;
         }
         Ok(())
@@ -719,7 +726,9 @@ impl<'a, A: TreeAlloc> TreeWriter<'a, A> {
             self.fixup_low_keys(path, level, &k);
         }
         let b = self.get(nb);
-        if b.nritems() < max_ptrs(&b) / 4 {
+        let underfull = b.nritems() < max_ptrs(&b) / 4;
+        drop(b); // merge_node may modify it
+        if underfull {
             self.merge_node(root, path, level)?;
         }
         Ok(())
