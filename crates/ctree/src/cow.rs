@@ -322,6 +322,13 @@ impl<'a, A: TreeAlloc> TreeWriter<'a, A> {
         })
     }
 
+    /// Whether the dirty block `bytenr` is a node with no room for the two pointers a split
+    /// below it can add (so it is split on the way down an insert).
+    fn node_is_full(&self, bytenr: u64) -> bool {
+        let b = self.get(bytenr);
+        !b.is_leaf() && b.nritems() + 2 >= max_ptrs(&b)
+    }
+
     /// COW `bytenr` if it is not dirty yet; returns the (possibly new) address.
     fn cow(&mut self, bytenr: u64, owner: u64) -> Result<u64> {
         if let Some(b) = self.reader.dirty_get(bytenr) {
@@ -363,11 +370,10 @@ impl<'a, A: TreeAlloc> TreeWriter<'a, A> {
         let new_root = self.cow(root.bytenr, owner)?;
         root.bytenr = new_root;
         root.generation = self.transid;
-        if for_insert {
-            let b = self.get(new_root);
-            if !b.is_leaf() && b.nritems() + 2 >= max_ptrs(&b) {
-                self.grow_root(root)?;
-            }
+        // No `Arc<TreeBlock>` of a dirty block may be held across `modify` of that block:
+        // `Arc::make_mut` would copy the whole block (16 KiB) instead of changing it in place.
+        if for_insert && self.node_is_full(new_root) {
+            self.grow_root(root)?;
         }
         let mut rev: Vec<(u64, usize)> = Vec::new();
         let mut cur = root.bytenr;
@@ -389,30 +395,27 @@ impl<'a, A: TreeAlloc> TreeWriter<'a, A> {
                 return Ok((WPath { nodes: rev }, found));
             }
             let slot = node_search(&b, key);
-            let (child, _) = node_child(&b, slot);
-            // Let go of this version before `modify(cur)` below: a second reference would make
-            // `dirty_modify` (Arc::make_mut) copy the whole block for a one-pointer change.
+            let (child, child_gen) = node_child(&b, slot);
             drop(b);
             let mut new_child = self.cow(child, owner)?;
             let gen = self.transid;
-            self.modify(cur, |nb| {
-                let k = node_key(nb, slot);
-                set_ptr(nb, slot, &k, new_child, gen)
-            });
+            // A child already COWed in this transaction keeps its pointer: rewriting the same
+            // bytes would only dirty the cache line (and copy the node if a reader held it).
+            if (new_child, gen) != (child, child_gen) {
+                self.modify(cur, |nb| {
+                    let k = node_key(nb, slot);
+                    set_ptr(nb, slot, &k, new_child, gen)
+                });
+            }
             let mut slot = slot;
-            if for_insert {
-                let cb = self.get(new_child);
-                let full = !cb.is_leaf() && cb.nritems() + 2 >= max_ptrs(&cb);
-                drop(cb); // split_node modifies it
-                if full {
-                    // split_node: the upper half goes to a new node right of it (the parent has
-                    // room: it was split on the way down if it was full).
-                    let right = self.split_node(owner, cur, slot, new_child)?;
-                    let rfirst = node_key(&self.get(right), 0);
-                    if *key >= rfirst {
-                        new_child = right;
-                        slot += 1;
-                    }
+            if for_insert && self.node_is_full(new_child) {
+                // split_node: the upper half goes to a new node right of it (the parent has
+                // room: it was split on the way down if it was full).
+                let right = self.split_node(owner, cur, slot, new_child)?;
+                let rfirst = node_key(&self.get(right), 0);
+                if *key >= rfirst {
+                    new_child = right;
+                    slot += 1;
                 }
             }
             rev.push((cur, slot));
@@ -1027,6 +1030,46 @@ mod tests {
         assert_eq!(root.level, 0);
         assert!(check_tree(&r, &root).unwrap().is_empty());
         assert_eq!(alloc.live.len(), 1);
+    }
+
+    // Test scenario: in one transaction, once a path is dirty, more inserts into the same
+    // leaf change every block of the path in place: no node or leaf is copied again (a copy
+    // of each node per insert cost file creation a 16 KiB memcpy per tree level).
+    #[test]
+    fn inserts_into_a_dirty_path_copy_no_block() {
+        let r = reader();
+        let mut alloc = BumpAlloc::default();
+        let mut w = TreeWriter::new(&r, &mut alloc, 1, template());
+        let mut root = w.create_root(5).unwrap();
+        for i in 0..20000u64 {
+            w.insert_item(&mut root, Key::new(i * 10, 1, 0), &[1; 100])
+                .unwrap();
+        }
+        assert!(root.level >= 2, "level {}", root.level);
+        // Where each block of the path to `k` lives in memory.
+        let path_of = |root: &RootPtr, k: u64| -> Vec<(u64, *const TreeBlock)> {
+            let mut out = Vec::new();
+            let mut cur = root.bytenr;
+            loop {
+                let b = r.dirty_get(cur).expect("dirty");
+                out.push((cur, Arc::as_ptr(&b)));
+                if b.is_leaf() {
+                    return out;
+                }
+                cur = node_child(&b, node_search(&b, &Key::new(k, 1, 0))).0;
+            }
+        };
+        // Keys 300001..300005 go into the last leaf (a split would change the path).
+        w.insert_item(&mut root, Key::new(300001, 1, 0), &[2; 10])
+            .unwrap();
+        let before = path_of(&root, 300001);
+        for j in 2..6u64 {
+            w.insert_item(&mut root, Key::new(300000 + j, 1, 0), &[2; 10])
+                .unwrap();
+        }
+        let after = path_of(&root, 300001);
+        assert_eq!(after, before, "a block of the path was copied");
+        assert_eq!(check_tree(&r, &root).unwrap().len(), 20005);
     }
 
     // Test scenario: a tree built and written in transaction 1 is changed in transaction 2:
