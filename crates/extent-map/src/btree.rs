@@ -306,6 +306,67 @@ pub(crate) fn leaf_mut(t: &mut Link, key: u64) -> Option<(LeafMut<'_>, usize)> {
     }
 }
 
+/// Child indices from the root to a leaf, one per inner level (a B+tree cursor without
+/// borrows, so that it can outlive the tree lock; only valid while the tree's shape does not
+/// change, and checked by its user against the key found at the end).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Path {
+    idx: [u8; PATH_MAX],
+    len: u8,
+}
+
+/// Inner levels a [`Path`] records: more than any tree of 32-way nodes that fits in memory
+/// has (16^12 maps); a deeper path is simply not recorded.
+const PATH_MAX: usize = 12;
+
+/// [`leaf_mut`], also recording the path to the leaf in `path` (`None` if too deep).
+pub(crate) fn leaf_mut_path<'a>(
+    t: &'a mut Link,
+    key: u64,
+    path: &mut Option<Path>,
+) -> Option<(LeafMut<'a>, usize)> {
+    let mut p = Path::default();
+    let mut deep = false;
+    let mut n = cow(t.as_mut()?);
+    loop {
+        match n {
+            Node::Inner { keys, children } => {
+                let i = child_idx(keys, key);
+                match p.idx.get_mut(usize::from(p.len)) {
+                    // MAX children fit in a u8.
+                    Some(d) => {
+                        *d = i as u8;
+                        p.len += 1;
+                    }
+                    None => deep = true,
+                }
+                n = cow(&mut children[i]);
+            }
+            Node::Leaf(s) => {
+                let i = s.binary_search_by_key(&key, |x| x.em.start).ok()?;
+                *path = (!deep).then_some(p);
+                return Some((LeafMut { slots: s }, i));
+            }
+        }
+    }
+}
+
+/// The leaf at the end of `path` (its path copied if shared), if following it from the root
+/// reaches a leaf; `None` if the tree's shape no longer has that path.
+pub(crate) fn leaf_mut_at<'a>(t: &'a mut Link, path: &Path) -> Option<LeafMut<'a>> {
+    let mut n = cow(t.as_mut()?);
+    for &i in &path.idx[..usize::from(path.len)] {
+        match n {
+            Node::Inner { children, .. } => n = cow(children.get_mut(usize::from(i))?),
+            Node::Leaf(_) => return None,
+        }
+    }
+    match n {
+        Node::Leaf(s) => Some(LeafMut { slots: s }),
+        Node::Inner { .. } => None,
+    }
+}
+
 /// Inserts into `n`; returns the right half and its first key if `n` split.
 fn insert_in(n: &mut Node, slot: Slot) -> Option<(u64, Arc<Node>)> {
     match n {

@@ -147,6 +147,20 @@ impl Ids {
         }
     }
 
+    /// Frees `id` at once if nothing holds it: for a caller that provably keeps no copy of it
+    /// for the rest of the critical section (the section-local copies that
+    /// [`Ids::end_section`] protects).
+    fn free_if_unheld(&mut self, id: EmId, detached: &mut HashMap<EmId, ExtentMap>) {
+        let n = &mut self.nodes[id as usize];
+        if n.holders == 0 && n.state & ARENA_FREE == 0 {
+            n.state = ARENA_FREE;
+            self.free.push(id);
+            if !detached.is_empty() {
+                detached.remove(&id);
+            }
+        }
+    }
+
     /// End of a critical section: ids still without holder go to the free list (all of them
     /// at once, with their memory, when nothing is held any more).
     fn end_section(&mut self, detached: &mut HashMap<EmId, ExtentMap>) {
@@ -278,6 +292,20 @@ pub(crate) struct TreeW {
     detached: HashMap<EmId, ExtentMap>,
     next_seq: u64,
     next_pass: u64,
+    /// Critical sections begun on this tree (by anyone): a logging pass's [`LogCursor`] is
+    /// used only if no other section ran since the pass's previous one.
+    sections: u64,
+}
+
+/// Where a logging pass's next map sits in the working tree (path and slot index), as left by
+/// the pass's previous critical section, so that the next `btrfs_clear_em_logging` finds the
+/// leaf without a search. Valid only in the section right after section `section` of the
+/// same tree; even then the slot found is checked (key and identity) before use.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LogCursor {
+    section: u64,
+    path: btree::Path,
+    at: usize,
 }
 
 /// `struct extent_map_tree`: published version for readers, writer state behind the lock.
@@ -314,6 +342,7 @@ impl ExtentMapTree {
                 detached: HashMap::new(),
                 next_seq: 1,
                 next_pass: 1,
+                sections: 0,
             }),
             waiters: AtomicU32::new(0),
             reclaim: Arc::new(Reclaim::default()),
@@ -945,7 +974,7 @@ impl<'a> Locked<'a> {
                     Some(std::mem::replace(slot, Slot { em, id: cur.id }))
                 });
                 if let Some(prev) = taken {
-                    self.merged_away([Some(prev), None]);
+                    self.merged_away(&[Some(prev), None], false);
                 }
             }
         }
@@ -957,7 +986,7 @@ impl<'a> Locked<'a> {
             em = merged_with_next(em, &next);
             if let Some(next) = btree::remove(&mut self.w.root, next.start) {
                 self.update(em.start, |v| *v = em);
-                self.merged_away([Some(next), None]);
+                self.merged_away(&[Some(next), None], false);
             }
         }
         em.start
@@ -996,18 +1025,32 @@ impl<'a> Locked<'a> {
         if btree::leaf_is_small(leaf.slots().len()) {
             btree::rebalance(&mut self.w.root, plan.em.start);
         }
-        self.merged_away(gone);
+        self.merged_away(&gone, false);
         Some(plan.em.start)
     }
 
     /// Bookkeeping of the maps a merge took out of the tree: each hands back the tree's
     /// holder and its reference.
-    fn merged_away(&mut self, gone: [Option<Slot>; 2]) {
-        for gone in gone.into_iter().flatten() {
+    ///
+    /// `free_now`: the caller keeps no copy of these ids for the rest of the critical section
+    /// (see [`Ids::free_if_unheld`]).
+    fn merged_away(&mut self, gone: &[Option<Slot>; 2], free_now: bool) {
+        // By reference: moving the 160-byte array into an iterator cost a `memcpy` call.
+        for gone in gone.iter().flatten() {
             self.w.nr = self.w.nr.saturating_sub(1);
             self.w.dirty = true;
-            self.leave_tree(gone.id);
-            self.put(gone.id, &gone.em);
+            if free_now {
+                let n = self.w.ids.get_mut(gone.id);
+                n.state &= !IN_TREE;
+                debug_assert!(n.holders > 0, "identity {} left the tree twice", gone.id);
+                n.holders = n.holders.saturating_sub(1);
+                self.put(gone.id, &gone.em);
+                let w = &mut *self.w;
+                w.ids.free_if_unheld(gone.id, &mut w.detached);
+            } else {
+                self.leave_tree(gone.id);
+                self.put(gone.id, &gone.em);
+            }
             self.evictable_add(-1);
         }
     }
@@ -1074,34 +1117,64 @@ impl<'a> Locked<'a> {
     /// `btrfs_clear_em_logging`: clear LOGGING; merge if still in the tree.
     /// Returns the map's value afterwards if it is in the tree.
     pub(crate) fn clear_em_logging(&mut self, id: EmId, start: u64) -> Option<ExtentMap> {
-        self.clear_em_logging_peek(id, start, None).0
+        self.clear_em_logging_peek(id, start, None, &mut None).0
     }
 
     /// [`Locked::clear_em_logging`], also returning the current value of map `next` if it is
     /// the map right after this one in the same leaf: what [`Locked::current_value`] would
     /// return for it, without another descent. fsync's next map is usually that one.
+    ///
+    /// `cursor`: in, where the previous section of the same logging pass left this map (used
+    /// only if no other critical section ran on the tree since, and if the slot there is
+    /// this map); out, where map `next` is when the value returned for it came from the same
+    /// leaf and the leaf kept its place in the tree.
     pub(crate) fn clear_em_logging_peek(
         &mut self,
         id: EmId,
         start: u64,
         next: Option<EmId>,
+        cursor: &mut Option<LogCursor>,
     ) -> (Option<ExtentMap>, Option<ExtentMap>) {
         let peek = |leaf: &btree::LeafMut<'_>, at: usize| {
             let s = leaf.slots().get(at + 1)?;
             (Some(s.id) == next).then_some(s.em)
         };
+        let cur = cursor.take();
         if self.st(id) & IN_TREE == 0 {
             return (None, None);
         }
         // One descent clears the flag and, when the neighbours are in the same leaf, merges.
         // (If the slot at `start` is another map, its path was copied for nothing: harmless.)
         let w = &mut *self.w;
-        let Some((mut leaf, i)) = btree::leaf_mut(&mut w.root, start) else {
-            return (None, None);
+        let section = w.sections;
+        let is_this = |leaf: &btree::LeafMut<'_>, at: usize| {
+            leaf.slots()
+                .get(at)
+                .is_some_and(|s| s.em.start == start && s.id == id)
         };
-        if leaf.slots()[i].id != id {
-            return (None, None);
-        }
+        let mut path = None;
+        // Keys are unique, so a slot with this key and identity is this map wherever the
+        // cursor's path led; the section check only avoids following a path into a tree
+        // that changed shape.
+        let cached = cur
+            .filter(|c| c.section + 1 == section)
+            .and_then(|c| {
+                path = Some(c.path);
+                Some((btree::leaf_mut_at(&mut w.root, &c.path)?, c.at))
+            })
+            .filter(|(leaf, at)| is_this(leaf, *at));
+        let (mut leaf, i) = match cached {
+            Some(found) => found,
+            None => {
+                let Some((leaf, i)) = btree::leaf_mut_path(&mut w.root, start, &mut path) else {
+                    return (None, None);
+                };
+                if !is_this(&leaf, i) {
+                    return (None, None);
+                }
+                (leaf, i)
+            }
+        };
         w.dirty = true;
         let mut em = leaf.slots()[i].em;
         em.flags &= !flags::LOGGING;
@@ -1110,16 +1183,33 @@ impl<'a> Locked<'a> {
             let key = self.try_merge_map(start);
             return (self.slot(key).map(|s| s.em), None);
         };
+        let keep_cursor = |leaf_moves: bool, next_value: &Option<ExtentMap>, at: usize| match (
+            leaf_moves, next_value, path,
+        ) {
+            (false, Some(_), Some(path)) => Some(LogCursor {
+                section,
+                path,
+                at: at + 1,
+            }),
+            _ => None,
+        };
         if !plan.prev && !plan.next {
-            return (Some(em), peek(&leaf, i));
+            let next_value = peek(&leaf, i);
+            *cursor = keep_cursor(false, &next_value, i);
+            return (Some(em), next_value);
         }
         let gone = apply_merge_in_leaf(&mut leaf, i, &plan);
         let at = if plan.prev { i - 1 } else { i };
         let next_value = peek(&leaf, at);
-        if btree::leaf_is_small(leaf.slots().len()) {
+        let small = btree::leaf_is_small(leaf.slots().len());
+        *cursor = keep_cursor(small, &next_value, at);
+        if small {
             btree::rebalance(&mut w.root, plan.em.start);
         }
-        self.merged_away(gone);
+        // No copy of a merged-away map's id outlives this call: the caller's own map absorbed
+        // it and map `next` is listed (listed maps never merge), so an id nothing else holds is
+        // freed now rather than at the end of the section.
+        self.merged_away(&gone, true);
         (Some(plan.em), next_value)
     }
 
@@ -1414,6 +1504,8 @@ impl BtrfsInode {
                 w
             }
         };
+        let mut w = w;
+        w.sections += 1;
         Locked {
             inode: self,
             w,
@@ -1425,11 +1517,14 @@ impl BtrfsInode {
     /// `write_trylock` of the tree lock.
     pub(crate) fn try_lock_tree(&self) -> Option<Locked<'_>> {
         self.tree.reclaim();
-        self.tree.writer.try_lock().map(|w| Locked {
-            inode: self,
-            w,
-            defer_publish: false,
-            evictable_delta: 0,
+        self.tree.writer.try_lock().map(|mut w| {
+            w.sections += 1;
+            Locked {
+                inode: self,
+                w,
+                defer_publish: false,
+                evictable_delta: 0,
+            }
         })
     }
 

@@ -21,7 +21,7 @@
 use std::sync::atomic::Ordering;
 
 use crate::em::{flags, EmError, ExtentMap};
-use crate::extent_map::{BtrfsInode, EmId};
+use crate::extent_map::{BtrfsInode, EmId, LogCursor};
 use crate::sched::SchedPoint;
 use crate::stats::{Counters, Invariant};
 
@@ -41,6 +41,8 @@ pub struct LoggingPass<'a> {
     /// The map handed out last, to clear and release before handing out the next. The pass
     /// holds its identity (the id is not reused) until then.
     current: Option<(EmId, ExtentMap)>,
+    /// Where `current` was left in the tree at the end of the previous critical section.
+    cursor: Option<LogCursor>,
     err: bool,
     efbig: bool,
     /// Maps handed out and not yet added to [`crate::Stats::maps_logged`] (added once, when
@@ -97,6 +99,7 @@ impl BtrfsInode {
                 pass,
                 order,
                 current: None,
+                cursor: None,
                 err: false,
                 efbig: false,
                 logged: 0,
@@ -140,6 +143,7 @@ impl BtrfsInode {
             pass,
             order,
             current: None,
+            cursor: None,
             err: efbig,
             efbig,
             logged: 0,
@@ -195,7 +199,7 @@ impl LoggingPass<'_> {
             let next = (!self.err)
                 .then(|| l.w.logging.peek_id(self.order.start))
                 .flatten();
-            let (v, nv) = l.clear_em_logging_peek(id, em.start, next);
+            let (v, nv) = l.clear_em_logging_peek(id, em.start, next, &mut self.cursor);
             next_value = nv;
             l.put(id, &v.unwrap_or(em));
             l.release(id);
