@@ -259,18 +259,57 @@ fn open_device(path: &Path, readonly: bool) -> Result<Device> {
             path.display()
         )));
     }
+    let exclusive = is_blk && !readonly;
     let mut oo = OpenOptions::new();
     oo.read(true).write(!readonly);
-    if is_blk && !readonly {
+    if exclusive {
         use std::os::unix::fs::OpenOptionsExt;
         oo.custom_flags(libc::O_EXCL);
     }
-    let mut file: File = oo
-        .open(path)
-        .map_err(|e| FsError::Mount(format!("{}: {e}", path.display())))?;
-    // One image, one writer: shared lock for read-only mounts, exclusive for read-write.
-    // A daemon that was just unmounted may still be writing its last commit (umount returns
-    // before a FUSE daemon finishes): wait for it rather than race it, within a bound.
+    // One image, one writer. A daemon that was just unmounted may still be writing its last
+    // commit and closing the image (umount returns before a FUSE daemon finishes), so every
+    // sign of another user below is waited out, all within one bound, before giving up:
+    // - a block device still claimed (O_EXCL) by its previous daemon: the open fails EBUSY;
+    // - the lock on the image: shared for read-only mounts, exclusive for read-write;
+    // - a loop device of the kernel over the image being detached (losetup -d is asynchronous).
+    // What cannot be a departing daemon (a mount by the kernel) is refused at once.
+    let wait = device_wait();
+    let deadline = std::time::Instant::now() + wait;
+    let mut warned = false;
+    let mut wait_a_little = |what: &str| {
+        if !warned {
+            tracing::warn!(
+                "{}: {what}; waiting up to {} for it to be released",
+                path.display(),
+                show_wait(wait)
+            );
+            warned = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut file: File = loop {
+        match oo.open(path) {
+            Ok(f) => break f,
+            Err(e) if exclusive && e.raw_os_error() == Some(libc::EBUSY) => {
+                if let Some(mnt) = kernel_mount_of(&meta) {
+                    return Err(FsError::Mount(format!(
+                        "{}: in use: mounted by the kernel at {mnt}",
+                        path.display()
+                    )));
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(FsError::Mount(format!(
+                        "{}: in use: opened exclusively by another program (a mount, \
+                         another ubtrfs daemon, ...) and still busy after {}",
+                        path.display(),
+                        show_wait(wait)
+                    )));
+                }
+                wait_a_little("busy (opened exclusively by another program)");
+            }
+            Err(e) => return Err(FsError::Mount(format!("{}: {e}", path.display()))),
+        }
+    };
     let try_lock = |f: &File| {
         if readonly {
             f.try_lock_shared()
@@ -278,27 +317,16 @@ fn open_device(path: &Path, readonly: bool) -> Result<Device> {
             f.try_lock()
         }
     };
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
-    let mut warned = false;
     while try_lock(&file).is_err() {
         if std::time::Instant::now() >= deadline {
             return Err(FsError::Mount(format!(
-                "{}: in use by another ubtrfs mount (lock held for {} s)",
+                "{}: in use by another ubtrfs mount (lock held for {})",
                 path.display(),
-                LOCK_WAIT.as_secs()
+                show_wait(wait)
             )));
         }
-        if !warned {
-            tracing::warn!(
-                "{}: waiting for the ubtrfs daemon that holds it to finish",
-                path.display()
-            );
-            warned = true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        wait_a_little("locked by another ubtrfs daemon");
     }
-    // The kernel holding the image through a loop device is refused the same way; a loop
-    // device being detached right now (losetup -d after umount is asynchronous) is waited for.
     while let Some(loopdev) = kernel_loop_holder(path) {
         let mounted = std::fs::read_to_string("/proc/self/mounts")
             .map(|m| {
@@ -312,7 +340,7 @@ fn open_device(path: &Path, readonly: bool) -> Result<Device> {
                 path.display()
             )));
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        wait_a_little(&format!("attached to {loopdev}"));
     }
     let size = file
         .seek(SeekFrom::End(0))
@@ -323,6 +351,79 @@ fn open_device(path: &Path, readonly: bool) -> Result<Device> {
     } else {
         dev.with_direct_data_writes()
     })
+}
+
+/// The bound on [`open_device`]'s wait: [`LOCK_WAIT`], or `UBTRFS_DEVICE_WAIT_MS` when set
+/// (tests use a short one to see the refusal without waiting half a minute).
+fn device_wait() -> std::time::Duration {
+    std::env::var("UBTRFS_DEVICE_WAIT_MS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(std::time::Duration::from_millis)
+        .unwrap_or(LOCK_WAIT)
+}
+
+fn show_wait(d: std::time::Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+/// Where the kernel has the block device `dev` mounted, if it has (in this mount namespace).
+/// FUSE mounts (not fuseblk, which the kernel holds) are skipped: their source is only a name
+/// (a ubtrfs daemon names its device there), and a ubtrfs daemon is waited for.
+fn kernel_mount_of(dev: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    for line in info.lines() {
+        // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS"
+        let Some((head, tail)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut t = tail.split(' ');
+        let (Some(fstype), Some(source)) = (t.next(), t.next()) else {
+            continue;
+        };
+        if fstype == "fuse" || fstype.starts_with("fuse.") {
+            continue;
+        }
+        let source = unescape_mountinfo(source);
+        if !source.starts_with('/') {
+            continue;
+        }
+        let Ok(m) = std::fs::metadata(&source) else {
+            continue;
+        };
+        if m.file_type().is_block_device() && m.rdev() == dev.rdev() {
+            let mountpoint = head.split(' ').nth(4).unwrap_or("?");
+            return Some(unescape_mountinfo(mountpoint));
+        }
+    }
+    None
+}
+
+/// Undo mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .map(|d| d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0')))
+            .and_then(|v| u8::try_from(v).ok());
+        if let Some(c) = octal {
+            out.push(c);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The loop device backed by `path`, if the kernel has one attached (it may be mounted).
@@ -1317,4 +1418,25 @@ pub struct StatFs {
     pub bfree: u64,
     pub bavail: u64,
     pub namelen: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mountinfo("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape_mountinfo("/x\\011y\\134z"), "/x\ty\\z");
+        // Not an escape: too short, not octal, or above a byte; kept as written.
+        assert_eq!(unescape_mountinfo("/a\\04"), "/a\\04");
+        assert_eq!(unescape_mountinfo("/a\\09x"), "/a\\09x");
+        assert_eq!(unescape_mountinfo("/a\\777"), "/a\\777");
+    }
+
+    #[test]
+    fn wait_is_shown_in_its_unit() {
+        assert_eq!(show_wait(std::time::Duration::from_secs(30)), "30 s");
+        assert_eq!(show_wait(std::time::Duration::from_millis(1500)), "1500 ms");
+    }
 }

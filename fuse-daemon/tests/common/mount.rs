@@ -216,6 +216,17 @@ impl Mount {
         opts: &str,
         mount_timeout: Duration,
     ) -> Result<Mount, MountFailure> {
+        Self::try_new_env(image, mnt, opts, mount_timeout, &[])
+    }
+
+    /// As [`Mount::try_new_timeout`], with extra environment variables for the daemon.
+    pub fn try_new_env(
+        image: &Path,
+        mnt: &Path,
+        opts: &str,
+        mount_timeout: Duration,
+        env: &[(&str, &str)],
+    ) -> Result<Mount, MountFailure> {
         require_tool("fusermount3");
         let mnt = fs::canonicalize(mnt).unwrap_or_else(|e| panic!("mount point {mnt:?}: {e}"));
         let stderr_path = mnt.with_extension(format!("ubtrfs-stderr.{}", unique()));
@@ -230,6 +241,7 @@ impl Mount {
             .arg(opts)
             .arg(image)
             .arg(&mnt)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out_file)
             .stderr(err_file)
@@ -582,4 +594,56 @@ impl Drop for LoopMount {
 pub fn drop_caches() {
     let _ = run_with_timeout(&mut Command::new("sync"), Duration::from_secs(120));
     let _ = fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// A loop device over an image file, for mounting the daemon on a block device; detached on
+/// drop (also while unwinding). Declare it before the [`Mount`]s that use it, so that they
+/// are dropped (unmounted, daemon reaped) first.
+pub struct LoopDevice {
+    dev: String,
+}
+
+impl LoopDevice {
+    /// `losetup --find --show IMAGE`.
+    pub fn attach(image: &Path) -> LoopDevice {
+        require_tool("losetup");
+        let out = run_with_timeout(
+            Command::new("losetup")
+                .arg("--find")
+                .arg("--show")
+                .arg(image),
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|| panic!("losetup --find --show {image:?} hung"));
+        assert!(
+            out.status.success(),
+            "losetup --find --show {image:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
+        LoopDevice { dev }
+    }
+
+    pub fn path(&self) -> &Path {
+        Path::new(&self.dev)
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            let ok = run_with_timeout(
+                Command::new("losetup").arg("-d").arg(&self.dev),
+                Duration::from_secs(30),
+            )
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("warning: could not detach {}", self.dev);
+    }
 }
