@@ -1722,8 +1722,17 @@ fn assert_same_as_host(ub: &Snapshot, host: &Snapshot, ctx: &str) {
     assert_eq!(gu, gh, "{ctx}: hard link groups");
 }
 
-/// (mtime, ctime) by path.
-type TimeMap = BTreeMap<String, ((i64, u32), (i64, u32))>;
+/// The times of one object, with its identity: `(root, ino)` in ubtrfs, `(dev, ino)` on the
+/// host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Times {
+    id: (u64, u64),
+    mtime: (i64, u32),
+    ctime: (i64, u32),
+}
+
+/// The times of every object, by path.
+type TimeMap = BTreeMap<String, Times>;
 
 /// (mtime, ctime) of every object by path, without reading content: ubtrfs side.
 fn ubtrfs_times(fs: &FsInfo) -> TimeMap {
@@ -1732,10 +1741,11 @@ fn ubtrfs_times(fs: &FsInfo) -> TimeMap {
         ubtrfs_fs::file_write::live_attrs(fs, root, dir, &mut ii);
         out.insert(
             path.to_string(),
-            (
-                (ii.mtime.sec as i64, ii.mtime.nsec),
-                (ii.ctime.sec as i64, ii.ctime.nsec),
-            ),
+            Times {
+                id: (root, dir),
+                mtime: (ii.mtime.sec as i64, ii.mtime.nsec),
+                ctime: (ii.ctime.sec as i64, ii.ctime.nsec),
+            },
         );
         if ii.mode & S_IFMT != S_IFDIR {
             return;
@@ -1767,10 +1777,11 @@ fn host_times(dir: &Path) -> TimeMap {
         let md = std::fs::symlink_metadata(p).unwrap();
         out.insert(
             rel.to_string(),
-            (
-                (md.mtime(), md.mtime_nsec() as u32),
-                (md.ctime(), md.ctime_nsec() as u32),
-            ),
+            Times {
+                id: (md.dev(), md.ino()),
+                mtime: (md.mtime(), md.mtime_nsec() as u32),
+                ctime: (md.ctime(), md.ctime_nsec() as u32),
+            },
         );
         if md.is_dir() {
             for e in std::fs::read_dir(p).unwrap() {
@@ -1787,21 +1798,66 @@ fn host_times(dir: &Path) -> TimeMap {
     out
 }
 
-/// Paths whose mtime / ctime changed between two time maps (paths present in both).
+/// The paths (after the operation) of the objects whose mtime / ctime the operation changed:
+/// each object is compared with itself, found by identity wherever the operation moved it;
+/// objects the operation created are left out. Comparing by path would compare two different
+/// objects where the operation put one in place of another (a rename over an existing name,
+/// RENAME_EXCHANGE), and whether their times are equal is then a matter of clock ticks: the
+/// host stamps objects changed by different operations with the same coarse time when the
+/// coarse clock stalls across them, and the two parents of one rename with different times
+/// when a tick falls between the two stamps, where ubtrfs takes one fine-grained time per
+/// operation.
 fn changed_times(before: &TimeMap, after: &TimeMap) -> (BTreeSet<String>, BTreeSet<String>) {
+    let by_id: BTreeMap<(u64, u64), &Times> = before.values().map(|t| (t.id, t)).collect();
     let mut m = BTreeSet::new();
     let mut c = BTreeSet::new();
-    for (p, (am, ac)) in after {
-        if let Some((bm, bc)) = before.get(p) {
-            if am != bm {
+    for (p, a) in after {
+        if let Some(b) = by_id.get(&a.id) {
+            if a.mtime != b.mtime {
                 m.insert(p.clone());
             }
-            if ac != bc {
+            if a.ctime != b.ctime {
                 c.insert(p.clone());
             }
         }
     }
     (m, c)
+}
+
+/// Waits until the coarse realtime clock is past every time in `maps`, so that every time the
+/// next operation sets, on either side, differs from the one it replaces. The host takes its
+/// timestamps from that clock (a multigrain filesystem takes a fine-grained time instead only
+/// for an inode whose times were read since its last change, and never one behind the coarse
+/// clock); ubtrfs takes them from the fine-grained realtime clock, which is never behind the
+/// coarse one. A sleep of one tick (4 ms at HZ=250) is not enough: when the CPU that keeps
+/// time is held up (a VM whose vCPU is not running), the coarse clock stands still for up to
+/// a few ticks before another CPU updates it (measured here under load: up to 17 ms). The
+/// wait is bounded (1 s): only a clock stepped back, after which new times differ from the
+/// old ones anyway, or a time in the future could hold it up longer, and neither is a reason
+/// to hang the test.
+fn wait_for_clock_past(maps: &[&TimeMap]) {
+    let Some(max) = maps
+        .iter()
+        .flat_map(|m| m.values())
+        .flat_map(|t| [t.mtime, t.ctime])
+        .max()
+    else {
+        return;
+    };
+    let start = std::time::Instant::now();
+    loop {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+        assert_eq!(rc, 0, "clock_gettime(CLOCK_REALTIME_COARSE)");
+        if (ts.tv_sec, ts.tv_nsec as u32) > max || start.elapsed().as_secs() >= 1 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(500));
+    }
 }
 
 /// SEEK_DATA / SEEK_HOLE of every regular file, at a few offsets, by ubtrfs and the kernel.
@@ -1872,8 +1928,7 @@ fn run_random(seed: u64, kind: Mkfs, extra: &[&str], steps: usize) {
         }
         let (hb, ub) = (host_times(&host), ubtrfs_times(&f.fs));
         // Let the clock move so that every time update is visible.
-        // (the host's timestamps come from the coarse clock, one tick is 4 ms at HZ=250).
-        std::thread::sleep(std::time::Duration::from_millis(5));
+        wait_for_clock_past(&[&hb, &ub]);
         let h = host_apply(&mut model, &op);
         let u = if let Op::Remount = op {
             // A crash with files open: their orphans are cleaned up at the next mount.
