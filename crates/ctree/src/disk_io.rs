@@ -571,7 +571,7 @@ mod tests {
     use super::*;
     use crate::volumes::BlockDevice;
     use std::os::unix::fs::FileExt;
-    use ubtrfs_format::items::{bg_flags, ChunkItem, Stripe};
+    use ubtrfs_format::items::{bg_flags, ChunkItem};
 
     const NODE: usize = 16384;
 
@@ -599,25 +599,7 @@ mod tests {
     }
 
     fn chunk(ty: u64, stripes: &[(u64, u64)]) -> ChunkItem {
-        ChunkItem {
-            length: 1 << 20,
-            owner: 2,
-            stripe_len: 65536,
-            chunk_type: ty,
-            io_align: 65536,
-            io_width: 65536,
-            sector_size: 4096,
-            num_stripes: stripes.len() as u16,
-            sub_stripes: 0,
-            stripes: stripes
-                .iter()
-                .map(|&(devid, offset)| Stripe {
-                    devid,
-                    offset,
-                    dev_uuid: [0; 16],
-                })
-                .collect(),
-        }
+        crate::volumes::tests::chunk_of_len(1 << 20, ty, stripes, 0)
     }
 
     fn block(tag: u8) -> Vec<u8> {

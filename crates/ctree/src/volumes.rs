@@ -468,13 +468,23 @@ impl ChunkMap {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use ubtrfs_format::items::Stripe;
 
     fn chunk(ty: u64, stripes: &[(u64, u64)], sub: u16) -> ChunkItem {
+        chunk_of_len(1 << 30, ty, stripes, sub)
+    }
+
+    /// A chunk item for tests: `length` bytes of profile `ty` over `stripes` (devid, offset).
+    pub(crate) fn chunk_of_len(
+        length: u64,
+        ty: u64,
+        stripes: &[(u64, u64)],
+        sub: u16,
+    ) -> ChunkItem {
         ChunkItem {
-            length: 1 << 30,
+            length,
             owner: 2,
             stripe_len: 65536,
             chunk_type: ty,

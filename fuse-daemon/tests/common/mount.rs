@@ -567,18 +567,7 @@ impl LoopMount {
             self.mounted = false;
         }
         if !self.dev.is_empty() {
-            for _ in 0..50 {
-                let ok = run_with_timeout(
-                    Command::new("losetup").arg("-d").arg(&self.dev),
-                    Duration::from_secs(30),
-                )
-                .map(|o| o.status.success())
-                .unwrap_or(false);
-                if ok {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            detach_loop(&self.dev);
             self.dev.clear();
         }
     }
@@ -632,18 +621,26 @@ impl LoopDevice {
 
 impl Drop for LoopDevice {
     fn drop(&mut self) {
-        for _ in 0..50 {
-            let ok = run_with_timeout(
-                Command::new("losetup").arg("-d").arg(&self.dev),
-                Duration::from_secs(30),
-            )
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-            if ok {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        if !detach_loop(&self.dev) {
+            eprintln!("warning: could not detach {}", self.dev);
         }
-        eprintln!("warning: could not detach {}", self.dev);
     }
+}
+
+/// `losetup -d DEV`, retried for about 5 s while the device is still busy (a daemon or the
+/// kernel closing it); whether it was detached.
+fn detach_loop(dev: &str) -> bool {
+    for _ in 0..50 {
+        let ok = run_with_timeout(
+            Command::new("losetup").arg("-d").arg(dev),
+            Duration::from_secs(30),
+        )
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+        if ok {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
 }
