@@ -685,7 +685,9 @@ mod tests {
             raid0 + 4 * n,
             raid0 + 3 * n,
         ];
-        let datas: Vec<Vec<u8>> = (0..addrs.len()).map(|i| block(i as u8 * 37 + 1)).collect();
+        let datas: Vec<Vec<u8>> = (0..addrs.len())
+            .map(|i| block((i as u8).wrapping_mul(37).wrapping_add(1)))
+            .collect();
         let mut blocks: Vec<(u64, &[u8])> = addrs
             .iter()
             .zip(&datas)
