@@ -1082,15 +1082,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ubtrfs-cow-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("dev");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(64 << 20).unwrap();
-        let dev = Arc::new(Device::from_file(1, file, 64 << 20, path.clone()));
+        let dev = Arc::new(Device::scratch_file(1, &path, 64 << 20));
         let r = BlockReader::with_geometry(
             vec![dev],
             4096,

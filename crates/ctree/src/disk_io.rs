@@ -625,15 +625,7 @@ mod tests {
     #[test]
     fn write_tree_blocks_puts_every_block_where_the_chunk_map_says() {
         let path = std::env::temp_dir().join(format!("ubtrfs-wtb-{}.img", std::process::id()));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(8 << 20).unwrap();
-        let dev1 = Arc::new(Device::from_file(1, file, 8 << 20, path.clone()));
+        let dev1 = Arc::new(Device::scratch_file(1, &path, 8 << 20));
         let mems: Vec<Arc<Mem>> = (0..2)
             .map(|_| {
                 Arc::new(Mem {

@@ -62,6 +62,23 @@ pub const DIRECT_IO_ALIGN: usize = 4096;
 /// fresh page-cache pages dominates.
 pub const DIRECT_IO_MIN: usize = 1 << 20;
 
+#[cfg(test)]
+impl Device {
+    /// For tests: a device on a new zero-filled file of `size` bytes at `path` (truncated if
+    /// it exists); the caller removes the file.
+    pub(crate) fn scratch_file(devid: u64, path: &std::path::Path, size: u64) -> Device {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .unwrap();
+        file.set_len(size).unwrap();
+        Device::from_file(devid, file, size, path.to_path_buf())
+    }
+}
+
 impl Device {
     /// A device reached through an opened file.
     pub fn from_file(devid: u64, file: File, size: u64, path: std::path::PathBuf) -> Device {
