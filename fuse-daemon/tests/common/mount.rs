@@ -486,21 +486,7 @@ impl LoopMount {
         require_tool("losetup");
         require_tool("mount");
         let ro = opts.split(',').any(|o| o == "ro");
-        let mut cmd = Command::new("losetup");
-        cmd.arg("--find").arg("--show");
-        if ro {
-            cmd.arg("-r");
-        }
-        cmd.arg(image);
-        let out = run_with_timeout(&mut cmd, Duration::from_secs(30))
-            .unwrap_or_else(|| panic!("losetup --find --show {image:?} hung"));
-        assert!(
-            out.status.success(),
-            "losetup --find --show {image:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
+        let dev = attach_loop(image, ro);
         let mnt = fs::canonicalize(mnt).unwrap_or_else(|e| panic!("mount point {mnt:?}: {e}"));
         let mut m = LoopMount {
             dev,
@@ -596,22 +582,9 @@ impl LoopDevice {
     /// `losetup --find --show IMAGE`.
     pub fn attach(image: &Path) -> LoopDevice {
         require_tool("losetup");
-        let out = run_with_timeout(
-            Command::new("losetup")
-                .arg("--find")
-                .arg("--show")
-                .arg(image),
-            Duration::from_secs(30),
-        )
-        .unwrap_or_else(|| panic!("losetup --find --show {image:?} hung"));
-        assert!(
-            out.status.success(),
-            "losetup --find --show {image:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
-        LoopDevice { dev }
+        LoopDevice {
+            dev: attach_loop(image, false),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -625,6 +598,26 @@ impl Drop for LoopDevice {
             eprintln!("warning: could not detach {}", self.dev);
         }
     }
+}
+
+/// `losetup --find --show [-r] IMAGE`: the loop device attached (panics if losetup fails).
+fn attach_loop(image: &Path, read_only: bool) -> String {
+    let mut cmd = Command::new("losetup");
+    cmd.arg("--find").arg("--show");
+    if read_only {
+        cmd.arg("-r");
+    }
+    cmd.arg(image);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("losetup --find --show {image:?} hung"));
+    assert!(
+        out.status.success(),
+        "losetup --find --show {image:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
+    dev
 }
 
 /// `losetup -d DEV`, retried for about 5 s while the device is still busy (a daemon or the
