@@ -90,22 +90,23 @@ sb = os.urandom(4 * KIB)
 hole_next = [ALLOC + 64 * MIB]
 
 
+def take(cursor, end, nbytes, what):
+    """The next `nbytes` of a never-written region: cursor = [next offset], region ends at end."""
+    off = cursor[0]
+    cursor[0] += nbytes
+    if cursor[0] > end:
+        raise SystemExit(f"fsync-floor: ran out of {what}; lower BENCH_N")
+    return off
+
+
 def fresh(nbytes):
     """The next never-written range of the image (a hole until now)."""
-    off = hole_next[0]
-    hole_next[0] += nbytes
-    if hole_next[0] > FALLOC:
-        raise SystemExit("fsync-floor: ran out of holes; lower BENCH_N")
-    return off
+    return take(hole_next, FALLOC, nbytes, "holes")
 
 
 def fallocated(nbytes):
     """The next preallocated, never-written range."""
-    off = falloc_next[0]
-    falloc_next[0] += nbytes
-    if falloc_next[0] > SIZE:
-        raise SystemExit("fsync-floor: ran out of preallocated space; lower BENCH_N")
-    return off
+    return take(falloc_next, SIZE, nbytes, "preallocated space")
 
 
 def alloc_data():
