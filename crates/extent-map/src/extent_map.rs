@@ -164,16 +164,13 @@ impl Ids {
     /// End of a critical section: ids still without holder go to the free list (all of them
     /// at once, with their memory, when nothing is held any more).
     fn end_section(&mut self, detached: &mut HashMap<EmId, ExtentMap>) {
-        for id in self.pending.drain(..) {
-            let n = &mut self.nodes[id as usize];
-            if n.holders == 0 && n.state & ARENA_FREE == 0 {
-                n.state = ARENA_FREE;
-                self.free.push(id);
-                if !detached.is_empty() {
-                    detached.remove(&id);
-                }
-            }
+        // Taken out (and put back, keeping its allocation) so that each id can go through
+        // `free_if_unheld`, which borrows all of `self`.
+        let mut pending = std::mem::take(&mut self.pending);
+        for id in pending.drain(..) {
+            self.free_if_unheld(id, detached);
         }
+        self.pending = pending;
         if self.free.len() == self.nodes.len() && !self.nodes.is_empty() {
             self.nodes = Vec::new();
             self.free = Vec::new();
