@@ -40,13 +40,32 @@ const MIN: usize = MAX / 4;
 /// A tree (its root). `None` is the empty tree.
 pub(crate) type Link = Option<Arc<Node>>;
 
-#[derive(Clone)]
 pub(crate) enum Node {
     Leaf(Vec<Slot>),
     Inner {
         keys: Vec<u64>,
         children: Vec<Arc<Node>>,
     },
+}
+
+/// A copy made by [`cow`] (through `Arc::make_mut`) is about to be changed, most often by one
+/// insertion (a writer's new map, or a child's split): it gets room for one more entry, so
+/// that the insertion does not reallocate (and copy) the node a second time.
+impl Clone for Node {
+    fn clone(&self) -> Self {
+        fn with_room<T: Clone>(v: &[T]) -> Vec<T> {
+            let mut c = Vec::with_capacity(v.len() + 1);
+            c.extend_from_slice(v);
+            c
+        }
+        match self {
+            Node::Leaf(s) => Node::Leaf(with_room(s)),
+            Node::Inner { keys, children } => Node::Inner {
+                keys: with_room(keys),
+                children: with_room(children),
+            },
+        }
+    }
 }
 
 impl Node {
@@ -218,13 +237,18 @@ pub(crate) fn for_each_mut_sorted<T>(
             }
         };
         // Leaves partition the keys in order: every key from `first` up to this leaf's last
-        // key belongs to this leaf.
+        // key belongs to this leaf. Items and slots are both sorted: one forward walk finds
+        // them all (items mostly name consecutive slots).
         let last = slots.last().map(|x| x.em.start);
+        let mut j = 0;
         loop {
             let k = key(&items[i]);
-            let slot = match slots.binary_search_by_key(&k, |x| x.em.start) {
-                Ok(j) => Some(&mut slots[j]),
-                Err(_) => None,
+            while j < slots.len() && slots[j].em.start < k {
+                j += 1;
+            }
+            let slot = match slots.get_mut(j) {
+                Some(s) if s.em.start == k => Some(s),
+                _ => None,
             };
             f(&mut items[i], slot);
             i += 1;
@@ -286,6 +310,49 @@ impl LeafMut<'_> {
     pub(crate) fn remove(&mut self, i: usize) -> Option<Slot> {
         (i > 0 && i < self.slots.len()).then(|| self.slots.remove(i))
     }
+
+    /// Clears `bits` in the flags of slot `i` (if in range).
+    pub(crate) fn clear_flags(&mut self, i: usize, bits: u32) {
+        if let Some(s) = self.slots.get_mut(i) {
+            s.em.flags &= !bits;
+        }
+    }
+
+    /// The map in slot `at` absorbs the map in slot `h < at` (`try_merge_map`'s merge with the
+    /// previous map): slot `h` gets `merge(previous value, value)`, which must keep slot `h`'s
+    /// key, with slot `at`'s identity, and slot `at` gets identity `dead` (it is left in place:
+    /// see `Gap`). Returns the slot `h` held, and the new value's start and length; `None`
+    /// (nothing changed) if the indices or the key do not fit.
+    pub(crate) fn absorb_into_prev(
+        &mut self,
+        h: usize,
+        at: usize,
+        dead: crate::extent_map::EmId,
+        merge: impl FnOnce(&crate::ExtentMap, &crate::ExtentMap) -> crate::ExtentMap,
+    ) -> Option<(Slot, (u64, u64))> {
+        if h >= at || at >= self.slots.len() {
+            return None;
+        }
+        let (head, tail) = self.slots.split_at_mut(at);
+        let (p, c) = (&mut head[h], &mut tail[0]);
+        let em = merge(&p.em, &c.em);
+        if em.start != p.em.start {
+            return None;
+        }
+        let old = std::mem::replace(p, Slot { em, id: c.id });
+        c.id = dead;
+        Some((old, (em.start, em.len)))
+    }
+
+    /// Removes the slots in `r` (one shift of the slots after them) unless the range includes
+    /// the first slot or goes past the end; false otherwise.
+    pub(crate) fn remove_range(&mut self, r: std::ops::Range<usize>) -> bool {
+        if r.start == 0 || r.start > r.end || r.end > self.slots.len() {
+            return false;
+        }
+        self.slots.drain(r);
+        true
+    }
 }
 
 /// The leaf holding the slot with exactly this key (its path copied if shared), and the slot's
@@ -309,7 +376,7 @@ pub(crate) fn leaf_mut(t: &mut Link, key: u64) -> Option<(LeafMut<'_>, usize)> {
 /// Child indices from the root to a leaf, one per inner level (a B+tree cursor without
 /// borrows, so that it can outlive the tree lock; only valid while the tree's shape does not
 /// change, and checked by its user against the key found at the end).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Path {
     idx: [u8; PATH_MAX],
     len: u8,

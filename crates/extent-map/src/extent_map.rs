@@ -65,6 +65,9 @@ const DROP_ALL_BATCH: usize = 1024;
 /// Index of a map's identity in its tree's identity arena ([`Ids`]).
 pub(crate) type EmId = u32;
 
+/// Identity of a dead slot of a logging pass's [`Gap`]: never allocated.
+pub(crate) const DEAD: EmId = EmId::MAX;
+
 /// Identity and kernel bookkeeping of one map (the non-value part of `struct extent_map`),
 /// stored in the writer state of its tree ([`Ids`]) and changed only under the tree lock.
 /// Readers never see it: a published version's slots carry the id, which only writers resolve.
@@ -110,9 +113,12 @@ impl Ids {
             }
             None => {
                 self.nodes.push(node);
-                // At most 2^32 - 1 identities per tree: a tree of 4 billion maps would need
-                // over 300 GiB of memory first.
-                EmId::try_from(self.nodes.len() - 1).expect("identity arena full")
+                // At most 2^32 - 1 identities per tree ([`DEAD`] is never one): a tree of 4
+                // billion maps would need over 300 GiB of memory first.
+                EmId::try_from(self.nodes.len() - 1)
+                    .ok()
+                    .filter(|&id| id != DEAD)
+                    .expect("identity arena full")
             }
         };
         self.pending.push(id);
@@ -292,6 +298,65 @@ pub(crate) struct TreeW {
     /// Critical sections begun on this tree (by anyone): a logging pass's [`LogCursor`] is
     /// used only if no other section ran since the pass's previous one.
     sections: u64,
+    /// Dead slots a logging pass's merges left in one leaf (see [`Gap`]).
+    gap: Option<Gap>,
+}
+
+/// A run of dead slots in one leaf of the working tree, left by a logging pass between two of
+/// its critical sections instead of shifting the rest of the leaf once per merge.
+///
+/// When the map the pass clears merges into the map before it (`try_merge_map`: the map takes
+/// its previous map's place), the merged value goes to the previous map's slot and the map's
+/// own slot becomes dead (identity [`DEAD`]) rather than being removed. The next map of the
+/// pass merges into the same slot, so one pass over a leaf leaves one run of dead slots, right
+/// after the slot that absorbed them and right before the pass's next map, removed at once.
+///
+/// Nobody but that pass ever sees a dead slot: the gap is kept only together with the pass's
+/// [`LogCursor`], every other critical section removes it as it begins (the lock
+/// constructors), the pass removes it as soon as it does anything but the next in-leaf merge
+/// (and before publishing: the logging pass defers publication, and `publish` removes it
+/// too). Keys stay strictly increasing through a gap (a dead slot keeps the key it had), so a
+/// search for a live key in that leaf is not misled either.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Gap {
+    /// Path to the leaf.
+    path: btree::Path,
+    /// Key of the live slot the dead ones follow (the map that absorbed them).
+    head: u64,
+    /// Index of that slot in the leaf.
+    head_at: u32,
+    /// Dead slots right after it.
+    len: u32,
+}
+
+impl Gap {
+    /// Index of the slot right after the dead ones.
+    fn end(&self) -> usize {
+        (self.head_at + 1 + self.len) as usize
+    }
+}
+
+impl TreeW {
+    /// Removes the dead slots of the gap, if any (one shift), and rebalances the leaf if that
+    /// left it small. Only dead slots are removed, whatever the gap records.
+    fn close_gap(&mut self) {
+        let Some(g) = self.gap.take() else {
+            return;
+        };
+        let Some((mut leaf, h)) = btree::leaf_mut(&mut self.root, g.head) else {
+            debug_assert!(false, "gap {g:?} without its head");
+            return;
+        };
+        let dead = leaf.slots()[h + 1..]
+            .iter()
+            .take_while(|s| s.id == DEAD)
+            .count();
+        debug_assert_eq!(dead, g.len as usize, "gap {g:?}");
+        leaf.remove_range(h + 1..h + 1 + dead);
+        if btree::leaf_is_small(leaf.slots().len()) {
+            btree::rebalance(&mut self.root, g.head);
+        }
+    }
 }
 
 /// Where a logging pass's next map sits in the working tree (path and slot index), as left by
@@ -340,6 +405,7 @@ impl ExtentMapTree {
                 next_seq: 1,
                 next_pass: 1,
                 sections: 0,
+                gap: None,
             }),
             waiters: AtomicU32::new(0),
             reclaim: Arc::new(Reclaim::default()),
@@ -399,6 +465,8 @@ impl ExtentMapTree {
     }
 
     fn publish(&self, w: &mut TreeW) {
+        // Readers never see a dead slot.
+        w.close_gap();
         let new = Owned::new(Version {
             root: w.root.clone(),
         });
@@ -502,6 +570,7 @@ fn search_link(root: &Link, start: u64, len: u64, strict: bool) -> Option<&Slot>
 }
 
 /// `can_merge_extent_map`.
+#[inline(always)]
 fn can_merge(ids: &Ids, s: &Slot) -> bool {
     !s.em.has(flags::PINNED)
         && !s.em.is_compressed()
@@ -510,6 +579,7 @@ fn can_merge(ids: &Ids, s: &Slot) -> bool {
 }
 
 /// `mergeable_maps`.
+#[inline(always)]
 fn mergeable_maps(prev: &ExtentMap, next: &ExtentMap) -> bool {
     if prev.end() != next.start {
         return false;
@@ -524,6 +594,7 @@ fn mergeable_maps(prev: &ExtentMap, next: &ExtentMap) -> bool {
 }
 
 /// `merge_ondisk_extents`: on-disk fields of the merge of `prev` and `next`, written to `out`.
+#[inline(always)]
 fn merge_ondisk_extents(prev: &ExtentMap, next: &ExtentMap, out: &mut ExtentMap) {
     let disk_bytenr = prev.disk_bytenr.min(next.disk_bytenr);
     let disk_num_bytes = prev
@@ -542,6 +613,7 @@ fn merge_ondisk_extents(prev: &ExtentMap, next: &ExtentMap, out: &mut ExtentMap)
 }
 
 /// `try_merge_map`'s merge of `em` into its previous map `prev` (the result takes prev's start).
+#[inline(always)]
 fn merged_with_prev(prev: &ExtentMap, em: ExtentMap) -> ExtentMap {
     let mut out = em;
     out.start = prev.start;
@@ -555,6 +627,7 @@ fn merged_with_prev(prev: &ExtentMap, em: ExtentMap) -> ExtentMap {
 }
 
 /// `try_merge_map`'s merge of the next map `next` into `em`.
+#[inline(always)]
 fn merged_with_next(em: ExtentMap, next: &ExtentMap) -> ExtentMap {
     let mut out = em;
     out.len = em.len.wrapping_add(next.len);
@@ -587,26 +660,18 @@ fn plan_merge_in_leaf(ids: &Ids, slots: &[Slot], i: usize) -> Option<MergePlan> 
 /// `try_merge_map`'s decisions for the map in `cur` given its neighbours: `Some(n)` is a known
 /// neighbour (`Some(None)`: there is none), `None` one not looked up (in another leaf). Returns
 /// `None` if the decision needs a neighbour that was not looked up.
+#[inline(always)]
 fn plan_merge(
     ids: &Ids,
     cur: &Slot,
     prev: Option<Option<&Slot>>,
     next: Option<Option<&Slot>>,
 ) -> Option<MergePlan> {
+    let (merge_prev, merge_next) = merge_decisions(ids, cur, prev, next)?;
     let mut em = cur.em;
-    if ids.get(cur.id).refs > 2 || !can_merge(ids, cur) {
-        return Some(MergePlan {
-            prev: false,
-            next: false,
-            em,
-        });
-    }
-    let prev = if em.start == 0 { None } else { prev? };
-    let merge_prev = prev.is_some_and(|p| can_merge(ids, p) && mergeable_maps(&p.em, &em));
-    if let (true, Some(p)) = (merge_prev, prev) {
+    if let (true, Some(Some(p))) = (merge_prev, prev) {
         em = merged_with_prev(&p.em, em);
     }
-    let merge_next = next?.is_some_and(|n| can_merge(ids, n) && mergeable_maps(&em, &n.em));
     if let (true, Some(Some(n))) = (merge_next, next) {
         em = merged_with_next(em, &n.em);
     }
@@ -615,6 +680,31 @@ fn plan_merge(
         next: merge_next,
         em,
     })
+}
+
+/// The decisions of [`plan_merge`] alone, (absorb the previous map, absorb the next map),
+/// without building the merged value unless the second decision needs it: `try_merge_map`
+/// examines the next map against the map as the merge with the previous one left it.
+#[inline(always)]
+fn merge_decisions(
+    ids: &Ids,
+    cur: &Slot,
+    prev: Option<Option<&Slot>>,
+    next: Option<Option<&Slot>>,
+) -> Option<(bool, bool)> {
+    if ids.get(cur.id).refs > 2 || !can_merge(ids, cur) {
+        return Some((false, false));
+    }
+    let prev = if cur.em.start == 0 { None } else { prev? };
+    let prev = prev.filter(|p| can_merge(ids, p) && mergeable_maps(&p.em, &cur.em));
+    let merge_next = match next? {
+        Some(n) if can_merge(ids, n) => match prev {
+            Some(p) => mergeable_maps(&merged_with_prev(&p.em, cur.em), &n.em),
+            None => mergeable_maps(&cur.em, &n.em),
+        },
+        _ => false,
+    };
+    Some((prev.is_some(), merge_next))
 }
 
 /// Applies a [`MergePlan`] to slot `i` of the leaf; returns the slots of the maps merged away
@@ -689,13 +779,34 @@ impl Drop for Locked<'_> {
 }
 
 impl<'a> Locked<'a> {
+    /// A critical section begins (the tree lock is held): counted in `TreeW::sections`.
+    fn begin(inode: &'a BtrfsInode, mut w: MutexGuard<'a, TreeW>) -> Self {
+        w.sections += 1;
+        Locked {
+            inode,
+            w,
+            defer_publish: false,
+            evictable_delta: 0,
+        }
+    }
+
+    /// Removes the logging pass's dead slots, if any (see [`Gap`]).
+    pub(crate) fn close_gap(&mut self) {
+        self.w.close_gap();
+    }
+
     fn counters(&self) -> &Counters {
         &self.inode.core.counters
     }
 
     pub(crate) fn violation(&self, inv: Invariant, em: &ExtentMap) {
+        self.violation_range(inv, em.start, em.len);
+    }
+
+    #[cold]
+    fn violation_range(&self, inv: Invariant, start: u64, len: u64) {
         self.counters()
-            .violation(inv, self.inode.root, self.inode.ino, em.start, em.len);
+            .violation(inv, self.inode.root, self.inode.ino, start, len);
     }
 
     pub(crate) fn slot(&self, key: u64) -> Option<&Slot> {
@@ -754,12 +865,19 @@ impl<'a> Locked<'a> {
 
     /// `btrfs_free_extent_map`: drops one kernel reference; the final one checks the WARN_ONs
     /// and marks the map FREED (the identity itself is reused only once nothing holds it).
+    #[inline(always)]
     pub(crate) fn put(&mut self, id: EmId, em: &ExtentMap) {
+        self.put_range(id, em.start, em.len);
+    }
+
+    /// [`Locked::put`] of the map covering `[start, start + len)` (what a violation reports).
+    #[inline(always)]
+    pub(crate) fn put_range(&mut self, id: EmId, start: u64, len: u64) {
         let n = self.w.ids.get_mut(id);
         let prev = n.refs;
         if prev == 0 {
             // A put of a map the kernel already freed: counted as a use after free.
-            self.violation(Invariant::UseAfterFree, em);
+            self.violation_range(Invariant::UseAfterFree, start, len);
             return;
         }
         n.refs = prev - 1;
@@ -767,7 +885,7 @@ impl<'a> Locked<'a> {
             let st = n.state;
             n.state |= FREED;
             if st & (IN_TREE | LISTED) != 0 {
-                self.violation(Invariant::FreedWhileInUse, em);
+                self.violation_range(Invariant::FreedWhileInUse, start, len);
             }
         }
     }
@@ -1031,25 +1149,32 @@ impl<'a> Locked<'a> {
     ///
     /// `free_now`: the caller keeps no copy of these ids for the rest of the critical section
     /// (see [`Ids::free_if_unheld`]).
+    #[inline(always)]
     fn merged_away(&mut self, gone: &[Option<Slot>; 2], free_now: bool) {
         // By reference: moving the 160-byte array into an iterator cost a `memcpy` call.
         for gone in gone.iter().flatten() {
-            self.w.nr = self.w.nr.saturating_sub(1);
-            self.w.dirty = true;
-            if free_now {
-                let n = self.w.ids.get_mut(gone.id);
-                n.state &= !IN_TREE;
-                debug_assert!(n.holders > 0, "identity {} left the tree twice", gone.id);
-                n.holders = n.holders.saturating_sub(1);
-                self.put(gone.id, &gone.em);
-                let w = &mut *self.w;
-                w.ids.free_if_unheld(gone.id, &mut w.detached);
-            } else {
-                self.leave_tree(gone.id);
-                self.put(gone.id, &gone.em);
-            }
-            self.evictable_add(-1);
+            self.merged_away_one(gone, free_now);
         }
+    }
+
+    /// [`Locked::merged_away`] for one map.
+    #[inline(always)]
+    fn merged_away_one(&mut self, gone: &Slot, free_now: bool) {
+        self.w.nr = self.w.nr.saturating_sub(1);
+        self.w.dirty = true;
+        if free_now {
+            let n = self.w.ids.get_mut(gone.id);
+            n.state &= !IN_TREE;
+            debug_assert!(n.holders > 0, "identity {} left the tree twice", gone.id);
+            n.holders = n.holders.saturating_sub(1);
+            self.put(gone.id, &gone.em);
+            let w = &mut *self.w;
+            w.ids.free_if_unheld(gone.id, &mut w.detached);
+        } else {
+            self.leave_tree(gone.id);
+            self.put(gone.id, &gone.em);
+        }
+        self.evictable_add(-1);
     }
 
     /// `btrfs_remove_extent_mapping`: out of the tree; unlinked from its list unless LOGGING.
@@ -1112,102 +1237,190 @@ impl<'a> Locked<'a> {
     }
 
     /// `btrfs_clear_em_logging`: clear LOGGING; merge if still in the tree.
-    /// Returns the map's value afterwards if it is in the tree.
-    pub(crate) fn clear_em_logging(&mut self, id: EmId, start: u64) -> Option<ExtentMap> {
-        self.clear_em_logging_peek(id, start, None, &mut None).0
+    /// Returns the start and length of the map afterwards if it is in the tree.
+    pub(crate) fn clear_em_logging(&mut self, id: EmId, start: u64) -> Option<(u64, u64)> {
+        self.clear_em_logging_peek(id, start, None, &mut None, &mut None)
     }
 
-    /// [`Locked::clear_em_logging`], also returning the current value of map `next` if it is
-    /// the map right after this one in the same leaf: what [`Locked::current_value`] would
-    /// return for it, without another descent. fsync's next map is usually that one.
+    /// [`Locked::clear_em_logging`], also setting `next_value` to the current value of map
+    /// `next` if it is the map right after this one in the same leaf: what
+    /// [`Locked::current_value`] would return for it, without another descent. fsync's next
+    /// map is usually that one.
     ///
     /// `cursor`: in, where the previous section of the same logging pass left this map (used
     /// only if no other critical section ran on the tree since, and if the slot there is
-    /// this map); out, where map `next` is when the value returned for it came from the same
-    /// leaf and the leaf kept its place in the tree.
+    /// this map); out, where map `next` is when its value was set and the leaf kept its place
+    /// in the tree.
+    ///
+    /// A merge into the previous map leaves this map's slot dead (a [`Gap`]) instead of
+    /// removing it, when the cursor to `next` is kept; otherwise the gap is removed before
+    /// this returns. Same merge decisions and bookkeeping either way.
     pub(crate) fn clear_em_logging_peek(
         &mut self,
         id: EmId,
         start: u64,
         next: Option<EmId>,
         cursor: &mut Option<LogCursor>,
-    ) -> (Option<ExtentMap>, Option<ExtentMap>) {
-        let peek = |leaf: &btree::LeafMut<'_>, at: usize| {
-            let s = leaf.slots().get(at + 1)?;
-            (Some(s.id) == next).then_some(s.em)
-        };
-        let cur = cursor.take();
-        if self.st(id) & IN_TREE == 0 {
-            return (None, None);
-        }
-        // One descent clears the flag and, when the neighbours are in the same leaf, merges.
-        // (If the slot at `start` is another map, its path was copied for nothing: harmless.)
+        next_value: &mut Option<ExtentMap>,
+    ) -> Option<(u64, u64)> {
         let w = &mut *self.w;
         let section = w.sections;
+        // The cursor, and the gap left with it, are used only if no other critical section
+        // ran since this pass's previous one (any other would have removed the gap).
+        let cur = cursor.take().filter(|c| c.section + 1 == section);
+        let gap = match (w.gap, cur) {
+            (None, _) => None,
+            (Some(g), Some(c)) if g.path == c.path && g.end() == c.at => Some(g),
+            _ => {
+                w.close_gap();
+                None
+            }
+        };
+        if w.ids.get(id).state & IN_TREE == 0 {
+            w.close_gap();
+            return None;
+        }
         let is_this = |leaf: &btree::LeafMut<'_>, at: usize| {
             leaf.slots()
                 .get(at)
                 .is_some_and(|s| s.em.start == start && s.id == id)
         };
-        let mut path = None;
+        // The gap's dead slots end right before this map, after the slot that absorbed them
+        // (checked at both ends: the run is only ever extended by one slot at its end).
+        let gap_ok = |leaf: &btree::LeafMut<'_>, at: usize| {
+            gap.is_none_or(|g| {
+                let s = leaf.slots();
+                s.get(g.head_at as usize)
+                    .is_some_and(|h| h.em.start == g.head && h.id != DEAD)
+                    && s[at - 1].id == DEAD
+            })
+        };
         // Keys are unique, so a slot with this key and identity is this map wherever the
         // cursor's path led; the section check only avoids following a path into a tree
         // that changed shape.
+        let mut path = cur.map(|c| c.path);
         let cached = cur
-            .filter(|c| c.section + 1 == section)
-            .and_then(|c| {
-                path = Some(c.path);
-                Some((btree::leaf_mut_at(&mut w.root, &c.path)?, c.at))
-            })
-            .filter(|(leaf, at)| is_this(leaf, *at));
-        let (mut leaf, i) = match cached {
-            Some(found) => found,
+            .and_then(|c| Some((btree::leaf_mut_at(&mut w.root, &c.path)?, c.at)))
+            .filter(|(leaf, at)| is_this(leaf, *at) && gap_ok(leaf, *at));
+        let (mut leaf, at, gap) = match cached {
+            Some((leaf, at)) => (leaf, at, gap),
             None => {
-                let Some((leaf, i)) = btree::leaf_mut_path(&mut w.root, start, &mut path) else {
-                    return (None, None);
-                };
+                w.close_gap();
+                path = None;
+                let (leaf, i) = btree::leaf_mut_path(&mut w.root, start, &mut path)?;
                 if !is_this(&leaf, i) {
-                    return (None, None);
+                    return None;
                 }
-                (leaf, i)
+                (leaf, i, None)
             }
         };
+        // The gap, if any, is this section's now: kept below only if it grows, removed
+        // otherwise.
+        w.gap = None;
         w.dirty = true;
-        let mut em = leaf.slots()[i].em;
-        em.flags &= !flags::LOGGING;
-        leaf.set_value(i, em);
-        let Some(plan) = plan_merge_in_leaf(&w.ids, leaf.slots(), i) else {
-            let key = self.try_merge_map(start);
-            return (self.slot(key).map(|s| s.em), None);
+        // The previous map: the gap's head, or the slot before (`None`: in another leaf).
+        let prev_at = match gap {
+            Some(g) => Some(g.head_at as usize),
+            None => at.checked_sub(1),
         };
-        let keep_cursor = |leaf_moves: bool, next_value: &Option<ExtentMap>, at: usize| match (
-            leaf_moves, next_value, path,
-        ) {
-            (false, Some(_), Some(path)) => Some(LogCursor {
-                section,
-                path,
-                at: at + 1,
-            }),
-            _ => None,
+        let decision = {
+            let s = leaf.slots();
+            let mut this = s[at];
+            this.em.flags &= !flags::LOGGING;
+            merge_decisions(
+                &w.ids,
+                &this,
+                prev_at.map(|p| Some(&s[p])),
+                s.get(at + 1).map(Some),
+            )
         };
-        if !plan.prev && !plan.next {
-            let next_value = peek(&leaf, i);
-            *cursor = keep_cursor(false, &next_value, i);
-            return (Some(em), next_value);
+        // `next`'s value if it is the slot after `at`, and the cursor to it.
+        let mut peek = |leaf: &btree::LeafMut<'_>, at: usize, cursor: &mut Option<LogCursor>| {
+            if let (Some(s), Some(path)) = (leaf.slots().get(at + 1), path) {
+                if Some(s.id) == next {
+                    *next_value = Some(s.em);
+                    *cursor = Some(LogCursor {
+                        section,
+                        path,
+                        at: at + 1,
+                    });
+                    return true;
+                }
+            }
+            false
+        };
+        match (decision, prev_at) {
+            (Some((true, false)), Some(h)) => {
+                // The map takes its previous map's place; its own slot joins the gap.
+                let (gone, merged) = leaf.absorb_into_prev(h, at, DEAD, |prev, em| {
+                    let mut em = *em;
+                    em.flags &= !flags::LOGGING;
+                    merged_with_prev(prev, em)
+                })?;
+                if peek(&leaf, at, cursor) {
+                    w.gap = Some(Gap {
+                        path: path.unwrap_or_default(),
+                        head: merged.0,
+                        head_at: h as u32,
+                        len: gap.map_or(0, |g| g.len) + 1,
+                    });
+                } else {
+                    leaf.remove_range(h + 1..at + 1);
+                    if btree::leaf_is_small(leaf.slots().len()) {
+                        btree::rebalance(&mut w.root, merged.0);
+                    }
+                }
+                // No copy of a merged-away map's id outlives this call: the caller's own map
+                // absorbed it and map `next` is listed (listed maps never merge), so an id
+                // nothing else holds is freed now rather than at the end of the section.
+                self.merged_away_one(&gone, true);
+                Some(merged)
+            }
+            (Some((false, false)), _) => {
+                leaf.clear_flags(at, flags::LOGGING);
+                let mut at = at;
+                let mut small = false;
+                if let Some(g) = gap {
+                    // The run of merges ended: its dead slots go now.
+                    let h = g.head_at as usize;
+                    leaf.remove_range(h + 1..at);
+                    at = h + 1;
+                    small = btree::leaf_is_small(leaf.slots().len());
+                }
+                let len = leaf.slots()[at].em.len;
+                if small {
+                    peek(&leaf, at, &mut None);
+                    btree::rebalance(&mut w.root, start);
+                } else {
+                    peek(&leaf, at, cursor);
+                }
+                Some((start, len))
+            }
+            (Some(_), _) if gap.is_none() => {
+                // Merges with the next map (never a listed one, so not with `next`).
+                leaf.clear_flags(at, flags::LOGGING);
+                let plan = plan_merge_in_leaf(&w.ids, leaf.slots(), at)?;
+                let gone = apply_merge_in_leaf(&mut leaf, at, &plan);
+                let at = if plan.prev { at - 1 } else { at };
+                if btree::leaf_is_small(leaf.slots().len()) {
+                    peek(&leaf, at, &mut None);
+                    btree::rebalance(&mut w.root, plan.em.start);
+                } else {
+                    peek(&leaf, at, cursor);
+                }
+                self.merged_away(&gone, true);
+                Some((plan.em.start, plan.em.len))
+            }
+            _ => {
+                // A neighbour in another leaf (or a merge with the next map while a gap is
+                // open): the general path, on the tree without the gap.
+                leaf.clear_flags(at, flags::LOGGING);
+                w.gap = gap;
+                w.close_gap();
+                let key = self.try_merge_map(start);
+                self.slot(key).map(|s| (s.em.start, s.em.len))
+            }
         }
-        let gone = apply_merge_in_leaf(&mut leaf, i, &plan);
-        let at = if plan.prev { i - 1 } else { i };
-        let next_value = peek(&leaf, at);
-        let small = btree::leaf_is_small(leaf.slots().len());
-        *cursor = keep_cursor(small, &next_value, at);
-        if small {
-            btree::rebalance(&mut w.root, plan.em.start);
-        }
-        // No copy of a merged-away map's id outlives this call: the caller's own map absorbed
-        // it and map `next` is listed (listed maps never merge), so an id nothing else holds is
-        // freed now rather than at the end of the section.
-        self.merged_away(&gone, true);
-        (Some(plan.em), next_value)
     }
 
     /// fsync's collection step for one map: if `take` accepts the map's current value (see
@@ -1492,6 +1705,14 @@ impl BtrfsInode {
     /// pass). The queue stays bounded: a pass retires at most one version, and the writes that
     /// gave it maps to log, the inode's next writer and the shrinker's visits all reclaim.
     pub(crate) fn lock_tree_no_reclaim(&self) -> Locked<'_> {
+        let mut l = self.lock_tree_keep_gap();
+        l.w.close_gap();
+        l
+    }
+
+    /// [`BtrfsInode::lock_tree_no_reclaim`] that leaves a logging pass's [`Gap`] in place: for
+    /// that pass's own critical sections only, which remove it unless they continue it.
+    pub(crate) fn lock_tree_keep_gap(&self) -> Locked<'_> {
         let w = match self.tree.writer.try_lock() {
             Some(w) => w,
             None => {
@@ -1501,27 +1722,16 @@ impl BtrfsInode {
                 w
             }
         };
-        let mut w = w;
-        w.sections += 1;
-        Locked {
-            inode: self,
-            w,
-            defer_publish: false,
-            evictable_delta: 0,
-        }
+        Locked::begin(self, w)
     }
 
     /// `write_trylock` of the tree lock.
     pub(crate) fn try_lock_tree(&self) -> Option<Locked<'_>> {
         self.tree.reclaim();
-        self.tree.writer.try_lock().map(|mut w| {
-            w.sections += 1;
-            Locked {
-                inode: self,
-                w,
-                defer_publish: false,
-                evictable_delta: 0,
-            }
+        self.tree.writer.try_lock().map(|w| {
+            let mut l = Locked::begin(self, w);
+            l.w.close_gap();
+            l
         })
     }
 
@@ -1555,6 +1765,14 @@ impl BtrfsInode {
     pub fn extent_maps(&self) -> Vec<ExtentMap> {
         self.tree
             .read(|root| btree::Iter::new(root, 0).map(|s| s.em).collect())
+    }
+
+    /// All maps of the working version, in file order (tests: what the next critical section
+    /// sees, including what a logging pass has not published yet).
+    #[cfg(test)]
+    pub(crate) fn working_extent_maps(&self) -> Vec<ExtentMap> {
+        let l = self.lock_tree();
+        btree::Iter::new(&l.w.root, 0).map(|s| s.em).collect()
     }
 
     /// Number of maps in the current version.

@@ -1590,3 +1590,124 @@ fn logging_pass_cursor_sees_changes_between_maps() {
         }
     }
 }
+
+#[test]
+fn logging_pass_gap_kept_between_sections_is_invisible() {
+    // Test scenario: a logging pass over 100 modified, physically contiguous maps merges each
+    // cleared map into the one before it, leaving the merged-away slots dead in their leaf (a
+    // gap) across its critical sections instead of shifting the leaf each time. Every k-th
+    // map something else looks at the tree between two sections: a locked observer (which
+    // must find exactly the tree the kernel leaves after each section: the maps cleared so
+    // far merged into one, the rest still LOGGING), lock-free readers (of the version a
+    // writer on an unrelated range publishes meanwhile), or the shrinker. With k larger than
+    // the pass, the gap lives across whole leaves and is only removed by the pass itself. The
+    // maps are contiguous on disk in runs of `run` maps, so a run of merges also ends in the
+    // middle of a leaf (with a gap open) when the next map does not merge.
+    const N: u64 = 100;
+    const BASE: u64 = 300 * K;
+    const DISK: u64 = 1 << 30;
+    let disk = |i: u64, run: u64| DISK + i * K + (i / run) * (1 << 20);
+    for policy in Policy::ALL {
+        for (k, what, run) in [1u64, 2, 3, 7, 16, 1000]
+            .into_iter()
+            .flat_map(|k| ["observe", "read", "shrink"].map(|w| (k, w)))
+            .flat_map(|(k, w)| [N, 5, 1].map(|r| (k, w, r)))
+        {
+            {
+                let ctx = format!("{policy:?} every {k} {what} runs of {run}");
+                let (fs, inode) = fs(policy);
+                for j in 0..60 {
+                    let s = 2 * j * K;
+                    inode
+                        .btrfs_add_extent_mapping(reg(s, K, (1 << 40) + (j << 24)), s, K)
+                        .unwrap();
+                }
+                for i in 0..N {
+                    inode
+                        .btrfs_replace_extent_map_range(reg(BASE + i * K, K, disk(i, run)), true)
+                        .unwrap();
+                }
+                let mut pass = inode.btrfs_log_changed_extents_begin(1, u64::MAX);
+                let mut j = 0u64;
+                while let Some(e) = pass.next_extent() {
+                    assert_eq!((e.start, e.len), (BASE + j * K, K), "{ctx}");
+                    assert_eq!(e.disk_bytenr, disk(j, run), "{ctx}");
+                    j += 1;
+                    if !j.is_multiple_of(k) {
+                        continue;
+                    }
+                    match what {
+                        "observe" => {
+                            // Maps 0..j-1 are cleared and merged, map j-1 is handed out
+                            // (still LOGGING, not merged yet), the rest are LOGGING.
+                            let logged: Vec<(u64, u64, bool)> = inode
+                                .working_extent_maps()
+                                .iter()
+                                .filter(|m| m.start >= BASE)
+                                .map(|m| (m.start, m.len, m.has(flags::LOGGING)))
+                                .collect();
+                            let mut want = vec![];
+                            let cleared = j - 1;
+                            for r in (0..cleared).step_by(run as usize) {
+                                let n = run.min(cleared - r);
+                                want.push((BASE + r * K, n * K, false));
+                            }
+                            want.extend((j - 1..N).map(|i| (BASE + i * K, K, true)));
+                            assert_eq!(logged, want, "{ctx} after {j}");
+                            assert_eq!(inode.check_identities(), Ok(()), "{ctx} after {j}");
+                        }
+                        "read" => {
+                            // An unrelated writer publishes the working version.
+                            let s = (121 + 2 * j) * K;
+                            inode
+                                .btrfs_add_extent_mapping(reg(s, K, (1 << 42) + (j << 24)), s, K)
+                                .unwrap();
+                            for i in 0..N {
+                                let off = BASE + i * K;
+                                let m = inode.btrfs_lookup_extent_mapping(off, 1).unwrap();
+                                assert!(m.start <= off && m.end() > off, "{ctx} {i}");
+                                assert_eq!(
+                                    m.block_start() + (off - m.start),
+                                    disk(i, run),
+                                    "{ctx} {i}"
+                                );
+                            }
+                        }
+                        _ => {
+                            fs.btrfs_free_extent_maps(4);
+                        }
+                    }
+                }
+                assert_eq!(j, N, "{ctx}");
+                pass.finish().unwrap();
+                let maps = inode.extent_maps();
+                assert!(maps.iter().all(|m| !m.has(flags::LOGGING)), "{ctx}");
+                assert!(maps.windows(2).all(|w| w[0].end() <= w[1].start), "{ctx}");
+                let logged: Vec<(u64, u64)> = maps
+                    .iter()
+                    .filter(|m| m.start >= BASE)
+                    .map(|m| (m.start, m.len))
+                    .collect();
+                let want: Vec<(u64, u64)> = (0..N)
+                    .step_by(run as usize)
+                    .map(|r| (BASE + r * K, run.min(N - r) * K))
+                    .collect();
+                if what == "shrink" {
+                    // Whatever the shrinker left is merged as far as it could be.
+                    assert!(logged.len() <= want.len(), "{ctx}: {logged:?}");
+                } else {
+                    assert_eq!(logged, want, "{ctx}");
+                    // Readers see the end of the pass too (published when it ends).
+                    let m = inode.btrfs_lookup_extent_mapping(BASE + 3 * K, 1).unwrap();
+                    assert_eq!((m.start, m.len), want[(3 / run) as usize], "{ctx}");
+                    assert_eq!(m.block_start(), disk(3 / run * run, run), "{ctx}");
+                }
+                assert_eq!(inode.check_identities(), Ok(()), "{ctx}");
+                let v = fs.stats().invariant_violations;
+                if what != "shrink" {
+                    assert_eq!(v.iter().sum::<u64>(), 0, "{ctx} {v:?}");
+                }
+            }
+        }
+    }
+}

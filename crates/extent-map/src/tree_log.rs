@@ -38,9 +38,9 @@ pub struct LoggingPass<'a> {
     pass: u64,
     /// Private list, sorted by start: link sequence numbers.
     order: std::ops::Range<u64>,
-    /// The map handed out last, to clear and release before handing out the next. The pass
-    /// holds its identity (the id is not reused) until then.
-    current: Option<(EmId, ExtentMap)>,
+    /// The map handed out last (identity, start, length), to clear and release before handing
+    /// out the next. The pass holds its identity (the id is not reused) until then.
+    current: Option<(EmId, u64, u64)>,
     /// Where `current` was left in the tree at the end of the previous critical section.
     cursor: Option<LogCursor>,
     err: bool,
@@ -189,23 +189,31 @@ impl LoggingPass<'_> {
         if self.current.is_some() {
             self.inode.sched(SchedPoint::LogRelock);
         }
-        let mut l = self.inode.lock_tree_no_reclaim();
+        // This pass's own section: a gap its previous section left is continued or removed
+        // by `clear_em_logging_peek` (see `Gap`).
+        let mut l = self.inode.lock_tree_keep_gap();
         // Clearing LOGGING and the merges it allows change no mapping; the version is
         // published when the private list is exhausted (below) or by any other writer.
         l.defer_publish = true;
+        if self.current.is_none() {
+            // Nothing of this pass to continue.
+            l.close_gap();
+        }
         let mut next_value = None;
-        if let Some((id, em)) = self.current.take() {
+        if let Some((id, start, len)) = self.current.take() {
             // The next map's value comes for free when it is the neighbour in the same leaf.
             let next = (!self.err)
                 .then(|| l.w.logging.peek_id(self.order.start))
                 .flatten();
-            let (v, nv) = l.clear_em_logging_peek(id, em.start, next, &mut self.cursor);
-            next_value = nv;
-            l.put(id, &v.unwrap_or(em));
+            let (s, n) = l
+                .clear_em_logging_peek(id, start, next, &mut self.cursor, &mut next_value)
+                .unwrap_or((start, len));
+            l.put_range(id, s, n);
             l.release(id);
         }
         loop {
             let Some(seq) = self.order.next() else {
+                l.close_gap();
                 l.defer_publish = false;
                 l.w.logging.end_pass(self.pass);
                 l.evictable_delta += std::mem::take(&mut self.evictable_delta);
@@ -226,13 +234,15 @@ impl LoggingPass<'_> {
                 None => l.listed_value(entry),
             };
             if self.err {
-                let v = l.clear_em_logging(entry.id, v.start).unwrap_or(v);
-                l.put(entry.id, &v);
+                let (s, n) = l
+                    .clear_em_logging(entry.id, v.start)
+                    .unwrap_or((v.start, v.len));
+                l.put_range(entry.id, s, n);
                 continue;
             }
             self.logged += 1;
             l.hold(entry.id);
-            self.current = Some((entry.id, v));
+            self.current = Some((entry.id, v.start, v.len));
             self.evictable_delta += std::mem::take(&mut l.evictable_delta);
             drop(l);
             self.inode.sched(SchedPoint::LogOneExtent);
