@@ -59,6 +59,9 @@ const LISTED: u32 = ON_MODIFIED | ON_LOGGING;
 /// The identity is on its arena's free list.
 const ARENA_FREE: u32 = 1 << 4;
 
+/// Identities an empty arena keeps room for (24 bytes each, plus 4 on the free list).
+const ARENA_KEEP: usize = 1024;
+
 /// Maps dropped by `drop_all_extent_maps_fast` between two lock breaks.
 const DROP_ALL_BATCH: usize = 1024;
 
@@ -178,8 +181,17 @@ impl Ids {
         }
         self.pending = pending;
         if self.free.len() == self.nodes.len() && !self.nodes.is_empty() {
-            self.nodes = Vec::new();
-            self.free = Vec::new();
+            // Nothing is held: every identity is forgotten. A small arena keeps its memory
+            // (a file whose maps are all dropped and then cached again, as around every fsync
+            // of a rewritten file, would otherwise grow both vectors from nothing each time,
+            // reallocating in the middle of the next logging pass); a large one gives it back.
+            if self.nodes.capacity() <= ARENA_KEEP {
+                self.nodes.clear();
+                self.free.clear();
+            } else {
+                self.nodes = Vec::new();
+                self.free = Vec::new();
+            }
         }
     }
 }
@@ -1302,7 +1314,7 @@ impl<'a> Locked<'a> {
         let cached = cur
             .and_then(|c| Some((btree::leaf_mut_at(&mut w.root, &c.path)?, c.at)))
             .filter(|(leaf, at)| is_this(leaf, *at) && gap_ok(leaf, *at));
-        let (mut leaf, at, gap) = match cached {
+        let (leaf, at, gap) = match cached {
             Some((leaf, at)) => (leaf, at, gap),
             None => {
                 w.close_gap();
@@ -1318,6 +1330,22 @@ impl<'a> Locked<'a> {
         // otherwise.
         w.gap = None;
         w.dirty = true;
+        // The map after this one when it is in the next leaf (the last map of a leaf): looked
+        // up, and the leaf found again by its path, rather than taking the general path.
+        let (mut leaf, next_slot) = match (at + 1 < leaf.slots().len(), path) {
+            (true, _) => (leaf, None),
+            (false, Some(p)) => {
+                let n = btree::next_after(&w.root, start).copied();
+                match btree::leaf_mut_at(&mut w.root, &p) {
+                    Some(leaf) => (leaf, Some(n)),
+                    None => {
+                        debug_assert!(false, "leaf {p:?} gone within a section");
+                        return None;
+                    }
+                }
+            }
+            (false, None) => (leaf, None),
+        };
         // The previous map: the gap's head, or the slot before (`None`: in another leaf).
         let prev_at = match gap {
             Some(g) => Some(g.head_at as usize),
@@ -1327,12 +1355,11 @@ impl<'a> Locked<'a> {
             let s = leaf.slots();
             let mut this = s[at];
             this.em.flags &= !flags::LOGGING;
-            merge_decisions(
-                &w.ids,
-                &this,
-                prev_at.map(|p| Some(&s[p])),
-                s.get(at + 1).map(Some),
-            )
+            let next = match &next_slot {
+                Some(n) => Some(n.as_ref()),
+                None => s.get(at + 1).map(Some),
+            };
+            merge_decisions(&w.ids, &this, prev_at.map(|p| Some(&s[p])), next)
         };
         // `next`'s value if it is the slot after `at`, and the cursor to it.
         let mut peek = |leaf: &btree::LeafMut<'_>, at: usize, cursor: &mut Option<LogCursor>| {
@@ -1396,8 +1423,9 @@ impl<'a> Locked<'a> {
                 }
                 Some((start, len))
             }
-            (Some(_), _) if gap.is_none() => {
-                // Merges with the next map (never a listed one, so not with `next`).
+            (Some(_), _) if gap.is_none() && next_slot.is_none() => {
+                // Merges with the next map (never a listed one, so not with `next`), in this
+                // leaf.
                 leaf.clear_flags(at, flags::LOGGING);
                 let plan = plan_merge_in_leaf(&w.ids, leaf.slots(), at)?;
                 let gone = apply_merge_in_leaf(&mut leaf, at, &plan);
