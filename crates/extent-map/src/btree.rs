@@ -318,36 +318,11 @@ impl LeafMut<'_> {
         }
     }
 
-    /// The map in slot `at` absorbs the map in slot `h < at` (`try_merge_map`'s merge with the
-    /// previous map): slot `h` gets `merge(previous value, value)`, which must keep slot `h`'s
-    /// key, with slot `at`'s identity, and slot `at` gets identity `dead` (it is left in place:
-    /// see `Gap`). Returns the slot `h` held, and the new value's start and length; `None`
-    /// (nothing changed) if the indices or the key do not fit.
-    pub(crate) fn absorb_into_prev(
-        &mut self,
-        h: usize,
-        at: usize,
-        dead: crate::extent_map::EmId,
-        merge: impl FnOnce(&crate::ExtentMap, &crate::ExtentMap) -> crate::ExtentMap,
-    ) -> Option<(Slot, (u64, u64))> {
-        if h >= at || at >= self.slots.len() {
-            return None;
-        }
-        let (head, tail) = self.slots.split_at_mut(at);
-        let (p, c) = (&mut head[h], &mut tail[0]);
-        let em = merge(&p.em, &c.em);
-        if em.start != p.em.start {
-            return None;
-        }
-        let old = std::mem::replace(p, Slot { em, id: c.id });
-        c.id = dead;
-        Some((old, (em.start, em.len)))
-    }
-
-    /// Removes the slots in `r` (one shift of the slots after them) unless the range includes
-    /// the first slot or goes past the end; false otherwise.
+    /// Removes the slots in `r` (one shift of the slots after them) unless that would empty
+    /// the leaf or the range goes past the end; false otherwise. (Removing the first slots
+    /// raises the leaf's smallest key: the separators above stay lower bounds, invariant 1.)
     pub(crate) fn remove_range(&mut self, r: std::ops::Range<usize>) -> bool {
-        if r.start == 0 || r.start > r.end || r.end > self.slots.len() {
+        if r.start > r.end || r.end > self.slots.len() || r.end - r.start == self.slots.len() {
             return false;
         }
         self.slots.drain(r);
@@ -432,6 +407,116 @@ pub(crate) fn leaf_mut_at<'a>(t: &'a mut Link, path: &Path) -> Option<LeafMut<'a
         Node::Leaf(s) => Some(LeafMut { slots: s }),
         Node::Inner { .. } => None,
     }
+}
+
+/// The leaf at the end of `path`, read-only (nothing is copied).
+pub(crate) fn leaf_at<'a>(t: &'a Link, path: &Path) -> Option<&'a [Slot]> {
+    let mut n = t.as_deref()?;
+    for &i in &path.idx[..usize::from(path.len)] {
+        match n {
+            Node::Inner { children, .. } => n = children.get(usize::from(i))?,
+            Node::Leaf(_) => return None,
+        }
+    }
+    match n {
+        Node::Leaf(s) => Some(s),
+        Node::Inner { .. } => None,
+    }
+}
+
+/// The path to the leaf holding the slot with exactly this key, and the slot's index, found
+/// read-only; `None` if there is no such slot or the tree is deeper than a [`Path`] records.
+pub(crate) fn leaf_path(t: &Link, key: u64) -> Option<(Path, usize)> {
+    let mut p = Path::default();
+    let mut n = t.as_deref()?;
+    loop {
+        match n {
+            Node::Inner { keys, children } => {
+                let i = child_idx(keys, key);
+                *p.idx.get_mut(usize::from(p.len))? = i as u8;
+                p.len += 1;
+                n = &children[i];
+            }
+            Node::Leaf(s) => {
+                let i = s.binary_search_by_key(&key, |x| x.em.start).ok()?;
+                return Some((p, i));
+            }
+        }
+    }
+}
+
+/// [`for_each_mut_sorted`] read-only: `f(item, slot)` for every item, with the slot whose key
+/// is `key(item)`; one descent per leaf, nothing copied.
+pub(crate) fn for_each_sorted<T>(
+    t: &Link,
+    items: &mut [T],
+    key: impl Fn(&T) -> u64,
+    mut f: impl FnMut(&mut T, Option<&Slot>),
+) {
+    let mut i = 0;
+    while i < items.len() {
+        let Some(mut node) = t.as_deref() else {
+            items[i..].iter_mut().for_each(|x| f(x, None));
+            return;
+        };
+        let first = key(&items[i]);
+        let slots = loop {
+            match node {
+                Node::Inner { keys, children } => node = &children[child_idx(keys, first)],
+                Node::Leaf(s) => break s,
+            }
+        };
+        let last = slots.last().map(|x| x.em.start);
+        let mut j = 0;
+        loop {
+            let k = key(&items[i]);
+            while j < slots.len() && slots[j].em.start < k {
+                j += 1;
+            }
+            f(&mut items[i], slots.get(j).filter(|s| s.em.start == k));
+            i += 1;
+            if i == items.len() || last.is_none_or(|l| key(&items[i]) > l) {
+                break;
+            }
+        }
+    }
+}
+
+/// Removes the whole leaf holding `key` (its slots with it) without copying it: the path above
+/// it is copied if shared, the leaf is dropped from its parent with the separator before it
+/// (or after it, for a first child), inner nodes left empty go too, and a one-child root is
+/// collapsed. Unlike [`remove`], no neighbour is merged. False if the tree is empty.
+pub(crate) fn remove_leaf(t: &mut Link, key: u64) -> bool {
+    /// True if `n` is left without children.
+    fn rec(n: &mut Node, key: u64) -> bool {
+        let Node::Inner { keys, children } = n else {
+            return true;
+        };
+        let i = child_idx(keys, key);
+        let gone = match &*children[i] {
+            Node::Leaf(_) => true,
+            Node::Inner { .. } => rec(cow(&mut children[i]), key),
+        };
+        if gone {
+            children.remove(i);
+            if !keys.is_empty() {
+                keys.remove(i.saturating_sub(1).min(keys.len() - 1));
+            }
+        }
+        children.is_empty()
+    }
+    let Some(root) = t.as_mut() else {
+        return false;
+    };
+    if matches!(&**root, Node::Leaf(_)) {
+        *t = None;
+        return true;
+    }
+    if rec(cow(root), key) {
+        *t = None;
+    }
+    collapse_root(t);
+    true
 }
 
 /// Inserts into `n`; returns the right half and its first key if `n` split.

@@ -68,9 +68,6 @@ const DROP_ALL_BATCH: usize = 1024;
 /// Index of a map's identity in its tree's identity arena ([`Ids`]).
 pub(crate) type EmId = u32;
 
-/// Identity of a dead slot of a logging pass's [`Gap`]: never allocated.
-pub(crate) const DEAD: EmId = EmId::MAX;
-
 /// Identity and kernel bookkeeping of one map (the non-value part of `struct extent_map`),
 /// stored in the writer state of its tree ([`Ids`]) and changed only under the tree lock.
 /// Readers never see it: a published version's slots carry the id, which only writers resolve.
@@ -116,12 +113,9 @@ impl Ids {
             }
             None => {
                 self.nodes.push(node);
-                // At most 2^32 - 1 identities per tree ([`DEAD`] is never one): a tree of 4
-                // billion maps would need over 300 GiB of memory first.
-                EmId::try_from(self.nodes.len() - 1)
-                    .ok()
-                    .filter(|&id| id != DEAD)
-                    .expect("identity arena full")
+                // At most 2^32 identities per tree: a tree of 4 billion maps would need over
+                // 300 GiB of memory first.
+                EmId::try_from(self.nodes.len() - 1).expect("identity arena full")
             }
         };
         self.pending.push(id);
@@ -310,63 +304,126 @@ pub(crate) struct TreeW {
     /// Critical sections begun on this tree (by anyone): a logging pass's [`LogCursor`] is
     /// used only if no other section ran since the pass's previous one.
     sections: u64,
-    /// Dead slots a logging pass's merges left in one leaf (see [`Gap`]).
+    /// Slots a logging pass's merges took out of the tree and that are still in their leaf
+    /// (see [`Gap`]).
     gap: Option<Gap>,
+    /// The logging pass whose maps' LOGGING flags are not written in their slots yet (see
+    /// [`VirtualLogging`]).
+    virtual_logging: Option<VirtualLogging>,
 }
 
-/// A run of dead slots in one leaf of the working tree, left by a logging pass between two of
-/// its critical sections instead of shifting the rest of the leaf once per merge.
+/// What a logging pass's merges left undone in the working tree between two of its critical
+/// sections: the slots of the maps merged away that are still in their leaf (the *run*), and
+/// where the map that absorbed them is (the *head*).
 ///
 /// When the map the pass clears merges into the map before it (`try_merge_map`: the map takes
-/// its previous map's place), the merged value goes to the previous map's slot and the map's
-/// own slot becomes dead (identity [`DEAD`]) rather than being removed. The next map of the
-/// pass merges into the same slot, so one pass over a leaf leaves one run of dead slots, right
-/// after the slot that absorbed them and right before the pass's next map, removed at once.
+/// its previous map's place), the merged value is written to the head's slot and the map's
+/// own slot is left in place, counted in the run, instead of being removed with a shift of
+/// the rest of the leaf. The next map merges into the same head, so a run of merges costs one
+/// write per map. A run is in one leaf: when the pass moves on to the next leaf, the run is
+/// removed (a run that filled a leaf other than the head's takes the whole leaf out of the
+/// tree, without copying it) and a new one starts there, with the same head.
 ///
-/// Nobody but that pass ever sees a dead slot: the gap is kept only together with the pass's
-/// [`LogCursor`], every other critical section removes it as it begins (the lock
-/// constructors), the pass removes it as soon as it does anything but the next in-leaf merge
-/// (and before publishing: the logging pass defers publication, and `publish` removes it
-/// too). Keys stay strictly increasing through a gap (a dead slot keeps the key it had), so a
-/// search for a live key in that leaf is not misled either.
+/// Nobody but that pass ever sees the run: the gap is kept only together with the pass's
+/// [`LogCursor`] (whose section check proves nobody else ran), every other critical section
+/// settles it as it begins (the lock constructors, [`TreeW::settle`]), the pass settles it as
+/// soon as it does anything but continue the run, and `publish` settles before publishing.
+/// Keys stay strictly increasing through a run (its slots keep their keys, between the head's
+/// and the next map's), so a search for a live key is not misled either.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Gap {
-    /// Path to the leaf.
-    path: btree::Path,
-    /// Key of the live slot the dead ones follow (the map that absorbed them).
-    head: u64,
-    /// Index of that slot in the leaf.
+    /// Path to the head's leaf, the head's index in it and its key.
+    head_path: btree::Path,
     head_at: u32,
-    /// Dead slots right after it.
+    head: u64,
+    /// Path to the run's leaf, the run's first index, the key there, and its length.
+    run_path: btree::Path,
+    run_from: u32,
+    run_key: u64,
     len: u32,
 }
 
 impl Gap {
-    /// Index of the slot right after the dead ones.
-    fn end(&self) -> usize {
-        (self.head_at + 1 + self.len) as usize
+    /// Index of the slot right after the run.
+    fn run_end(&self) -> usize {
+        (self.run_from + self.len) as usize
     }
 }
 
+/// A logging pass's maps whose LOGGING flag is only recorded, not written in their slots: the
+/// collection leaves the leaves alone (writing a flag into a leaf that the published version
+/// shares copies the leaf, and the pass's own merges would then copy most of them again), and
+/// the flags are written only if another critical section begins before the pass clears them
+/// ([`TreeW::settle`]). The pass itself needs no flag to see: its remaining maps are on its
+/// private list (listed maps never merge) and the map it hands out carries the flag in the copy
+/// it returns. Only one pass at a time (the inode lock); a second pass collects the usual way.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct VirtualLogging {
+    pass: u64,
+    /// The map the pass handed out last and has not cleared yet.
+    current: Option<ListEntry>,
+}
+
 impl TreeW {
-    /// Removes the dead slots of the gap, if any (one shift), and rebalances the leaf if that
-    /// left it small. Only dead slots are removed, whatever the gap records.
+    /// Makes the working tree what the kernel's tree is between two critical sections: removes
+    /// a logging pass's run of merged-away slots and writes the LOGGING flags it only
+    /// recorded. Every critical section but the pass's own begins with this.
+    fn settle(&mut self) {
+        self.close_gap();
+        if let Some(v) = self.virtual_logging.take() {
+            let mut items: Vec<ListEntry> = v.current.into_iter().collect();
+            if let Some((_, _, entries)) = self.logging.passes.iter().find(|p| p.0 == v.pass) {
+                items.extend(entries.iter().flatten());
+            }
+            // The private list is in start order, and its current map precedes its rest.
+            items.sort_by_key(|e| e.start);
+            let ids = &self.ids;
+            btree::for_each_mut_sorted(
+                &mut self.root,
+                &mut items,
+                |e| e.start,
+                |e, slot| {
+                    if let Some(s) = slot {
+                        if s.id == e.id && ids.get(e.id).state & IN_TREE != 0 {
+                            s.em.flags |= flags::LOGGING;
+                        }
+                    }
+                },
+            );
+        }
+    }
+
+    /// Removes a logging pass's run of merged-away slots, if any (see [`Gap`]), and rebalances
+    /// its leaf if that left it small; a run that is its whole leaf takes the leaf out.
     fn close_gap(&mut self) {
         let Some(g) = self.gap.take() else {
             return;
         };
-        let Some((mut leaf, h)) = btree::leaf_mut(&mut self.root, g.head) else {
-            debug_assert!(false, "gap {g:?} without its head");
+        if g.len == 0 {
+            return;
+        }
+        let len = g.len as usize;
+        let whole = match btree::leaf(&self.root, g.run_key) {
+            Some((s, i)) => {
+                debug_assert!(i == g.run_from as usize && i + len <= s.len(), "gap {g:?}");
+                i == 0 && len == s.len()
+            }
+            None => {
+                debug_assert!(false, "gap {g:?} without its run");
+                return;
+            }
+        };
+        if whole {
+            btree::remove_leaf(&mut self.root, g.run_key);
+            return;
+        }
+        let Some((mut leaf, i)) = btree::leaf_mut(&mut self.root, g.run_key) else {
             return;
         };
-        let dead = leaf.slots()[h + 1..]
-            .iter()
-            .take_while(|s| s.id == DEAD)
-            .count();
-        debug_assert_eq!(dead, g.len as usize, "gap {g:?}");
-        leaf.remove_range(h + 1..h + 1 + dead);
+        leaf.remove_range(i..(i + len).min(leaf.slots().len()));
         if btree::leaf_is_small(leaf.slots().len()) {
-            btree::rebalance(&mut self.root, g.head);
+            let key = leaf.slots()[0].em.start;
+            btree::rebalance(&mut self.root, key);
         }
     }
 }
@@ -418,6 +475,7 @@ impl ExtentMapTree {
                 next_pass: 1,
                 sections: 0,
                 gap: None,
+                virtual_logging: None,
             }),
             waiters: AtomicU32::new(0),
             reclaim: Arc::new(Reclaim::default()),
@@ -477,8 +535,8 @@ impl ExtentMapTree {
     }
 
     fn publish(&self, w: &mut TreeW) {
-        // Readers never see a dead slot.
-        w.close_gap();
+        // Readers never see a logging pass's unfinished work.
+        w.settle();
         let new = Owned::new(Version {
             root: w.root.clone(),
         });
@@ -772,6 +830,32 @@ pub(crate) struct Locked<'a> {
     pub(crate) evictable_delta: i64,
 }
 
+/// The tree lock taken with `write_trylock` by the shrinker, before it knows whether it will
+/// look at the maps: it first checks that the tree is not empty and takes the inode's mmap lock
+/// (`btrfs_scan_inode`), which fsync holds for its whole logging pass. Until [`TryLocked::settle`]
+/// the section is not counted in `TreeW::sections` and a logging pass's unfinished work is left
+/// alone: a shrinker that finds the inode busy changes nothing, so it neither does that work
+/// nor costs the pass its cursor.
+pub(crate) struct TryLocked<'a> {
+    inode: &'a BtrfsInode,
+    w: MutexGuard<'a, TreeW>,
+}
+
+impl<'a> TryLocked<'a> {
+    /// `RB_EMPTY_ROOT(&tree->root)`: the same answer settled or not (a logging pass's
+    /// unfinished work never empties the tree: the map that absorbed the others stays).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.w.root.is_none()
+    }
+
+    /// The critical section proper, on the settled tree ([`TreeW::settle`]).
+    pub(crate) fn settle(self) -> Locked<'a> {
+        let mut l = Locked::begin(self.inode, self.w);
+        l.w.settle();
+        l
+    }
+}
+
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
         if self.evictable_delta != 0 {
@@ -831,10 +915,6 @@ impl<'a> Locked<'a> {
 
     pub(crate) fn next_key(&self, key: u64) -> Option<u64> {
         btree::next_after(&self.w.root, key).map(|s| s.em.start)
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.w.root.is_none()
     }
 
     /// Changes the value of the map at `key` in place (start must stay `key`).
@@ -1255,18 +1335,17 @@ impl<'a> Locked<'a> {
     }
 
     /// [`Locked::clear_em_logging`], also setting `next_value` to the current value of map
-    /// `next` if it is the map right after this one in the same leaf: what
-    /// [`Locked::current_value`] would return for it, without another descent. fsync's next
-    /// map is usually that one.
+    /// `next` if it is the map right after this one (in the same leaf or first in the next):
+    /// what [`Locked::current_value`] would return for it, without another search. fsync's
+    /// next map is usually that one.
     ///
     /// `cursor`: in, where the previous section of the same logging pass left this map (used
     /// only if no other critical section ran on the tree since, and if the slot there is
-    /// this map); out, where map `next` is when its value was set and the leaf kept its place
-    /// in the tree.
+    /// this map); out, where map `next` is when its value was set.
     ///
-    /// A merge into the previous map leaves this map's slot dead (a [`Gap`]) instead of
-    /// removing it, when the cursor to `next` is kept; otherwise the gap is removed before
-    /// this returns. Same merge decisions and bookkeeping either way.
+    /// A merge into the previous map, when the cursor to `next` is kept, leaves the merged-away
+    /// slot in place (a [`Gap`]); otherwise the gap is removed before this returns. Same merge
+    /// decisions and bookkeeping either way.
     pub(crate) fn clear_em_logging_peek(
         &mut self,
         id: EmId,
@@ -1275,180 +1354,207 @@ impl<'a> Locked<'a> {
         cursor: &mut Option<LogCursor>,
         next_value: &mut Option<ExtentMap>,
     ) -> Option<(u64, u64)> {
-        let w = &mut *self.w;
-        let section = w.sections;
+        let section = self.w.sections;
         // The cursor, and the gap left with it, are used only if no other critical section
-        // ran since this pass's previous one (any other would have removed the gap).
-        let cur = cursor.take().filter(|c| c.section + 1 == section);
-        let gap = match (w.gap, cur) {
-            (None, _) => None,
-            (Some(g), Some(c)) if g.path == c.path && g.end() == c.at => Some(g),
-            _ => {
-                w.close_gap();
-                None
+        // ran since this pass's previous one (any other would have settled the gap).
+        if let Some(c) = cursor.take().filter(|c| c.section + 1 == section) {
+            if let Some(done) = self.clear_em_logging_cursor(id, start, next, c, cursor, next_value)
+            {
+                return done;
             }
-        };
-        if w.ids.get(id).state & IN_TREE == 0 {
-            w.close_gap();
+        }
+        self.clear_em_logging_search(id, start, next, cursor, next_value)
+    }
+
+    /// [`Locked::clear_em_logging_peek`] from the pass's cursor: `None` (nothing changed) if
+    /// the case is not one it handles.
+    fn clear_em_logging_cursor(
+        &mut self,
+        id: EmId,
+        start: u64,
+        next: Option<EmId>,
+        c: LogCursor,
+        cursor: &mut Option<LogCursor>,
+        next_value: &mut Option<ExtentMap>,
+    ) -> Option<Option<(u64, u64)>> {
+        let section = self.w.sections;
+        let w = &mut *self.w;
+        let gap = w.gap;
+        if gap.is_some_and(|g| g.run_path != c.path || g.run_end() != c.at) {
             return None;
         }
-        let is_this = |leaf: &btree::LeafMut<'_>, at: usize| {
-            leaf.slots()
-                .get(at)
-                .is_some_and(|s| s.em.start == start && s.id == id)
-        };
-        // The gap's dead slots end right before this map, after the slot that absorbed them
-        // (checked at both ends: the run is only ever extended by one slot at its end).
-        let gap_ok = |leaf: &btree::LeafMut<'_>, at: usize| {
-            gap.is_none_or(|g| {
-                let s = leaf.slots();
-                s.get(g.head_at as usize)
-                    .is_some_and(|h| h.em.start == g.head && h.id != DEAD)
-                    && s[at - 1].id == DEAD
-            })
-        };
-        // Keys are unique, so a slot with this key and identity is this map wherever the
-        // cursor's path led; the section check only avoids following a path into a tree
-        // that changed shape.
-        let mut path = cur.map(|c| c.path);
-        let cached = cur
-            .and_then(|c| Some((btree::leaf_mut_at(&mut w.root, &c.path)?, c.at)))
-            .filter(|(leaf, at)| is_this(leaf, *at) && gap_ok(leaf, *at));
-        let (leaf, at, gap) = match cached {
-            Some((leaf, at)) => (leaf, at, gap),
-            None => {
-                w.close_gap();
-                path = None;
-                let (leaf, i) = btree::leaf_mut_path(&mut w.root, start, &mut path)?;
-                if !is_this(&leaf, i) {
-                    return None;
-                }
-                (leaf, i, None)
-            }
-        };
-        // The gap, if any, is this section's now: kept below only if it grows, removed
-        // otherwise.
-        w.gap = None;
-        w.dirty = true;
-        // The map after this one when it is in the next leaf (the last map of a leaf): looked
-        // up, and the leaf found again by its path, rather than taking the general path.
-        let (mut leaf, next_slot) = match (at + 1 < leaf.slots().len(), path) {
-            (true, _) => (leaf, None),
-            (false, Some(p)) => {
-                let n = btree::next_after(&w.root, start).copied();
-                match btree::leaf_mut_at(&mut w.root, &p) {
-                    Some(leaf) => (leaf, Some(n)),
-                    None => {
-                        debug_assert!(false, "leaf {p:?} gone within a section");
-                        return None;
-                    }
-                }
-            }
-            (false, None) => (leaf, None),
-        };
-        // The previous map: the gap's head, or the slot before (`None`: in another leaf).
-        let prev_at = match gap {
-            Some(g) => Some(g.head_at as usize),
-            None => at.checked_sub(1),
-        };
-        let decision = {
-            let s = leaf.slots();
-            let mut this = s[at];
-            this.em.flags &= !flags::LOGGING;
-            let next = match &next_slot {
-                Some(n) => Some(n.as_ref()),
-                None => s.get(at + 1).map(Some),
+        if w.ids.get(id).state & IN_TREE == 0 {
+            return None;
+        }
+        // Everything the decision needs, read without copying any leaf.
+        let at = c.at;
+        let (mut this, next_slot, leaf_len, prev) = {
+            let r = btree::leaf_at(&w.root, &c.path)?;
+            let this = *r.get(at).filter(|s| s.em.start == start && s.id == id)?;
+            let next_slot = match r.get(at + 1) {
+                Some(n) => Some(*n),
+                None => btree::next_after(&w.root, start).copied(),
             };
-            merge_decisions(&w.ids, &this, prev_at.map(|p| Some(&s[p])), next)
+            let prev = match gap {
+                Some(g) => *btree::leaf_at(&w.root, &g.head_path)?
+                    .get(g.head_at as usize)
+                    .filter(|h| h.em.start == g.head)?,
+                None => *r.get(at.checked_sub(1)?)?,
+            };
+            (this, next_slot, r.len(), prev)
         };
-        // `next`'s value if it is the slot after `at`, and the cursor to it.
-        let mut peek = |leaf: &btree::LeafMut<'_>, at: usize, cursor: &mut Option<LogCursor>| {
-            if let (Some(s), Some(path)) = (leaf.slots().get(at + 1), path) {
-                if Some(s.id) == next {
-                    *next_value = Some(s.em);
-                    *cursor = Some(LogCursor {
-                        section,
-                        path,
-                        at: at + 1,
-                    });
-                    return true;
-                }
-            }
-            false
-        };
-        match (decision, prev_at) {
-            (Some((true, false)), Some(h)) => {
-                // The map takes its previous map's place; its own slot joins the gap.
-                let (gone, merged) = leaf.absorb_into_prev(h, at, DEAD, |prev, em| {
-                    let mut em = *em;
-                    em.flags &= !flags::LOGGING;
-                    merged_with_prev(prev, em)
-                })?;
-                if peek(&leaf, at, cursor) {
-                    w.gap = Some(Gap {
-                        path: path.unwrap_or_default(),
-                        head: merged.0,
-                        head_at: h as u32,
-                        len: gap.map_or(0, |g| g.len) + 1,
-                    });
-                } else {
-                    leaf.remove_range(h + 1..at + 1);
-                    if btree::leaf_is_small(leaf.slots().len()) {
-                        btree::rebalance(&mut w.root, merged.0);
+        let had_logging = this.em.has(flags::LOGGING);
+        this.em.flags &= !flags::LOGGING;
+        let decision = merge_decisions(&w.ids, &this, Some(Some(&prev)), Some(next_slot.as_ref()));
+        let next_slot = next_slot.filter(|n| Some(n.id) == next);
+        match decision? {
+            (true, false) => {
+                // The map takes its previous map's place (the head); its own slot joins the
+                // run. The head's leaf is copied if the published version shares it (once).
+                let (head_path, head_at) = match gap {
+                    Some(g) => (g.head_path, g.head_at as usize),
+                    None => (c.path, at - 1),
+                };
+                let merged = merged_with_prev(&prev.em, this.em);
+                let gone = btree::leaf_mut_at(&mut w.root, &head_path)?
+                    .replace(head_at, Slot { em: merged, id })
+                    .ok()?;
+                let (run_from, run_key, len) = match gap {
+                    Some(g) => (g.run_from, g.run_key, g.len + 1),
+                    None => (at as u32, start, 1),
+                };
+                let mut g = Gap {
+                    head_path,
+                    head_at: head_at as u32,
+                    head: merged.start,
+                    run_path: c.path,
+                    run_from,
+                    run_key,
+                    len,
+                };
+                w.dirty = true;
+                match next_slot {
+                    Some(n) if at + 1 < leaf_len => {
+                        w.gap = Some(g);
+                        *cursor = Some(LogCursor {
+                            section,
+                            path: c.path,
+                            at: at + 1,
+                        });
+                        *next_value = Some(n.em);
+                    }
+                    Some(n) => {
+                        // The run reaches the end of its leaf and the pass moves on to the
+                        // next leaf: the run goes (the head's leaf loses its tail, any other
+                        // leaf goes whole), and a new one starts there with the same head.
+                        w.gap = Some(g);
+                        w.close_gap();
+                        match (
+                            btree::leaf_path(&w.root, g.head),
+                            btree::leaf_path(&w.root, n.em.start),
+                        ) {
+                            (Some((hp, hi)), Some((np, ni))) => {
+                                g.head_path = hp;
+                                g.head_at = hi as u32;
+                                g.run_path = np;
+                                g.run_from = ni as u32;
+                                g.run_key = n.em.start;
+                                g.len = 0;
+                                w.gap = Some(g);
+                                *cursor = Some(LogCursor {
+                                    section,
+                                    path: np,
+                                    at: ni,
+                                });
+                                *next_value = Some(n.em);
+                            }
+                            _ => *next_value = Some(n.em),
+                        }
+                    }
+                    None => {
+                        w.gap = Some(g);
+                        w.close_gap();
                     }
                 }
                 // No copy of a merged-away map's id outlives this call: the caller's own map
                 // absorbed it and map `next` is listed (listed maps never merge), so an id
                 // nothing else holds is freed now rather than at the end of the section.
                 self.merged_away_one(&gone, true);
-                Some(merged)
+                Some(Some((merged.start, merged.len)))
             }
-            (Some((false, false)), _) => {
-                leaf.clear_flags(at, flags::LOGGING);
-                let mut at = at;
-                let mut small = false;
-                if let Some(g) = gap {
-                    // The run of merges ended: its dead slots go now.
-                    let h = g.head_at as usize;
-                    leaf.remove_range(h + 1..at);
-                    at = h + 1;
-                    small = btree::leaf_is_small(leaf.slots().len());
+            (false, false) if gap.is_none() => {
+                // Nothing merges. The flag is cleared in the slot only if it was written
+                // there; the map stays, and is the previous map of the next one.
+                if had_logging {
+                    btree::leaf_mut_at(&mut w.root, &c.path)?.clear_flags(at, flags::LOGGING);
+                    w.dirty = true;
                 }
-                let len = leaf.slots()[at].em.len;
-                if small {
-                    peek(&leaf, at, &mut None);
-                    btree::rebalance(&mut w.root, start);
-                } else {
-                    peek(&leaf, at, cursor);
+                if let Some(n) = next_slot {
+                    let to = if at + 1 < leaf_len {
+                        Some((c.path, at + 1))
+                    } else {
+                        btree::leaf_path(&w.root, n.em.start)
+                    };
+                    if let Some((path, at)) = to {
+                        *cursor = Some(LogCursor { section, path, at });
+                    }
+                    *next_value = Some(n.em);
                 }
-                Some((start, len))
+                Some(Some((start, this.em.len)))
             }
-            (Some(_), _) if gap.is_none() && next_slot.is_none() => {
-                // Merges with the next map (never a listed one, so not with `next`), in this
-                // leaf.
-                leaf.clear_flags(at, flags::LOGGING);
-                let plan = plan_merge_in_leaf(&w.ids, leaf.slots(), at)?;
-                let gone = apply_merge_in_leaf(&mut leaf, at, &plan);
-                let at = if plan.prev { at - 1 } else { at };
-                if btree::leaf_is_small(leaf.slots().len()) {
-                    peek(&leaf, at, &mut None);
-                    btree::rebalance(&mut w.root, plan.em.start);
-                } else {
-                    peek(&leaf, at, cursor);
+            _ => None,
+        }
+    }
+
+    /// [`Locked::clear_em_logging_peek`] without a usable cursor (or a case the cursor path
+    /// leaves): the gap goes, the map is found by a search, and merges are applied to the tree
+    /// at once.
+    fn clear_em_logging_search(
+        &mut self,
+        id: EmId,
+        start: u64,
+        next: Option<EmId>,
+        cursor: &mut Option<LogCursor>,
+        next_value: &mut Option<ExtentMap>,
+    ) -> Option<(u64, u64)> {
+        let section = self.w.sections;
+        let w = &mut *self.w;
+        w.close_gap();
+        if w.ids.get(id).state & IN_TREE == 0 {
+            return None;
+        }
+        let mut path = None;
+        let (mut leaf, at) = btree::leaf_mut_path(&mut w.root, start, &mut path)?;
+        if leaf.slots().get(at).is_none_or(|s| s.id != id) {
+            return None;
+        }
+        w.dirty = true;
+        leaf.clear_flags(at, flags::LOGGING);
+        let Some(plan) = plan_merge_in_leaf(&w.ids, leaf.slots(), at) else {
+            // A neighbour in another leaf: the general path.
+            let key = self.try_merge_map(start);
+            return self.slot(key).map(|s| (s.em.start, s.em.len));
+        };
+        let gone = apply_merge_in_leaf(&mut leaf, at, &plan);
+        let at = if plan.prev { at - 1 } else { at };
+        let small = btree::leaf_is_small(leaf.slots().len());
+        if let (Some(s), Some(path)) = (leaf.slots().get(at + 1), path) {
+            if Some(s.id) == next {
+                *next_value = Some(s.em);
+                if !small {
+                    *cursor = Some(LogCursor {
+                        section,
+                        path,
+                        at: at + 1,
+                    });
                 }
-                self.merged_away(&gone, true);
-                Some((plan.em.start, plan.em.len))
-            }
-            _ => {
-                // A neighbour in another leaf (or a merge with the next map while a gap is
-                // open): the general path, on the tree without the gap.
-                leaf.clear_flags(at, flags::LOGGING);
-                w.gap = gap;
-                w.close_gap();
-                let key = self.try_merge_map(start);
-                self.slot(key).map(|s| (s.em.start, s.em.len))
             }
         }
+        if small {
+            btree::rebalance(&mut w.root, plan.em.start);
+        }
+        self.merged_away(&gone, true);
+        Some((plan.em.start, plan.em.len))
     }
 
     /// fsync's collection step for one map: if `take` accepts the map's current value (see
@@ -1525,6 +1631,69 @@ impl<'a> Locked<'a> {
             }
         });
         w.dirty |= dirty;
+    }
+
+    /// [`Locked::set_logging_sorted`] for logging pass `pass` with the flags of the maps in the
+    /// tree only recorded ([`VirtualLogging`]): the tree is read, not changed (maps out of the
+    /// tree get the flag on their kept value, as before). Returns false, doing nothing, if
+    /// another pass has recorded flags (the caller then sets them).
+    pub(crate) fn record_logging_sorted(
+        &mut self,
+        entries: &mut [Option<ListEntry>],
+        take: impl Fn(&ExtentMap) -> bool,
+        pass: u64,
+    ) -> bool {
+        let w = &mut *self.w;
+        if w.virtual_logging.is_some() {
+            return false;
+        }
+        let ids = &mut w.ids;
+        let detached = &mut w.detached;
+        let start = |e: &Option<ListEntry>| e.as_ref().map_or(0, |e| e.start);
+        btree::for_each_sorted(&w.root, entries, start, |entry, slot| {
+            let Some(e) = entry else {
+                return;
+            };
+            let n = ids.get_mut(e.id);
+            let taken = match slot {
+                Some(s) if n.state & IN_TREE != 0 && s.id == e.id => take(&s.em),
+                // Not in the tree (or another map sits at its start): its own value.
+                _ => detached.get_mut(&e.id).is_some_and(|v| {
+                    take(v) && {
+                        v.flags |= flags::LOGGING;
+                        true
+                    }
+                }),
+            };
+            match taken {
+                true => n.refs = n.refs.wrapping_add(1),
+                false => *entry = None,
+            }
+        });
+        w.virtual_logging = Some(VirtualLogging {
+            pass,
+            current: None,
+        });
+        true
+    }
+
+    /// The map logging pass `pass` hands out (`e`, value `v`): if its flags are only recorded,
+    /// it is the pass's current map and the copy handed out gets LOGGING.
+    pub(crate) fn hand_out(&mut self, pass: u64, e: ListEntry, v: &mut ExtentMap) {
+        if let Some(vl) = self.w.virtual_logging.as_mut().filter(|vl| vl.pass == pass) {
+            vl.current = Some(e);
+            v.flags |= flags::LOGGING;
+        }
+    }
+
+    /// Logging pass `pass` is about to clear its current map, or is done.
+    pub(crate) fn clear_current(&mut self, pass: u64, done: bool) {
+        if let Some(vl) = self.w.virtual_logging.as_mut().filter(|vl| vl.pass == pass) {
+            vl.current = None;
+            if done {
+                self.w.virtual_logging = None;
+            }
+        }
     }
 
     /// Current value of a map: the tree's slot if it is in the tree, else the value it had
@@ -1734,12 +1903,12 @@ impl BtrfsInode {
     /// gave it maps to log, the inode's next writer and the shrinker's visits all reclaim.
     pub(crate) fn lock_tree_no_reclaim(&self) -> Locked<'_> {
         let mut l = self.lock_tree_keep_gap();
-        l.w.close_gap();
+        l.w.settle();
         l
     }
 
-    /// [`BtrfsInode::lock_tree_no_reclaim`] that leaves a logging pass's [`Gap`] in place: for
-    /// that pass's own critical sections only, which remove it unless they continue it.
+    /// [`BtrfsInode::lock_tree_no_reclaim`] that does not settle a logging pass's unfinished
+    /// work ([`TreeW::settle`]): for that pass's own critical sections only.
     pub(crate) fn lock_tree_keep_gap(&self) -> Locked<'_> {
         let w = match self.tree.writer.try_lock() {
             Some(w) => w,
@@ -1753,14 +1922,13 @@ impl BtrfsInode {
         Locked::begin(self, w)
     }
 
-    /// `write_trylock` of the tree lock.
-    pub(crate) fn try_lock_tree(&self) -> Option<Locked<'_>> {
+    /// `write_trylock` of the tree lock, as the shrinker takes it (see [`TryLocked`]).
+    pub(crate) fn try_lock_tree(&self) -> Option<TryLocked<'_>> {
         self.tree.reclaim();
-        self.tree.writer.try_lock().map(|w| {
-            let mut l = Locked::begin(self, w);
-            l.w.close_gap();
-            l
-        })
+        self.tree
+            .writer
+            .try_lock()
+            .map(|w| TryLocked { inode: self, w })
     }
 
     /// Somebody waits for the tree lock.

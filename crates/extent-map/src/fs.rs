@@ -24,7 +24,7 @@ use std::sync::{Arc, Weak};
 use parking_lot::{Mutex, RwLock};
 
 use crate::em::{flags, Policy};
-use crate::extent_map::{is_fstree, BtrfsInode, Locked};
+use crate::extent_map::{is_fstree, BtrfsInode, TryLocked};
 #[cfg(feature = "sched-points")]
 use crate::sched::SchedHook;
 use crate::sched::SchedPoint;
@@ -435,7 +435,7 @@ impl FsExtentMaps {
         &self,
         root: u64,
         min_ino: u64,
-        scan: impl FnOnce(&BtrfsInode, &mut Locked<'_>),
+        scan: impl FnOnce(&BtrfsInode, TryLocked<'_>),
     ) -> Option<u64> {
         let mut from = min_ino;
         loop {
@@ -448,9 +448,9 @@ impl FsExtentMaps {
                     .map(|(_, i)| i.clone())?
             };
             let ino = inode.ino();
-            if let Some(mut locked) = inode.try_lock_tree() {
+            if let Some(locked) = inode.try_lock_tree() {
                 if !locked.is_empty() {
-                    scan(&inode, &mut locked);
+                    scan(&inode, locked);
                     return Some(ino);
                 }
             }
@@ -459,14 +459,17 @@ impl FsExtentMaps {
     }
 
     /// `btrfs_scan_inode` (tree lock held). Returns the number of maps dropped.
-    fn btrfs_scan_inode(&self, inode: &BtrfsInode, l: &mut Locked<'_>, ctx: &mut ShrinkCtx) -> u64 {
+    fn btrfs_scan_inode(&self, inode: &BtrfsInode, t: TryLocked<'_>, ctx: &mut ShrinkCtx) -> u64 {
         let counters = &self.core.counters;
         let cur_fs_gen = self.core.generation();
         let skip_logging = self.core.policy().shrinker_fixed();
-        let Some(_mmap) = inode.mmap_lock().try_read() else {
+        let Some(mmap) = inode.mmap_lock().try_read() else {
             Counters::inc(&counters.shrinker_skipped_inode_busy);
             return 0;
         };
+        // The maps will be looked at: the critical section proper begins.
+        let mut locked = t.settle();
+        let l = &mut locked;
         // Counted locally and published once per inode (keeps the shared counters' cache
         // lines quiet while scanning).
         let (mut scanned, mut pinned, mut logging, mut full_sync) = (0u64, 0u64, 0u64, 0u64);
@@ -522,6 +525,9 @@ impl FsExtentMaps {
         add(&counters.shrinker_skipped_logging, logging);
         add(&counters.shrinker_full_sync_set, full_sync);
         add(&counters.shrinker_dropped, nr_dropped);
+        // The kernel's order: up_read(i_mmap_lock) here, write_unlock(tree) by the caller.
+        drop(mmap);
+        drop(locked);
         nr_dropped
     }
 

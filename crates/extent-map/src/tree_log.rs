@@ -90,7 +90,11 @@ impl BtrfsInode {
                 collected.push(Some(e));
             }
             collected.sort_by_key(|e| e.as_ref().map(|e| e.start));
-            l.set_logging_sorted(&mut collected, take);
+            // The flags of the maps in the tree are only recorded (`VirtualLogging`) unless
+            // another pass's are.
+            if !l.record_logging_sorted(&mut collected, take, pass) {
+                l.set_logging_sorted(&mut collected, take);
+            }
             collected.retain(Option::is_some);
             let order = l.list_add_logging(collected, pass);
             drop(l);
@@ -201,6 +205,7 @@ impl LoggingPass<'_> {
         }
         let mut next_value = None;
         if let Some((id, start, len)) = self.current.take() {
+            l.clear_current(self.pass, false);
             // The next map's value comes for free when it is the neighbour in the same leaf.
             let next = (!self.err)
                 .then(|| l.w.logging.peek_id(self.order.start))
@@ -214,6 +219,7 @@ impl LoggingPass<'_> {
         loop {
             let Some(seq) = self.order.next() else {
                 l.close_gap();
+                l.clear_current(self.pass, true);
                 l.defer_publish = false;
                 l.w.logging.end_pass(self.pass);
                 l.evictable_delta += std::mem::take(&mut self.evictable_delta);
@@ -229,7 +235,7 @@ impl LoggingPass<'_> {
                 Counters::inc(&self.inode.core.counters.leaked_refs);
                 continue;
             };
-            let v = match next_value.take() {
+            let mut v = match next_value.take() {
                 Some(v) => v,
                 None => l.listed_value(entry),
             };
@@ -241,6 +247,7 @@ impl LoggingPass<'_> {
                 continue;
             }
             self.logged += 1;
+            l.hand_out(self.pass, entry, &mut v);
             l.hold(entry.id);
             self.current = Some((entry.id, v.start, v.len));
             self.evictable_delta += std::mem::take(&mut l.evictable_delta);
