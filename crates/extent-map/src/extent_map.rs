@@ -30,6 +30,12 @@
 //!    holder keeps always names the same map; ids left in retired versions are never resolved.
 //!    The kernel reference count is a ledger only: reaching zero marks the map FREED and checks
 //!    the kernel's WARN_ONs; the identity stays until its holders let go.
+//! 6. Between two critical sections of a logging pass the working tree may hold the pass's
+//!    unfinished work: the run of slots its merges took out ([`Gap`]) and the LOGGING flags it
+//!    only recorded ([`VirtualLogging`]). Every other critical section settles both as it
+//!    begins ([`TreeW::settle`]; the shrinker once it holds the mmap lock, [`TryLocked`]), and
+//!    nothing is published unsettled, so every other section and every reader sees the tree
+//!    the kernel would have.
 //!
 //! # Operations
 //! Named after the kernel functions they mirror: `btrfs_lookup_extent_mapping`,

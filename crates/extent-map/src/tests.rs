@@ -1594,15 +1594,17 @@ fn logging_pass_cursor_sees_changes_between_maps() {
 #[test]
 fn logging_pass_gap_kept_between_sections_is_invisible() {
     // Test scenario: a logging pass over 100 modified, physically contiguous maps merges each
-    // cleared map into the one before it, leaving the merged-away slots dead in their leaf (a
-    // gap) across its critical sections instead of shifting the leaf each time. Every k-th
-    // map something else looks at the tree between two sections: a locked observer (which
-    // must find exactly the tree the kernel leaves after each section: the maps cleared so
-    // far merged into one, the rest still LOGGING), lock-free readers (of the version a
-    // writer on an unrelated range publishes meanwhile), or the shrinker. With k larger than
-    // the pass, the gap lives across whole leaves and is only removed by the pass itself. The
-    // maps are contiguous on disk in runs of `run` maps, so a run of merges also ends in the
-    // middle of a leaf (with a gap open) when the next map does not merge.
+    // cleared map into the one before it. Between its critical sections the pass leaves work
+    // undone in the tree: the merged-away slots stay in their leaf (a gap) and the LOGGING
+    // flags of its maps are only recorded. Every k-th map something else looks at the tree
+    // between two sections: a locked observer (which must find exactly the tree the kernel
+    // leaves after each section: the maps cleared so far merged into one, the handed-out map
+    // and the rest LOGGING), lock-free readers (of the version a writer on an unrelated range
+    // publishes meanwhile), the shrinker, or the shrinker while the pass holds the mmap lock
+    // as fsync does (it must find the inode busy and change nothing). With k larger than the
+    // pass, the gap crosses whole leaves and only the pass itself settles it. The maps are
+    // contiguous on disk in runs of `run` maps, so a run of merges also ends in the middle of
+    // a leaf (with a gap open) when the next map does not merge.
     const N: u64 = 100;
     const BASE: u64 = 300 * K;
     const DISK: u64 = 1 << 30;
@@ -1610,7 +1612,7 @@ fn logging_pass_gap_kept_between_sections_is_invisible() {
     for policy in Policy::ALL {
         for (k, what, run) in [1u64, 2, 3, 7, 16, 1000]
             .into_iter()
-            .flat_map(|k| ["observe", "read", "shrink"].map(|w| (k, w)))
+            .flat_map(|k| ["observe", "read", "shrink", "shrink-busy"].map(|w| (k, w)))
             .flat_map(|(k, w)| [N, 5, 1].map(|r| (k, w, r)))
         {
             {
@@ -1627,6 +1629,9 @@ fn logging_pass_gap_kept_between_sections_is_invisible() {
                         .btrfs_replace_extent_map_range(reg(BASE + i * K, K, disk(i, run)), true)
                         .unwrap();
                 }
+                // As fsync does, the mmap lock held for the whole pass: a shrinker that meets
+                // the inode then only finds it busy (and must leave the pass's work alone).
+                let mmap = (what == "shrink-busy").then(|| inode.mmap_lock().write());
                 let mut pass = inode.btrfs_log_changed_extents_begin(1, u64::MAX);
                 let mut j = 0u64;
                 while let Some(e) = pass.next_extent() {
@@ -1673,13 +1678,19 @@ fn logging_pass_gap_kept_between_sections_is_invisible() {
                                 );
                             }
                         }
-                        _ => {
+                        "shrink" => {
                             fs.btrfs_free_extent_maps(4);
+                        }
+                        _ => {
+                            let busy = fs.stats().shrinker_skipped_inode_busy;
+                            fs.btrfs_free_extent_maps(1 << 20);
+                            assert_eq!(fs.stats().shrinker_skipped_inode_busy, busy + 1, "{ctx}");
                         }
                     }
                 }
                 assert_eq!(j, N, "{ctx}");
                 pass.finish().unwrap();
+                drop(mmap);
                 let maps = inode.extent_maps();
                 assert!(maps.iter().all(|m| !m.has(flags::LOGGING)), "{ctx}");
                 assert!(maps.windows(2).all(|w| w[0].end() <= w[1].start), "{ctx}");
