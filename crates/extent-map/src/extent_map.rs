@@ -402,6 +402,13 @@ impl TreeW {
     /// Removes a logging pass's run of merged-away slots, if any (see [`Gap`]), and rebalances
     /// its leaf if that left it small; a run that is its whole leaf takes the leaf out.
     fn close_gap(&mut self) {
+        self.close_run(true);
+    }
+
+    /// [`TreeW::close_gap`]; `rebalance` false leaves a leaf the run made small as it is (the
+    /// logging pass moving on to the next leaf: merging the two would copy the next leaf, which
+    /// the published version shares, when the pass is about to take it out whole).
+    fn close_run(&mut self, rebalance: bool) {
         let Some(g) = self.gap.take() else {
             return;
         };
@@ -427,7 +434,7 @@ impl TreeW {
             return;
         };
         leaf.remove_range(i..(i + len).min(leaf.slots().len()));
-        if btree::leaf_is_small(leaf.slots().len()) {
+        if rebalance && btree::leaf_is_small(leaf.slots().len()) {
             let key = leaf.slots()[0].em.start;
             btree::rebalance(&mut self.root, key);
         }
@@ -489,7 +496,8 @@ impl ExtentMapTree {
     }
 
     /// Frees the retired versions whose grace period has ended (see `publish`). Called by the
-    /// tree's writers and the shrinker before they take the tree lock.
+    /// tree's writers before they take the tree lock, and by the shrinker after it scanned the
+    /// tree.
     fn reclaim(&self) {
         if self.reclaim.len.load(Ordering::Relaxed) == 0 {
             return;
@@ -1454,7 +1462,7 @@ impl<'a> Locked<'a> {
                         // next leaf: the run goes (the head's leaf loses its tail, any other
                         // leaf goes whole), and a new one starts there with the same head.
                         w.gap = Some(g);
-                        w.close_gap();
+                        w.close_run(false);
                         match (
                             btree::leaf_path(&w.root, g.head),
                             btree::leaf_path(&w.root, n.em.start),
@@ -1930,11 +1938,18 @@ impl BtrfsInode {
 
     /// `write_trylock` of the tree lock, as the shrinker takes it (see [`TryLocked`]).
     pub(crate) fn try_lock_tree(&self) -> Option<TryLocked<'_>> {
-        self.tree.reclaim();
         self.tree
             .writer
             .try_lock()
             .map(|w| TryLocked { inode: self, w })
+    }
+
+    /// Frees the tree's retired versions whose grace period has ended: for the shrinker,
+    /// after it scanned the inode and let go of its locks (not when it only found the inode
+    /// busy: an fsync holding the mmap lock would otherwise find its allocator's memory freed
+    /// under it by the shrinker's thread, and its next allocation pay for consolidating it).
+    pub(crate) fn reclaim_retired(&self) {
+        self.tree.reclaim();
     }
 
     /// Somebody waits for the tree lock.

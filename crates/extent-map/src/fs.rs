@@ -528,6 +528,7 @@ impl FsExtentMaps {
         // The kernel's order: up_read(i_mmap_lock) here, write_unlock(tree) by the caller.
         drop(mmap);
         drop(locked);
+        inode.reclaim_retired();
         nr_dropped
     }
 

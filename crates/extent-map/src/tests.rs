@@ -918,6 +918,33 @@ fn logging_pass_leaves_reclaim_to_writers() {
 }
 
 #[test]
+fn shrinker_reclaims_only_inodes_it_scans() {
+    // Test scenario: versions retired by an inode's writes wait to be freed. A shrinker that
+    // finds the inode busy (an fsync holds its mmap lock) frees none of them: that memory is
+    // left to the inode's own threads. Once the inode is free, the shrinker scans it and frees
+    // them after letting go of its locks.
+    let (fs, inode) = fs(Policy::FixedSplit);
+    for i in 0..8 {
+        inode
+            .btrfs_replace_extent_map_range(reg(i * K, K, (1 << 20) + i * K), true)
+            .unwrap();
+    }
+    for _ in 0..100 {
+        inode.tree.queue_reclaimable();
+    }
+    {
+        let _mmap = inode.mmap_lock().write();
+        fs.btrfs_free_extent_maps(1 << 20);
+        assert_eq!(fs.stats().shrinker_skipped_inode_busy, 1);
+        assert!(inode.tree.reclaimable() >= 100);
+        assert_eq!(inode.nr_extent_maps(), 8);
+    }
+    fs.btrfs_free_extent_maps(1 << 20);
+    assert_eq!(inode.nr_extent_maps(), 0);
+    assert!(inode.tree.reclaimable() < 50);
+}
+
+#[test]
 fn logging_efbig() {
     // Test scenario: more than 32768 units on the modified list: -EFBIG (full commit); the
     // collected maps are cleared and released, the rest stays detached (listed, unmergeable).
