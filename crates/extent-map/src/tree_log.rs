@@ -7,6 +7,9 @@
 //!    [`EmError::TooManyModified`] (the fsync falls back to a full commit). Maps older than
 //!    `transid` and PREALLOC maps at or beyond `i_size` are skipped (just unlinked). Every other
 //!    map gets a reference, LOGGING, and goes on this pass's private list (one more unit).
+//!    (While this is the only pass, the flag of the maps in the tree is recorded rather than
+//!    written into the tree's leaves, and written only if another critical section begins
+//!    before the pass clears it: see `VirtualLogging` in extent_map.rs.)
 //! 2. The private list is sorted by start.
 //! 3. For each map: unlink it from the private list, release the tree lock, let the caller log
 //!    it ([`LoggingPass::next_extent`] returns a copy), retake the lock, `btrfs_clear_em_logging`
