@@ -886,13 +886,9 @@ fn logging_error_path() {
     assert_eq!(info(&inode, 20 * K).refs, 1);
 }
 
-#[test]
-fn logging_pass_leaves_reclaim_to_writers() {
-    // Test scenario: versions retired by earlier writes are waiting to be freed when an fsync
-    // starts: its logging pass (collection, every relock, the end) frees none of them; the
-    // inode's next writer frees them all. (The epoch collector may queue a few more versions of
-    // this inode's earlier writes at any pin, hence the inequalities.)
-    let (_fs, inode) = fs(Policy::FixedSplit);
+/// An inode with 8 modified maps and 100 retired versions waiting to be freed.
+fn with_reclaimable_versions() -> (Arc<FsExtentMaps>, Arc<BtrfsInode>) {
+    let (fs, inode) = fs(Policy::FixedSplit);
     for i in 0..8 {
         inode
             .btrfs_replace_extent_map_range(reg(i * K, K, (1 << 20) + i * K), true)
@@ -901,6 +897,16 @@ fn logging_pass_leaves_reclaim_to_writers() {
     for _ in 0..100 {
         inode.tree.queue_reclaimable();
     }
+    (fs, inode)
+}
+
+#[test]
+fn logging_pass_leaves_reclaim_to_writers() {
+    // Test scenario: versions retired by earlier writes are waiting to be freed when an fsync
+    // starts: its logging pass (collection, every relock, the end) frees none of them; the
+    // inode's next writer frees them all. (The epoch collector may queue a few more versions of
+    // this inode's earlier writes at any pin, hence the inequalities.)
+    let (_fs, inode) = with_reclaimable_versions();
     let mut n = 0;
     inode
         .btrfs_log_changed_extents::<()>(1, u64::MAX, |_| {
@@ -923,15 +929,7 @@ fn shrinker_reclaims_only_inodes_it_scans() {
     // finds the inode busy (an fsync holds its mmap lock) frees none of them: that memory is
     // left to the inode's own threads. Once the inode is free, the shrinker scans it and frees
     // them after letting go of its locks.
-    let (fs, inode) = fs(Policy::FixedSplit);
-    for i in 0..8 {
-        inode
-            .btrfs_replace_extent_map_range(reg(i * K, K, (1 << 20) + i * K), true)
-            .unwrap();
-    }
-    for _ in 0..100 {
-        inode.tree.queue_reclaimable();
-    }
+    let (fs, inode) = with_reclaimable_versions();
     {
         let _mmap = inode.mmap_lock().write();
         fs.btrfs_free_extent_maps(1 << 20);
@@ -1517,6 +1515,29 @@ fn identity_arena_and_identity_checks_fire() {
     assert_eq!(inode.check_identities(), Ok(()));
 }
 
+/// 60 unmodified maps at even 4 KiB slots below `base` (never mergeable: disk far apart), then
+/// `n` modified 4 KiB maps from `base` on, map `i` at disk address `disk(i)`.
+fn fillers_and_modified(
+    policy: Policy,
+    base: u64,
+    n: u64,
+    disk: impl Fn(u64) -> u64,
+) -> (Arc<FsExtentMaps>, Arc<BtrfsInode>) {
+    let (fs, inode) = fs(policy);
+    for j in 0..60 {
+        let s = 2 * j * K;
+        inode
+            .btrfs_add_extent_mapping(reg(s, K, (1 << 40) + (j << 24)), s, K)
+            .unwrap();
+    }
+    for i in 0..n {
+        inode
+            .btrfs_replace_extent_map_range(reg(base + i * K, K, disk(i)), true)
+            .unwrap();
+    }
+    (fs, inode)
+}
+
 #[test]
 fn logging_pass_cursor_sees_changes_between_maps() {
     // Test scenario: between two maps of one logging pass, a writer inserts or drops maps in
@@ -1528,21 +1549,8 @@ fn logging_pass_cursor_sees_changes_between_maps() {
     const BASE: u64 = 300 * K;
     for policy in Policy::ALL {
         for mode in ["insert", "drop", "shrink", "none"] {
-            let (fs, inode) = fs(policy);
-            // Unmodified fillers at even 4 KiB slots below the modified maps, never mergeable
-            // (disk far apart).
-            for j in 0..60 {
-                let s = 2 * j * K;
-                inode
-                    .btrfs_add_extent_mapping(reg(s, K, (1 << 40) + (j << 24)), s, K)
-                    .unwrap();
-            }
-            // Modified maps, contiguous on disk: each logged one merges into the one before.
-            for i in 0..N {
-                inode
-                    .btrfs_replace_extent_map_range(reg(BASE + i * K, K, (1 << 30) + i * K), true)
-                    .unwrap();
-            }
+            // Modified maps contiguous on disk: each logged one merges into the one before.
+            let (fs, inode) = fillers_and_modified(policy, BASE, N, |i| (1 << 30) + i * K);
             let mut pass = inode.btrfs_log_changed_extents_begin(1, u64::MAX);
             let mut got = vec![];
             let mut j = 0;
@@ -1642,109 +1650,96 @@ fn logging_pass_gap_kept_between_sections_is_invisible() {
             .flat_map(|k| ["observe", "read", "shrink", "shrink-busy"].map(|w| (k, w)))
             .flat_map(|(k, w)| [N, 5, 1].map(|r| (k, w, r)))
         {
-            {
-                let ctx = format!("{policy:?} every {k} {what} runs of {run}");
-                let (fs, inode) = fs(policy);
-                for j in 0..60 {
-                    let s = 2 * j * K;
-                    inode
-                        .btrfs_add_extent_mapping(reg(s, K, (1 << 40) + (j << 24)), s, K)
-                        .unwrap();
+            let ctx = format!("{policy:?} every {k} {what} runs of {run}");
+            let (fs, inode) = fillers_and_modified(policy, BASE, N, |i| disk(i, run));
+            // As fsync does, the mmap lock held for the whole pass: a shrinker that meets
+            // the inode then only finds it busy (and must leave the pass's work alone).
+            let mmap = (what == "shrink-busy").then(|| inode.mmap_lock().write());
+            let mut pass = inode.btrfs_log_changed_extents_begin(1, u64::MAX);
+            let mut j = 0u64;
+            while let Some(e) = pass.next_extent() {
+                assert_eq!((e.start, e.len), (BASE + j * K, K), "{ctx}");
+                assert_eq!(e.disk_bytenr, disk(j, run), "{ctx}");
+                j += 1;
+                if !j.is_multiple_of(k) {
+                    continue;
                 }
-                for i in 0..N {
-                    inode
-                        .btrfs_replace_extent_map_range(reg(BASE + i * K, K, disk(i, run)), true)
-                        .unwrap();
-                }
-                // As fsync does, the mmap lock held for the whole pass: a shrinker that meets
-                // the inode then only finds it busy (and must leave the pass's work alone).
-                let mmap = (what == "shrink-busy").then(|| inode.mmap_lock().write());
-                let mut pass = inode.btrfs_log_changed_extents_begin(1, u64::MAX);
-                let mut j = 0u64;
-                while let Some(e) = pass.next_extent() {
-                    assert_eq!((e.start, e.len), (BASE + j * K, K), "{ctx}");
-                    assert_eq!(e.disk_bytenr, disk(j, run), "{ctx}");
-                    j += 1;
-                    if !j.is_multiple_of(k) {
-                        continue;
+                match what {
+                    "observe" => {
+                        // Maps 0..j-1 are cleared and merged, map j-1 is handed out
+                        // (still LOGGING, not merged yet), the rest are LOGGING.
+                        let logged: Vec<(u64, u64, bool)> = inode
+                            .working_extent_maps()
+                            .iter()
+                            .filter(|m| m.start >= BASE)
+                            .map(|m| (m.start, m.len, m.has(flags::LOGGING)))
+                            .collect();
+                        let mut want = vec![];
+                        let cleared = j - 1;
+                        for r in (0..cleared).step_by(run as usize) {
+                            let n = run.min(cleared - r);
+                            want.push((BASE + r * K, n * K, false));
+                        }
+                        want.extend((j - 1..N).map(|i| (BASE + i * K, K, true)));
+                        assert_eq!(logged, want, "{ctx} after {j}");
+                        assert_eq!(inode.check_identities(), Ok(()), "{ctx} after {j}");
                     }
-                    match what {
-                        "observe" => {
-                            // Maps 0..j-1 are cleared and merged, map j-1 is handed out
-                            // (still LOGGING, not merged yet), the rest are LOGGING.
-                            let logged: Vec<(u64, u64, bool)> = inode
-                                .working_extent_maps()
-                                .iter()
-                                .filter(|m| m.start >= BASE)
-                                .map(|m| (m.start, m.len, m.has(flags::LOGGING)))
-                                .collect();
-                            let mut want = vec![];
-                            let cleared = j - 1;
-                            for r in (0..cleared).step_by(run as usize) {
-                                let n = run.min(cleared - r);
-                                want.push((BASE + r * K, n * K, false));
-                            }
-                            want.extend((j - 1..N).map(|i| (BASE + i * K, K, true)));
-                            assert_eq!(logged, want, "{ctx} after {j}");
-                            assert_eq!(inode.check_identities(), Ok(()), "{ctx} after {j}");
-                        }
-                        "read" => {
-                            // An unrelated writer publishes the working version.
-                            let s = (121 + 2 * j) * K;
-                            inode
-                                .btrfs_add_extent_mapping(reg(s, K, (1 << 42) + (j << 24)), s, K)
-                                .unwrap();
-                            for i in 0..N {
-                                let off = BASE + i * K;
-                                let m = inode.btrfs_lookup_extent_mapping(off, 1).unwrap();
-                                assert!(m.start <= off && m.end() > off, "{ctx} {i}");
-                                assert_eq!(
-                                    m.block_start() + (off - m.start),
-                                    disk(i, run),
-                                    "{ctx} {i}"
-                                );
-                            }
-                        }
-                        "shrink" => {
-                            fs.btrfs_free_extent_maps(4);
-                        }
-                        _ => {
-                            let busy = fs.stats().shrinker_skipped_inode_busy;
-                            fs.btrfs_free_extent_maps(1 << 20);
-                            assert_eq!(fs.stats().shrinker_skipped_inode_busy, busy + 1, "{ctx}");
+                    "read" => {
+                        // An unrelated writer publishes the working version.
+                        let s = (121 + 2 * j) * K;
+                        inode
+                            .btrfs_add_extent_mapping(reg(s, K, (1 << 42) + (j << 24)), s, K)
+                            .unwrap();
+                        for i in 0..N {
+                            let off = BASE + i * K;
+                            let m = inode.btrfs_lookup_extent_mapping(off, 1).unwrap();
+                            assert!(m.start <= off && m.end() > off, "{ctx} {i}");
+                            assert_eq!(
+                                m.block_start() + (off - m.start),
+                                disk(i, run),
+                                "{ctx} {i}"
+                            );
                         }
                     }
+                    "shrink" => {
+                        fs.btrfs_free_extent_maps(4);
+                    }
+                    _ => {
+                        let busy = fs.stats().shrinker_skipped_inode_busy;
+                        fs.btrfs_free_extent_maps(1 << 20);
+                        assert_eq!(fs.stats().shrinker_skipped_inode_busy, busy + 1, "{ctx}");
+                    }
                 }
-                assert_eq!(j, N, "{ctx}");
-                pass.finish().unwrap();
-                drop(mmap);
-                let maps = inode.extent_maps();
-                assert!(maps.iter().all(|m| !m.has(flags::LOGGING)), "{ctx}");
-                assert!(maps.windows(2).all(|w| w[0].end() <= w[1].start), "{ctx}");
-                let logged: Vec<(u64, u64)> = maps
-                    .iter()
-                    .filter(|m| m.start >= BASE)
-                    .map(|m| (m.start, m.len))
-                    .collect();
-                let want: Vec<(u64, u64)> = (0..N)
-                    .step_by(run as usize)
-                    .map(|r| (BASE + r * K, run.min(N - r) * K))
-                    .collect();
-                if what == "shrink" {
-                    // Whatever the shrinker left is merged as far as it could be.
-                    assert!(logged.len() <= want.len(), "{ctx}: {logged:?}");
-                } else {
-                    assert_eq!(logged, want, "{ctx}");
-                    // Readers see the end of the pass too (published when it ends).
-                    let m = inode.btrfs_lookup_extent_mapping(BASE + 3 * K, 1).unwrap();
-                    assert_eq!((m.start, m.len), want[(3 / run) as usize], "{ctx}");
-                    assert_eq!(m.block_start(), disk(3 / run * run, run), "{ctx}");
-                }
-                assert_eq!(inode.check_identities(), Ok(()), "{ctx}");
-                let v = fs.stats().invariant_violations;
-                if what != "shrink" {
-                    assert_eq!(v.iter().sum::<u64>(), 0, "{ctx} {v:?}");
-                }
+            }
+            assert_eq!(j, N, "{ctx}");
+            pass.finish().unwrap();
+            drop(mmap);
+            let maps = inode.extent_maps();
+            assert!(maps.iter().all(|m| !m.has(flags::LOGGING)), "{ctx}");
+            assert!(maps.windows(2).all(|w| w[0].end() <= w[1].start), "{ctx}");
+            let logged: Vec<(u64, u64)> = maps
+                .iter()
+                .filter(|m| m.start >= BASE)
+                .map(|m| (m.start, m.len))
+                .collect();
+            let want: Vec<(u64, u64)> = (0..N)
+                .step_by(run as usize)
+                .map(|r| (BASE + r * K, run.min(N - r) * K))
+                .collect();
+            if what == "shrink" {
+                // Whatever the shrinker left is merged as far as it could be.
+                assert!(logged.len() <= want.len(), "{ctx}: {logged:?}");
+            } else {
+                assert_eq!(logged, want, "{ctx}");
+                // Readers see the end of the pass too (published when it ends).
+                let m = inode.btrfs_lookup_extent_mapping(BASE + 3 * K, 1).unwrap();
+                assert_eq!((m.start, m.len), want[(3 / run) as usize], "{ctx}");
+                assert_eq!(m.block_start(), disk(3 / run * run, run), "{ctx}");
+            }
+            assert_eq!(inode.check_identities(), Ok(()), "{ctx}");
+            let v = fs.stats().invariant_violations;
+            if what != "shrink" {
+                assert_eq!(v.iter().sum::<u64>(), 0, "{ctx} {v:?}");
             }
         }
     }
