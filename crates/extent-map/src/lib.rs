@@ -46,7 +46,14 @@
 //! at every unlock; readers meanwhile see the previous, mapping-equivalent version. Any other
 //! writer's unlock publishes everything pending. The pass also adds its merges' change of the
 //! evictable count to the shared counter once, at its end (the kernel's counter is per-CPU and
-//! approximate for the same reason).
+//! approximate for the same reason). Between its own critical sections the pass may leave two
+//! things undone in the working tree, which every other critical section (and every
+//! publication) settles first, so that all of them see the kernel's tree: the slots its merges
+//! took out of the tree, still in their leaf (one removal per leaf instead of one shift per
+//! map), and the LOGGING flags of its maps, recorded but not written into the leaves (writing
+//! them copies every leaf the published version shares). The shrinker settles an inode only
+//! once it also holds the inode's mmap lock, which fsync holds for the whole pass, so meeting
+//! an fsyncing inode costs it and the pass nothing.
 //!
 //! Costs that shaped the write side (fsync_vs_shrinker, benches/RESULTS-extent-map.md): map
 //! bookkeeping that only changes under the tree lock uses plain loads and stores, not atomic
@@ -54,8 +61,10 @@
 //! B+tree leaf when the neighbours are there (one descent instead of six), and a leaf such an
 //! in-leaf merge leaves small is merged with a neighbour as a B+tree removal would (else the
 //! map absorbing its successors ends alone in its leaf and every later merge crosses a leaf
-//! boundary); fsync's collection marks its maps in start order, one descent per leaf, whenever
-//! the list is too short for -EFBIG (then the order of the walk changes nothing); the modified
+//! boundary), except by the logging pass, whose runs of merges cross leaf boundaries on their
+//! own and take the leaves they empty out whole; fsync's collection examines its maps in start
+//! order, one descent per leaf, whenever the list is too short for -EFBIG (then the order of
+//! the walk changes nothing); the modified
 //! list and fsync's private lists are vectors in link order rather than ordered maps, of
 //! 16-byte entries (identity, start) rather than value copies; map identities in a per-tree
 //! arena rather than one `Arc` allocation per map (no atomic reference count per leaf slot
