@@ -1400,124 +1400,144 @@ impl<'a> Locked<'a> {
         if w.ids.get(id).state & IN_TREE == 0 {
             return None;
         }
-        // Everything the decision needs, read without copying any leaf.
+        // What the decision needs from the map's own leaf, read without copying the leaf (the
+        // published version may share it).
         let at = c.at;
-        let (mut this, next_slot, leaf_len, prev) = {
+        let (mut this, next_slot, leaf_len, prev_here) = {
             let r = btree::leaf_at(&w.root, &c.path)?;
             let this = *r.get(at).filter(|s| s.em.start == start && s.id == id)?;
             let next_slot = match r.get(at + 1) {
                 Some(n) => Some(*n),
                 None => btree::next_after(&w.root, start).copied(),
             };
+            // Without a gap, the previous map is the slot before, in this leaf.
             let prev = match gap {
-                Some(g) => *btree::leaf_at(&w.root, &g.head_path)?
-                    .get(g.head_at as usize)
-                    .filter(|h| h.em.start == g.head)?,
-                None => *r.get(at.checked_sub(1)?)?,
+                Some(_) => None,
+                None => Some(*r.get(at.checked_sub(1)?)?),
             };
             (this, next_slot, r.len(), prev)
         };
         let had_logging = this.em.has(flags::LOGGING);
         this.em.flags &= !flags::LOGGING;
-        let decision = merge_decisions(&w.ids, &this, Some(Some(&prev)), Some(next_slot.as_ref()));
+        let (head_path, head_at) = match gap {
+            Some(g) => (g.head_path, g.head_at as usize),
+            None => (c.path, at.wrapping_sub(1)),
+        };
+        // The merge into the previous map (the head), decided and written through one access
+        // to the head's leaf when there is a gap (that leaf is then the working version's own:
+        // the run's first merge wrote it). The map's own slot joins the run.
+        let absorbed = match (gap, prev_here) {
+            (Some(g), _) => {
+                let mut a = btree::leaf_mut_at(&mut w.root, &g.head_path)?;
+                let prev = a.slots().get(head_at).filter(|p| p.em.start == g.head)?;
+                match merge_decisions(&w.ids, &this, Some(Some(prev)), Some(next_slot.as_ref()))? {
+                    (true, false) => {
+                        let merged = merged_with_prev(&prev.em, this.em);
+                        Some((a.replace(head_at, Slot { em: merged, id }).ok()?, merged))
+                    }
+                    _ => return None,
+                }
+            }
+            (None, Some(prev)) => {
+                match merge_decisions(&w.ids, &this, Some(Some(&prev)), Some(next_slot.as_ref()))? {
+                    (true, false) => {
+                        // The head's leaf is copied if the published version shares it (once
+                        // per run).
+                        let merged = merged_with_prev(&prev.em, this.em);
+                        let gone = btree::leaf_mut_at(&mut w.root, &head_path)?
+                            .replace(head_at, Slot { em: merged, id })
+                            .ok()?;
+                        Some((gone, merged))
+                    }
+                    (false, false) => None,
+                    _ => return None,
+                }
+            }
+            (None, None) => return None,
+        };
         let next_slot = next_slot.filter(|n| Some(n.id) == next);
-        match decision? {
-            (true, false) => {
-                // The map takes its previous map's place (the head); its own slot joins the
-                // run. The head's leaf is copied if the published version shares it (once).
-                let (head_path, head_at) = match gap {
-                    Some(g) => (g.head_path, g.head_at as usize),
-                    None => (c.path, at - 1),
-                };
-                let merged = merged_with_prev(&prev.em, this.em);
-                let gone = btree::leaf_mut_at(&mut w.root, &head_path)?
-                    .replace(head_at, Slot { em: merged, id })
-                    .ok()?;
-                let (run_from, run_key, len) = match gap {
-                    Some(g) => (g.run_from, g.run_key, g.len + 1),
-                    None => (at as u32, start, 1),
-                };
-                let mut g = Gap {
-                    head_path,
-                    head_at: head_at as u32,
-                    head: merged.start,
-                    run_path: c.path,
-                    run_from,
-                    run_key,
-                    len,
-                };
+        let Some((gone, merged)) = absorbed else {
+            // Nothing merges. The flag is cleared in the slot only if it was written there;
+            // the map stays, and is the previous map of the next one.
+            if had_logging {
+                btree::leaf_mut_at(&mut w.root, &c.path)?.clear_flags(at, flags::LOGGING);
                 w.dirty = true;
-                match next_slot {
-                    Some(n) if at + 1 < leaf_len => {
+            }
+            if let Some(n) = next_slot {
+                let to = if at + 1 < leaf_len {
+                    Some((c.path, at + 1))
+                } else {
+                    btree::leaf_path(&w.root, n.em.start)
+                };
+                if let Some((path, at)) = to {
+                    *cursor = Some(LogCursor { section, path, at });
+                }
+                *next_value = Some(n.em);
+            }
+            return Some(Some((start, this.em.len)));
+        };
+        let (run_from, run_key, len) = match gap {
+            Some(g) => (g.run_from, g.run_key, g.len + 1),
+            None => (at as u32, start, 1),
+        };
+        let mut g = Gap {
+            head_path,
+            head_at: head_at as u32,
+            head: merged.start,
+            run_path: c.path,
+            run_from,
+            run_key,
+            len,
+        };
+        w.dirty = true;
+        match next_slot {
+            Some(n) if at + 1 < leaf_len => {
+                w.gap = Some(g);
+                *cursor = Some(LogCursor {
+                    section,
+                    path: c.path,
+                    at: at + 1,
+                });
+                *next_value = Some(n.em);
+            }
+            Some(n) => {
+                // The run reaches the end of its leaf and the pass moves on to the next leaf:
+                // the run goes (the head's leaf loses its tail, any other leaf goes whole),
+                // and a new one starts there with the same head.
+                w.gap = Some(g);
+                w.close_run(false);
+                match (
+                    btree::leaf_path(&w.root, g.head),
+                    btree::leaf_path(&w.root, n.em.start),
+                ) {
+                    (Some((hp, hi)), Some((np, ni))) => {
+                        g.head_path = hp;
+                        g.head_at = hi as u32;
+                        g.run_path = np;
+                        g.run_from = ni as u32;
+                        g.run_key = n.em.start;
+                        g.len = 0;
                         w.gap = Some(g);
                         *cursor = Some(LogCursor {
                             section,
-                            path: c.path,
-                            at: at + 1,
+                            path: np,
+                            at: ni,
                         });
                         *next_value = Some(n.em);
                     }
-                    Some(n) => {
-                        // The run reaches the end of its leaf and the pass moves on to the
-                        // next leaf: the run goes (the head's leaf loses its tail, any other
-                        // leaf goes whole), and a new one starts there with the same head.
-                        w.gap = Some(g);
-                        w.close_run(false);
-                        match (
-                            btree::leaf_path(&w.root, g.head),
-                            btree::leaf_path(&w.root, n.em.start),
-                        ) {
-                            (Some((hp, hi)), Some((np, ni))) => {
-                                g.head_path = hp;
-                                g.head_at = hi as u32;
-                                g.run_path = np;
-                                g.run_from = ni as u32;
-                                g.run_key = n.em.start;
-                                g.len = 0;
-                                w.gap = Some(g);
-                                *cursor = Some(LogCursor {
-                                    section,
-                                    path: np,
-                                    at: ni,
-                                });
-                                *next_value = Some(n.em);
-                            }
-                            _ => *next_value = Some(n.em),
-                        }
-                    }
-                    None => {
-                        w.gap = Some(g);
-                        w.close_gap();
-                    }
+                    _ => *next_value = Some(n.em),
                 }
-                // No copy of a merged-away map's id outlives this call: the caller's own map
-                // absorbed it and map `next` is listed (listed maps never merge), so an id
-                // nothing else holds is freed now rather than at the end of the section.
-                self.merged_away_one(&gone, true);
-                Some(Some((merged.start, merged.len)))
             }
-            (false, false) if gap.is_none() => {
-                // Nothing merges. The flag is cleared in the slot only if it was written
-                // there; the map stays, and is the previous map of the next one.
-                if had_logging {
-                    btree::leaf_mut_at(&mut w.root, &c.path)?.clear_flags(at, flags::LOGGING);
-                    w.dirty = true;
-                }
-                if let Some(n) = next_slot {
-                    let to = if at + 1 < leaf_len {
-                        Some((c.path, at + 1))
-                    } else {
-                        btree::leaf_path(&w.root, n.em.start)
-                    };
-                    if let Some((path, at)) = to {
-                        *cursor = Some(LogCursor { section, path, at });
-                    }
-                    *next_value = Some(n.em);
-                }
-                Some(Some((start, this.em.len)))
+            None => {
+                w.gap = Some(g);
+                w.close_gap();
             }
-            _ => None,
         }
+        // No copy of a merged-away map's id outlives this call: the caller's own map absorbed
+        // it and map `next` is listed (listed maps never merge), so an id nothing else holds
+        // is freed now rather than at the end of the section.
+        self.merged_away_one(&gone, true);
+        Some(Some((merged.start, merged.len)))
     }
 
     /// [`Locked::clear_em_logging_peek`] without a usable cursor (or a case the cursor path
