@@ -1018,6 +1018,58 @@ mod tests {
     }
 
     #[test]
+    fn whole_leaves_removed_and_read_only_paths() {
+        // Test scenario: the logging pass's tools on a three-level tree: a read-only path to a
+        // key's leaf leads to the slot the key names (`leaf_path`, `leaf_at`); the read-only
+        // sorted walk finds exactly the keys present; whole leaves are removed in scattered
+        // order (`remove_leaf`), emptying inner nodes and finally the tree, leaving a valid
+        // tree with every other key and the version taken before untouched.
+        let mut t: Link = None;
+        let n = 20_000u64;
+        for k in 0..n {
+            insert(&mut t, slot(k * 2));
+        }
+        assert!(depth(&t) >= 3);
+        let old = t.clone();
+        for k in (0..n).step_by(97) {
+            let (p, i) = leaf_path(&t, k * 2).expect("present");
+            assert_eq!(leaf_at(&t, &p).expect("a leaf")[i].em.start, k * 2);
+            assert!(leaf_path(&t, k * 2 + 1).is_none());
+        }
+        let mut items: Vec<(u64, bool)> = (0..3 * n).step_by(3).map(|k| (k, false)).collect();
+        for_each_sorted(
+            &t,
+            &mut items,
+            |x| x.0,
+            |x, s| x.1 = s.is_some_and(|s| s.em.start == x.0),
+        );
+        assert!(items
+            .iter()
+            .all(|&(k, found)| found == (k % 2 == 0 && k < 2 * n)));
+        let mut want: Vec<u64> = (0..n).map(|k| k * 2).collect();
+        let mut x = 7u64;
+        while let Some(&k) = want.get((x as usize) % want.len().max(1)) {
+            let (p, _) = leaf_path(&t, k).expect("present");
+            let gone: Vec<u64> = leaf_at(&t, &p)
+                .unwrap()
+                .iter()
+                .map(|s| s.em.start)
+                .collect();
+            assert!(remove_leaf(&mut t, k));
+            want.retain(|w| !gone.contains(w));
+            assert!(check(&t));
+            assert_eq!(keys(&t), want);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407)
+                >> 11;
+        }
+        assert!(t.is_none());
+        assert!(!remove_leaf(&mut t, 0));
+        assert_eq!(keys(&old), (0..n).map(|k| k * 2).collect::<Vec<_>>());
+    }
+
+    #[test]
     fn sequential_inserts_and_removals() {
         // Test scenario: ascending inserts (append-heavy, as reads of a file build maps), then
         // removal from the front (as the shrinker does): the tree stays valid at every step.

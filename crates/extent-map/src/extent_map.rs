@@ -900,7 +900,7 @@ impl<'a> Locked<'a> {
         }
     }
 
-    /// Removes the logging pass's dead slots, if any (see [`Gap`]).
+    /// Removes the logging pass's run of merged-away slots, if any (see [`Gap`]).
     pub(crate) fn close_gap(&mut self) {
         self.w.close_gap();
     }
