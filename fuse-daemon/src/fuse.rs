@@ -565,6 +565,38 @@ impl UbtrfsFuse {
         Ok((node, ii))
     }
 
+    /// The entries of directory `dir` of `root` after the cookies "." and ".." (from cookie
+    /// `offset` on, up to DIR_INDEX `limit`), read in batches and handed to `emit` in order
+    /// until it reports the reply buffer full (`Ok(true)`) or fails: the walk readdir and
+    /// readdirplus share.
+    fn walk_dir_entries(
+        &self,
+        op: &str,
+        root: u64,
+        dir: u64,
+        offset: u64,
+        limit: u64,
+        mut emit: impl FnMut(&ubtrfs_fs::dir_item::DirEntry) -> Result<bool, Errno>,
+    ) -> Result<(), Errno> {
+        let mut next = offset.max(2);
+        loop {
+            let batch = ubtrfs_fs::dir_item::readdir(&self.fs, root, dir, next, READDIR_BATCH)
+                .map_err(|e| {
+                    log_error(op, &e);
+                    errno_of(&e)
+                })?;
+            for d in &batch {
+                if d.index > limit || emit(d)? {
+                    return Ok(());
+                }
+                next = d.index + 1;
+            }
+            if batch.len() < READDIR_BATCH {
+                return Ok(());
+            }
+        }
+    }
+
     /// The highest DIR_INDEX readdir on handle `fh` lists: the one the directory had at
     /// opendir, renewed when the listing starts again from the beginning (rewinddir; the
     /// kernel renews it at every llseek, which FUSE does not forward).
@@ -1327,40 +1359,18 @@ impl Filesystem for UbtrfsFuse {
                 return reply.ok();
             }
         }
-        let mut next = offset.max(2);
-        loop {
-            let batch = match ubtrfs_fs::dir_item::readdir(&self.fs, root, dir, next, READDIR_BATCH)
-            {
-                Ok(b) => b,
-                Err(e) => {
-                    log_error("readdir", &e);
-                    return reply.error(errno_of(&e));
-                }
+        let walked = self.walk_dir_entries("readdir", root, dir, offset, limit, |d| {
+            let (r, i) = match d.target {
+                Target::Inode { root, ino } => (root, ino),
+                Target::EmptySubvolPlaceholder { root } => (root, EMPTY_SUBVOL_DIR_OBJECTID),
             };
-            if batch.is_empty() {
-                return reply.ok();
-            }
-            for d in &batch {
-                if d.index > limit {
-                    return reply.ok();
-                }
-                let (r, i) = match d.target {
-                    Target::Inode { root, ino } => (root, ino),
-                    Target::EmptySubvolPlaceholder { root } => (root, EMPTY_SUBVOL_DIR_OBJECTID),
-                };
-                let node = match self.node_id(r, i) {
-                    Ok(n) => n,
-                    Err(e) => return reply.error(errno_of(&e)),
-                };
-                let kind = self.entry_kind(&d.target, d.file_type);
-                if reply.add(INodeNo(node), d.index + 1, kind, OsStr::from_bytes(&d.name)) {
-                    return reply.ok();
-                }
-                next = d.index + 1;
-            }
-            if batch.len() < READDIR_BATCH {
-                return reply.ok();
-            }
+            let node = self.node_id(r, i).map_err(|e| errno_of(&e))?;
+            let kind = self.entry_kind(&d.target, d.file_type);
+            Ok(reply.add(INodeNo(node), d.index + 1, kind, OsStr::from_bytes(&d.name)))
+        });
+        match walked {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -1404,54 +1414,32 @@ impl Filesystem for UbtrfsFuse {
                 return reply.ok();
             }
         }
-        let mut next = offset.max(2);
-        loop {
-            let batch = match ubtrfs_fs::dir_item::readdir(&self.fs, root, dir, next, READDIR_BATCH)
-            {
-                Ok(b) => b,
-                Err(e) => {
-                    log_error("readdirplus", &e);
-                    return reply.error(errno_of(&e));
-                }
-            };
-            if batch.is_empty() {
-                return reply.ok();
+        let walked = self.walk_dir_entries("readdirplus", root, dir, offset, limit, |d| {
+            let (r, i, ii) = self.target_inode(d.target).map_err(|e| {
+                log_error("readdirplus", &e);
+                errno_of(&e)
+            })?;
+            let node = self.node_id(r, i).map_err(|e| errno_of(&e))?;
+            let attr = self.attr(node, &ii);
+            if reply.add(
+                INodeNo(node),
+                d.index + 1,
+                OsStr::from_bytes(&d.name),
+                &self.ttl,
+                &attr,
+                Generation(ii.generation),
+            ) {
+                return Ok(true);
             }
-            for d in &batch {
-                if d.index > limit {
-                    return reply.ok();
-                }
-                let (r, i, ii) = match self.target_inode(d.target) {
-                    Ok(x) => x,
-                    Err(e) => {
-                        log_error("readdirplus", &e);
-                        return reply.error(errno_of(&e));
-                    }
-                };
-                let node = match self.node_id(r, i) {
-                    Ok(n) => n,
-                    Err(e) => return reply.error(errno_of(&e)),
-                };
-                let attr = self.attr(node, &ii);
-                if reply.add(
-                    INodeNo(node),
-                    d.index + 1,
-                    OsStr::from_bytes(&d.name),
-                    &self.ttl,
-                    &attr,
-                    Generation(ii.generation),
-                ) {
-                    return reply.ok();
-                }
-                // The entry was sent: the kernel now holds a lookup reference to it.
-                if let Err(e) = self.remember(r, i, ii) {
-                    log_error("readdirplus", &e);
-                }
-                next = d.index + 1;
+            // The entry was sent: the kernel now holds a lookup reference to it.
+            if let Err(e) = self.remember(r, i, ii) {
+                log_error("readdirplus", &e);
             }
-            if batch.len() < READDIR_BATCH {
-                return reply.ok();
-            }
+            Ok(false)
+        });
+        match walked {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 
